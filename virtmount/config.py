@@ -1,0 +1,86 @@
+"""`-o opt,opt=value` mount options -> a frozen configuration; anything unknown is a usage error."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+from .appliance import ACCELERATORS, ApplianceSettings
+from .errors import UsageError
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a virtmount run was asked to do, after parsing."""
+
+    appliance: ApplianceSettings = field(default_factory=ApplianceSettings)
+    idle_seconds: float = 60.0
+    allow_other: bool = False
+    debug: bool = False
+
+
+def _positive_number(name: str, text: str, *, integer: bool = False) -> float:
+    try:
+        value = int(text) if integer else float(text)
+    except ValueError:
+        raise UsageError(f"option {name} needs a {'whole ' if integer else ''}number, not {text!r}") from None
+    if value <= 0:
+        raise UsageError(f"option {name} must be greater than 0")
+    return value
+
+
+def _accelerator(text: str) -> str:
+    if text not in ACCELERATORS:
+        raise UsageError(f"option accel must be one of {', '.join(ACCELERATORS)}, not {text!r}")
+    return text
+
+
+def _with_appliance(config: Config, **changes: object) -> Config:
+    return replace(config, appliance=replace(config.appliance, **changes))  # type: ignore[arg-type]
+
+
+# name -> (takes a value, apply(config, value) -> config, help text)
+_OPTIONS: dict[str, tuple[bool, Callable[[Config, str], Config], str]] = {
+    "accel": (True, lambda c, v: _with_appliance(c, accelerator=_accelerator(v)),
+              "appliance accelerator: auto (KVM where it works, else TCG), kvm or tcg"),
+    "memory": (True, lambda c, v: _with_appliance(c, memory_mib=int(_positive_number("memory", v, integer=True))),
+               "appliance memory in MiB (default 1024)"),
+    "cpus": (True, lambda c, v: _with_appliance(c, vcpus=int(_positive_number("cpus", v, integer=True))),
+             "appliance virtual CPUs (default 1)"),
+    "boot_timeout": (True, lambda c, v: _with_appliance(c, boot_timeout=_positive_number("boot_timeout", v)),
+                     "seconds to wait for an appliance to boot (default 300)"),
+    "call_timeout": (True, lambda c, v: _with_appliance(c, call_timeout=_positive_number("call_timeout", v)),
+                     "seconds one daemon call may take before the appliance is given up (default 120)"),
+    "pool": (True, lambda c, v: _with_appliance(c, pool=v),
+             "storage pool on the host for the appliance files (default virtmount)"),
+    "kernel_args": (True, lambda c, v: _with_appliance(c, extra_kernel_args=v),
+                    "extra appliance kernel arguments, space-separated"),
+    "idle": (True, lambda c, v: replace(c, idle_seconds=_positive_number("idle", v)),
+             "seconds without access before an appliance is shut down (default 60)"),
+    "allow_other": (False, lambda c, _v: replace(c, allow_other=True), "let other users see the mount"),
+    "debug": (False, lambda c, _v: replace(c, debug=True, appliance=replace(c.appliance, verbose=True)),
+              "log every step, including the appliance's console"),
+}
+
+
+def options_help() -> str:
+    return "\n".join(
+        f"  {name}{'=VALUE' if takes_value else ''}: {text}" for name, (takes_value, _, text) in _OPTIONS.items()
+    )
+
+
+def parse_options(option_strings: list[str], config: Config | None = None) -> Config:
+    """Apply every ``-o`` argument (each a comma-separated list) in order."""
+    config = config or Config()
+    for option_string in option_strings:
+        for item in option_string.split(","):
+            if not item:
+                continue
+            name, has_value, value = item.partition("=")
+            if name not in _OPTIONS:
+                raise UsageError(f"unknown option {name!r} (see virtmount --help)")
+            takes_value, apply, _ = _OPTIONS[name]
+            if takes_value != bool(has_value):
+                raise UsageError(f"option {name} {'needs a value' if takes_value else 'takes no value'}")
+            config = apply(config, value)
+    return config

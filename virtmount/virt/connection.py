@@ -1,0 +1,85 @@
+"""Opening a libvirt connection from trio, and turning libvirt errors into one-line messages."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, Callable, TypeVar
+
+import libvirt
+import trio
+
+from ..errors import UsageError, VirtmountError
+from .events import ensure_event_loop
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# scheme "driver[+transport]", then "://" or ":///"; libvirt accepts more, but
+# anything else is almost certainly a typo or a mount point given first.
+_URI_SHAPE = re.compile(r"^[a-z][a-z0-9]*(\+[a-z0-9]+)?://[^\s]*$")
+
+KEEPALIVE_INTERVAL_S = 5
+KEEPALIVE_COUNT = 3
+
+
+class ConnectionFailed(VirtmountError):
+    """The libvirt URI could not be opened (unreachable, refused, bad driver)."""
+
+
+def libvirt_message(exc: libvirt.libvirtError) -> str:
+    """libvirt's own message for an error, on one line."""
+    message = exc.get_error_message() or str(exc)
+    return " ".join(message.split())
+
+
+def check_uri(uri: str) -> None:
+    """Reject strings that cannot be libvirt URIs before handing them to libvirt."""
+    if not _URI_SHAPE.match(uri):
+        raise UsageError(f"{uri!r} is not a libvirt URI (expected e.g. qemu:///system or qemu+ssh://host/system)")
+
+
+async def run_blocking(fn: Callable[..., T], *args: Any) -> T:
+    """Run a blocking libvirt call in a worker thread; cancellation abandons the thread."""
+    return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
+
+
+def _refuse_interactive_credentials(credentials: list[list[Any]], _opaque: Any) -> int:
+    """virtmount never prompts: credentials come from the environment (ssh agent, TLS certs, SASL config)."""
+    return -1
+
+
+def _open(uri: str) -> libvirt.virConnect:
+    auth = [
+        [libvirt.VIR_CRED_AUTHNAME, libvirt.VIR_CRED_PASSPHRASE, libvirt.VIR_CRED_NOECHOPROMPT],
+        _refuse_interactive_credentials,
+        None,
+    ]
+    return libvirt.openAuth(uri, auth, 0)
+
+
+async def open_connection(uri: str, timeout: float = 60.0) -> libvirt.virConnect:
+    """Open ``uri`` with keep-alives so a dead host is noticed; one-line errors on failure."""
+    check_uri(uri)
+    ensure_event_loop()
+    with trio.move_on_after(timeout) as scope:
+        try:
+            conn = await run_blocking(_open, uri)
+        except libvirt.libvirtError as exc:
+            raise ConnectionFailed(f"cannot connect to {uri}: {libvirt_message(exc)}") from None
+    if scope.cancelled_caught:
+        raise ConnectionFailed(f"cannot connect to {uri}: no answer within {timeout:.0f} s")
+    try:
+        conn.setKeepAlive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT)
+    except libvirt.libvirtError:
+        pass  # local drivers (e.g. qemu:///embed) have no keep-alive
+    log.debug("connected to %s (%s)", uri, conn.getURI())
+    return conn
+
+
+async def close_connection(conn: libvirt.virConnect) -> None:
+    try:
+        await run_blocking(conn.close)
+    except libvirt.libvirtError as exc:
+        log.debug("closing connection: %s", libvirt_message(exc))

@@ -1,0 +1,359 @@
+"""Making the libguestfs appliance available on a connection's host.
+
+Locally we find (or have supermin build) the appliance libguestfs itself
+uses, name it by a hash of its content, and keep a compressed qcow2 of its
+root in the user's cache. On the host we upload kernel, initrd and root as
+volumes of a storage pool through the libvirt storage API only — client and
+host never need to share a filesystem — so each host receives each appliance
+version once. A marker volume, created last, says an upload completed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import libvirt
+import trio
+
+from ..errors import VirtmountError
+from .connection import libvirt_message, run_blocking
+from .stream import LibvirtByteStream, StreamClosed
+
+log = logging.getLogger(__name__)
+
+SUPERMIN_D_CANDIDATES = (
+    Path("/usr/lib/x86_64-linux-gnu/guestfs/supermin.d"),
+    Path("/usr/lib64/guestfs/supermin.d"),
+    Path("/usr/lib/guestfs/supermin.d"),
+)
+APPLIANCE_FILES = ("kernel", "initrd", "root")
+UPLOAD_CHUNK = 4 * 1024 * 1024
+
+
+class ProvisionError(VirtmountError):
+    """The appliance could not be built locally or placed on the host."""
+
+
+@dataclass(frozen=True)
+class LocalAppliance:
+    """The appliance files on the client, named by the hash of their content."""
+
+    kernel: Path
+    initrd: Path
+    root_qcow2: Path
+    root_uuid: str
+    content_hash: str
+
+
+@dataclass(frozen=True)
+class HostAppliance:
+    """Host-side paths of an uploaded appliance, as the appliance domain XML needs them."""
+
+    kernel_path: str
+    initrd_path: str
+    root_path: str
+    root_uuid: str
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "virtmount"
+
+
+# --- the local appliance ---------------------------------------------------------
+
+
+def _libguestfs_appliance_dirs() -> Iterator[Path]:
+    """Where libguestfs keeps appliances: LIBGUESTFS_PATH (fixed ones), then its supermin cache."""
+    for entry in os.environ.get("LIBGUESTFS_PATH", "").split(":"):
+        if entry:
+            yield Path(entry)
+    tmp = os.environ.get("LIBGUESTFS_CACHEDIR") or os.environ.get("TMPDIR") or "/var/tmp"
+    yield Path(tmp) / f".guestfs-{os.getuid()}" / "appliance.d"
+
+
+def _supermin_cache_dir() -> Path:
+    return list(_libguestfs_appliance_dirs())[-1]
+
+
+def _is_complete(directory: Path) -> bool:
+    return all((directory / name).is_file() for name in APPLIANCE_FILES)
+
+
+def _build_with_supermin(output: Path) -> None:
+    """Build or refresh libguestfs's supermin appliance exactly as libguestfs would."""
+    supermin = shutil.which("supermin")
+    supermin_d = next((path for path in SUPERMIN_D_CANDIDATES if path.is_dir()), None)
+    if supermin is None or supermin_d is None:
+        raise ProvisionError("no libguestfs appliance found and supermin or libguestfs's supermin.d is missing (install libguestfs-tools)")
+    output.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    command = [
+        supermin, "--build", "--if-newer", "--lock", str(output.parent / "lock"), "--copy-kernel",
+        "-f", "ext2", "--host-cpu", os.uname().machine, str(supermin_d), "-o", str(output),
+    ]
+    log.debug("building or refreshing the libguestfs appliance with supermin")
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise ProvisionError(f"supermin failed to build the appliance: {last}")
+
+
+def find_appliance_dir() -> Path:
+    """A directory holding kernel, initrd and root, building the supermin one if needed."""
+    for directory in _libguestfs_appliance_dirs():
+        if _is_complete(directory) and (directory / "README.fixed").exists():
+            return directory  # a fixed appliance is used as it is
+    supermin_dir = _supermin_cache_dir()
+    _build_with_supermin(supermin_dir)
+    if not _is_complete(supermin_dir):
+        raise ProvisionError(f"supermin ran but {supermin_dir} has no kernel/initrd/root")
+    return supermin_dir
+
+
+def ext2_uuid(image: Path) -> str:
+    """The filesystem UUID of an ext2/3/4 image (the appliance boots with root=UUID=…)."""
+    with image.open("rb") as f:
+        f.seek(1024)
+        superblock = f.read(1024)
+    if len(superblock) < 136 or superblock[56:58] != b"\x53\xef":
+        raise ProvisionError(f"{image} is not an ext2 filesystem image")
+    return str(uuid.UUID(bytes=superblock[104:120]))
+
+
+def _data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """(offset, length) of the data regions of a sparse file, via SEEK_DATA/SEEK_HOLE."""
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError:  # ENXIO: only a hole remains
+            return
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        yield start, end - start
+        offset = end
+
+
+def content_hash(paths: list[Path]) -> str:
+    """SHA-256 over the files' sizes and data regions (holes are skipped, not read)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            digest.update(f"{path.name}:{size}\n".encode())
+            for start, length in _data_extents(fd, size):
+                digest.update(f"@{start}\n".encode())
+                os.lseek(fd, start, os.SEEK_SET)
+                remaining = length
+                while remaining:
+                    block = os.read(fd, min(remaining, 8 * 1024 * 1024))
+                    if not block:
+                        break
+                    digest.update(block)
+                    remaining -= len(block)
+        finally:
+            os.close(fd)
+    return digest.hexdigest()
+
+
+def _identity(paths: list[Path]) -> str:
+    """A cheap key for 'these files have not changed': device, inode, size, mtime."""
+    parts = []
+    for path in paths:
+        st = path.stat()
+        parts.append(f"{path}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _memoized_hash(paths: list[Path]) -> str:
+    index_path = cache_dir() / "hash-index.json"
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        index = {}
+    key = _identity(paths)
+    if key not in index:
+        index[key] = content_hash(paths)
+        index_path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomically(index_path, json.dumps(index, indent=1).encode())
+    return str(index[key])
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as tmp:
+        tmp.write(data)
+    os.replace(tmp.name, path)
+
+
+def _compressed_root(root: Path, digest: str) -> Path:
+    """The appliance root as a compressed qcow2 in the cache (made once per appliance version)."""
+    target = cache_dir() / "appliances" / digest[:16] / "root.qcow2"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".partial")
+    started = time.monotonic()
+    result = subprocess.run(
+        ["qemu-img", "convert", "-c", "-O", "qcow2", "-f", "raw", str(root), str(partial)],
+        capture_output=True, text=True,
+    )
+    if result.returncode != 0:
+        partial.unlink(missing_ok=True)
+        raise ProvisionError(f"qemu-img could not compress the appliance root: {result.stderr.strip()}")
+    os.replace(partial, target)
+    log.info("compressed the appliance root to %d MB in %.1f s", target.stat().st_size >> 20, time.monotonic() - started)
+    return target
+
+
+def prepare_local_appliance() -> LocalAppliance:
+    """Find or build the appliance and its compressed root (blocking; run in a thread)."""
+    directory = find_appliance_dir()
+    files = [directory / name for name in APPLIANCE_FILES]
+    digest = _memoized_hash(files)
+    return LocalAppliance(
+        kernel=files[0],
+        initrd=files[1],
+        root_qcow2=_compressed_root(files[2], digest),
+        root_uuid=ext2_uuid(files[2]),
+        content_hash=digest,
+    )
+
+
+# --- the host side -----------------------------------------------------------------
+
+
+def volume_names(digest: str) -> dict[str, str]:
+    prefix = f"virtmount-appliance-{digest[:16]}"
+    return {
+        "kernel": f"{prefix}-kernel",
+        "initrd": f"{prefix}-initrd",
+        "root": f"{prefix}-root.qcow2",
+        "marker": f"{prefix}-complete",
+    }
+
+
+def _default_pool_directory(conn: libvirt.virConnect) -> str:
+    """Beside the host's 'default' pool when it has one (e.g. /var/lib/libvirt/virtmount)."""
+    try:
+        default = conn.storagePoolLookupByName("default")
+        path = ET.fromstring(default.XMLDesc(0)).findtext("./target/path")
+        if path:
+            return os.path.join(os.path.dirname(path.rstrip("/")), "virtmount")
+    except libvirt.libvirtError:
+        pass
+    return "/var/lib/libvirt/virtmount"
+
+
+def ensure_pool(conn: libvirt.virConnect, name: str) -> libvirt.virStoragePool:
+    """The named pool, defined as a directory pool and started if needed (blocking)."""
+    try:
+        pool = conn.storagePoolLookupByName(name)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_POOL:
+            raise
+        pool_xml = ET.Element("pool", type="dir")
+        ET.SubElement(pool_xml, "name").text = name
+        target = ET.SubElement(pool_xml, "target")
+        ET.SubElement(target, "path").text = _default_pool_directory(conn)
+        pool = conn.storagePoolDefineXML(ET.tostring(pool_xml, encoding="unicode"), 0)
+        pool.build(0)
+        pool.setAutostart(1)
+        log.info("defined storage pool %s", name)
+    if not pool.isActive():
+        pool.create(0)
+    pool.refresh(0)
+    return pool
+
+
+def _lookup_volume(pool: libvirt.virStoragePool, name: str) -> libvirt.virStorageVol | None:
+    try:
+        return pool.storageVolLookupByName(name)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_VOL:
+            return None
+        raise
+
+
+def _create_raw_volume(pool: libvirt.virStoragePool, name: str, size: int) -> libvirt.virStorageVol:
+    volume = ET.Element("volume")
+    ET.SubElement(volume, "name").text = name
+    ET.SubElement(volume, "capacity", unit="bytes").text = str(max(size, 512))
+    ET.SubElement(volume, "allocation", unit="bytes").text = "0"
+    target = ET.SubElement(volume, "target")
+    ET.SubElement(target, "format", type="raw")
+    return pool.createXML(ET.tostring(volume, encoding="unicode"), 0)
+
+
+async def _upload_sparse(conn: libvirt.virConnect, volume: libvirt.virStorageVol, path: Path) -> None:
+    """Upload a local file into a volume, sending holes as holes."""
+    raw_stream = LibvirtByteStream.new_stream(conn)
+    size = path.stat().st_size
+    await run_blocking(volume.upload, raw_stream, 0, size, libvirt.VIR_STORAGE_VOL_UPLOAD_SPARSE_STREAM)
+    stream = LibvirtByteStream(raw_stream, f"upload of {path.name}")
+    stream.start()
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            position = 0
+            for start, length in _data_extents(fd, size):
+                if start > position:
+                    await stream.send_hole(start - position)
+                end = start + length
+                while start < end:
+                    block = os.pread(fd, min(UPLOAD_CHUNK, end - start), start)
+                    await stream.send_all(block)
+                    start += len(block)
+                position = end
+            if size > position:
+                await stream.send_hole(size - position)
+        finally:
+            os.close(fd)
+        await stream.finish()
+    except BaseException:
+        await stream.aclose()
+        raise
+
+
+async def provision(conn: libvirt.virConnect, pool_name: str) -> HostAppliance:
+    """Make sure the host holds this client's appliance; upload it if not."""
+    local = await trio.to_thread.run_sync(prepare_local_appliance)
+    names = volume_names(local.content_hash)
+    try:
+        pool = await run_blocking(ensure_pool, conn, pool_name)
+        marker = await run_blocking(_lookup_volume, pool, names["marker"])
+        sources = {"kernel": local.kernel, "initrd": local.initrd, "root": local.root_qcow2}
+        if marker is None:
+            started = time.monotonic()
+            total = 0
+            for role, path in sources.items():
+                stale = await run_blocking(_lookup_volume, pool, names[role])
+                if stale is not None:
+                    await run_blocking(stale.delete, 0)
+                volume = await run_blocking(_create_raw_volume, pool, names[role], path.stat().st_size)
+                await _upload_sparse(conn, volume, path)
+                total += path.stat().st_size
+            await run_blocking(_create_raw_volume, pool, names["marker"], 0)
+            log.info("uploaded the appliance (%d MB) to pool %s in %.1f s", total >> 20, pool_name, time.monotonic() - started)
+        paths = {}
+        for role in sources:
+            volume = await run_blocking(_lookup_volume, pool, names[role])
+            if volume is None:
+                raise ProvisionError(f"appliance volume {names[role]} vanished from pool {pool_name}")
+            paths[role] = await run_blocking(volume.path)
+    except libvirt.libvirtError as exc:
+        raise ProvisionError(f"cannot place the appliance in storage pool {pool_name!r}: {libvirt_message(exc)}") from None
+    except StreamClosed as exc:
+        raise ProvisionError(f"uploading the appliance failed: {exc}") from None
+    return HostAppliance(paths["kernel"], paths["initrd"], paths["root"], local.root_uuid)

@@ -131,7 +131,9 @@ def _root_disk(spec: ApplianceSpec, index: int) -> ET.Element:
     ET.SubElement(disk, "driver", name="qemu", type="qcow2", cache="unsafe")
     ET.SubElement(disk, "source", file=spec.root_path)
     _append_target(disk, index)
-    ET.SubElement(disk, "transient")  # writable throw-away overlay, deleted when the domain ends
+    # a writable throw-away overlay, deleted when the domain ends; shareBacking lets
+    # several appliances use the same root at once (the base is opened read-only)
+    ET.SubElement(disk, "transient", shareBacking="yes")
     return disk
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import logging.handlers
+import os
 import sys
-from typing import NoReturn, Sequence
+from typing import Callable, NoReturn, Sequence
 
 import trio
 
@@ -13,16 +15,25 @@ from . import __version__
 from .config import Config, options_help, parse_options
 from .errors import UsageError, VirtmountError
 from .guestfs.errors import GuestfsClientError
+from .daemonize import run_in_background
+from .fs.model import RELEASE_XATTR
 from .inspection import format_report, inspect_domain
+from .mount import check_mountpoint, serve
+from .virt.connection import check_uri
 
 log = logging.getLogger(__name__)
 
 _DESCRIPTION = """\
 Browse the filesystems of the guests on a libvirt connection.
 
+  virtmount [-f] [-o OPTS] URI MOUNTPOINT
+      mount the connection: MOUNTPOINT/domains/<name>/{domain.xml,fs/,devices/}.
+      Unmount with: fusermount3 -u MOUNTPOINT
   virtmount inspect [-o OPTS] URI DOMAIN
       boot an appliance for the shut-off DOMAIN, print its operating system
       and filesystems, and shut the appliance down.
+  virtmount release MOUNTPOINT DOMAIN
+      shut DOMAIN's appliance down now, so that the domain can be started.
 """
 
 
@@ -39,27 +50,55 @@ def _add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def _new_parser(prog: str) -> argparse.ArgumentParser:
     parser = _Parser(
-        prog="virtmount",
+        prog=prog,
         description=_DESCRIPTION,
         epilog="options (-o):\n" + options_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"virtmount {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    inspect = commands.add_parser("inspect", help="print a domain's operating system and filesystems",
-                                  epilog="options (-o):\n" + options_help(),
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_common_options(inspect)
-    inspect.add_argument("uri", help="libvirt URI, e.g. qemu:///system or qemu+ssh://host/system")
-    inspect.add_argument("domain", help="name of a shut-off domain")
     return parser
 
 
-def _configure_logging(verbose: bool, debug: bool) -> None:
+def _mount_parser() -> argparse.ArgumentParser:
+    parser = _new_parser("virtmount")
+    parser.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    _add_common_options(parser)
+    parser.add_argument("uri", help="libvirt URI, e.g. qemu:///system or qemu+ssh://host/system")
+    parser.add_argument("mountpoint", help="an empty directory")
+    return parser
+
+
+def _inspect_parser() -> argparse.ArgumentParser:
+    parser = _new_parser("virtmount inspect")
+    _add_common_options(parser)
+    parser.add_argument("uri", help="libvirt URI, e.g. qemu:///system or qemu+ssh://host/system")
+    parser.add_argument("domain", help="name of a shut-off domain")
+    return parser
+
+
+def _release_parser() -> argparse.ArgumentParser:
+    parser = _new_parser("virtmount release")
+    parser.add_argument("mountpoint", help="where virtmount is mounted")
+    parser.add_argument("domain", help="the domain whose appliance to shut down")
+    return parser
+
+
+def _configure_logging(verbose: bool, debug: bool, *, to_syslog: bool = False) -> None:
+    """stderr in the foreground; syslog (if there is one) once detached."""
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
-    logging.basicConfig(level=level, format="virtmount: %(message)s" if not debug else "%(asctime)s %(name)s: %(message)s")
+    handler: logging.Handler = logging.StreamHandler()
+    if to_syslog and os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler(address="/dev/log")
+    handler.setFormatter(logging.Formatter(
+        "virtmount: %(message)s" if not debug else "%(asctime)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
+def _serve_logged(args: argparse.Namespace, mountpoint: str, config: Config, on_ready: Callable[[], None]) -> None:
+    _configure_logging(args.verbose, config.debug, to_syslog=True)
+    trio.run(serve, args.uri, mountpoint, config, on_ready)
 
 
 async def _inspect(uri: str, domain: str, config: Config) -> None:
@@ -67,14 +106,35 @@ async def _inspect(uri: str, domain: str, config: Config) -> None:
     print(format_report(report))
 
 
+def _release(mountpoint: str, domain: str) -> None:
+    path = os.path.join(mountpoint, "domains", domain)
+    try:
+        os.setxattr(path, RELEASE_XATTR, b"1", follow_symlinks=False)
+    except OSError as exc:
+        raise VirtmountError(f"cannot release {domain}: {path}: {exc.strerror}") from None
+
+
 def run(argv: Sequence[str]) -> int:
     """Run the command line ``argv`` (without the program name); return the exit code."""
     try:
-        args = _build_parser().parse_args(argv)
-        config = parse_options(args.options)
-        _configure_logging(args.verbose, config.debug)
-        if args.command == "inspect":
+        if argv[:1] == ["inspect"]:
+            args = _inspect_parser().parse_args(argv[1:])
+            config = parse_options(args.options)
+            _configure_logging(args.verbose, config.debug)
             trio.run(_inspect, args.uri, args.domain, config)
+        elif argv[:1] == ["release"]:
+            args = _release_parser().parse_args(argv[1:])
+            _release(args.mountpoint, args.domain)
+        else:
+            args = _mount_parser().parse_args(argv)
+            config = parse_options(args.options)
+            check_uri(args.uri)
+            mountpoint = check_mountpoint(args.mountpoint)
+            if args.foreground:
+                _configure_logging(args.verbose, config.debug)
+                trio.run(serve, args.uri, mountpoint, config, lambda: None)
+            else:
+                return run_in_background(lambda on_ready: _serve_logged(args, mountpoint, config, on_ready))
         return 0
     except VirtmountError as exc:
         print(f"virtmount: {exc}", file=sys.stderr)

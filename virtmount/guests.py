@@ -1,0 +1,237 @@
+"""Per-domain appliance life cycle for the mount: boot on first use, mount the guest's views, idle shutdown.
+
+Each domain gets at most one appliance. Concurrent first accesses wait for
+the same boot. Inside the appliance every guest filesystem is mounted twice,
+read-only: once in the guest OS's own layout under ``/fs`` (root first, then
+its fstab mountpoints) and once on its own under ``/d/<name>``. After an idle
+period (no access, no open files) the appliance is synced and destroyed; the
+next access boots it again. A failed boot is remembered for a short while so
+that a broken guest does not cost a boot attempt per system call.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from dataclasses import dataclass, field
+
+import libvirt
+import trio
+
+from .appliance import Appliance, ApplianceSettings, boot_appliance
+from .errors import VirtmountError
+from .guestfs.client import GuestfsClient
+from .guestfs.errors import GuestfsClientError, GuestfsError
+from .virt.provision import HostAppliance, provision
+
+log = logging.getLogger(__name__)
+
+OS_VIEW = b"/fs"
+DEVICES_DIR = b"/d"
+FAILED_BOOT_RETRY_S = 30.0
+_SKIPPED_FSTYPES = {"swap", "unknown", "luks", "crypto_LUKS", "LVM2_member"}
+
+
+class GuestUnavailableError(Exception):
+    """Files of this domain cannot be served now; ``errno`` says how the mount reports it."""
+
+    def __init__(self, message: str, errno_value: int = errno.EIO) -> None:
+        super().__init__(message)
+        self.errno = errno_value
+
+
+def device_view_name(device: str) -> str:
+    """The name under devices/: /dev/sda1 -> sda1, /dev/vg0/root -> vg0-root, btrfsvol:/dev/sda2/@ -> sda2-@."""
+    name = device.removeprefix("btrfsvol:")
+    name = name.removeprefix("/dev/mapper/").removeprefix("/dev/")
+    return name.replace("/", "-")
+
+
+@dataclass
+class GuestLayout:
+    """What one boot of a domain's appliance shows: its views and where they are mounted inside it."""
+
+    client: GuestfsClient
+    has_os: bool
+    devices: dict[str, str] = field(default_factory=dict)  # view name -> guest device
+    fs_by_dev: dict[int, str] = field(default_factory=dict)  # appliance st_dev -> view name
+    generation: int = 0
+
+    def device_path(self, view_name: str) -> bytes:
+        return DEVICES_DIR + b"/" + view_name.encode()
+
+
+async def _mount_read_only(client: GuestfsClient, device: str, fstype: str, mountpoint: bytes) -> None:
+    """Mount ``device`` read-only; a dirty journal is not replayed (the disk is read-only)."""
+    try:
+        await client.mount_ro(device, mountpoint)
+        return
+    except GuestfsError as first_error:
+        no_replay = {"ext3": "ro,noload", "ext4": "ro,noload", "xfs": "ro,norecovery"}.get(fstype)
+        if no_replay is None:
+            raise
+        log.info("mounting %s read-only failed (%s); retrying without journal replay", device, first_error.message)
+    await client.mount_options(no_replay, device, mountpoint)
+
+
+async def lay_out_guest(client: GuestfsClient, guest_name: str, generation: int) -> GuestLayout:
+    """Inspect and mount every filesystem of a freshly booted appliance."""
+    filesystems = {device: fstype for device, fstype in (await client.list_filesystems()).items()
+                   if fstype not in _SKIPPED_FSTYPES}
+    roots = await client.inspect_os()
+    layout = GuestLayout(client=client, has_os=bool(roots), generation=generation)
+    await client.mkmountpoint(DEVICES_DIR)
+    for device, fstype in sorted(filesystems.items()):
+        view_name = device_view_name(device)
+        path = layout.device_path(view_name)
+        await client.mkmountpoint(path)
+        try:
+            await _mount_read_only(client, device, fstype, path)
+        except GuestfsError as exc:
+            log.warning("%s: cannot mount %s (%s): %s", guest_name, device, fstype, exc.message)
+            continue
+        layout.devices[view_name] = device
+        layout.fs_by_dev[(await client.lstatns(path)).st_dev] = view_name
+    if roots:
+        if len(roots) > 1:
+            log.info("%s: several operating systems found; fs/ shows %s", guest_name, roots[0])
+        await client.mkmountpoint(OS_VIEW)
+        mountpoints = await client.inspect_get_mountpoints(roots[0])
+        # shortest first, so that / is mounted before /boot and /boot before /boot/efi
+        for mountpoint in sorted(mountpoints, key=lambda m: (m.count("/") if m != "/" else 0, m)):
+            device = mountpoints[mountpoint]
+            target = OS_VIEW if mountpoint == "/" else OS_VIEW + mountpoint.encode()
+            try:
+                await _mount_read_only(client, device, filesystems.get(device, ""), target)
+            except GuestfsError as exc:
+                log.warning("%s: cannot mount %s at %s: %s", guest_name, device, mountpoint, exc.message)
+                if mountpoint == "/":
+                    layout.has_os = False
+                    break
+    return layout
+
+
+class GuestAppliance:
+    """The appliance of one domain, booted on demand and shut down when idle."""
+
+    def __init__(
+        self,
+        conn: libvirt.virConnect,
+        guest_name: str,
+        settings: ApplianceSettings,
+        host_appliance: "HostApplianceSource",
+        nursery: trio.Nursery,
+    ) -> None:
+        self.guest_name = guest_name
+        self._conn = conn
+        self._settings = settings
+        self._host_appliance = host_appliance
+        self._nursery = nursery
+        self._appliance: Appliance | None = None
+        self._layout: GuestLayout | None = None
+        self._booting: trio.Event | None = None
+        self._failure: tuple[float, str] | None = None
+        self._last_used = time.monotonic()
+        self._open_handles = 0
+        self._generation = 0
+        self._boot_scope: trio.CancelScope | None = None
+
+    @property
+    def known_has_os(self) -> bool | None:
+        """Whether the guest has an OS, if a boot has told us; None before that."""
+        return None if self._layout is None else self._layout.has_os
+
+    @property
+    def running(self) -> bool:
+        return self._appliance is not None
+
+    def touch(self) -> None:
+        self._last_used = time.monotonic()
+
+    def handle_opened(self) -> None:
+        self._open_handles += 1
+        self.touch()
+
+    def handle_closed(self) -> None:
+        self._open_handles -= 1
+        self.touch()
+
+    async def layout(self) -> GuestLayout:
+        """The running appliance's layout, booting it first if needed (shared by concurrent callers)."""
+        self.touch()
+        while True:
+            if self._layout is not None and self._appliance is not None and not self._layout.client.closed:
+                return self._layout
+            if self._appliance is not None:  # the daemon connection broke: the appliance died
+                log.warning("%s: appliance connection lost; it will be booted again", self.guest_name)
+                await self._discard_appliance()
+            if self._failure is not None:
+                failed_at, message = self._failure
+                if time.monotonic() - failed_at < FAILED_BOOT_RETRY_S:
+                    raise GuestUnavailableError(message)
+                self._failure = None
+            if self._booting is None:
+                self._booting = trio.Event()
+                self._nursery.start_soon(self._boot, self._booting)
+            await self._booting.wait()
+
+    async def _boot(self, done: trio.Event) -> None:
+        try:
+            with trio.CancelScope() as self._boot_scope:
+                host = await self._host_appliance.get()
+                # the appliance's background tasks outlive this task: they run in the mount's nursery
+                appliance = await boot_appliance(self._conn, self.guest_name, host, self._settings, self._nursery)
+                self._generation += 1
+                try:
+                    layout = await lay_out_guest(appliance.client, self.guest_name, self._generation)
+                except BaseException as exc:
+                    await appliance.shutdown()
+                    if isinstance(exc, (GuestfsClientError, VirtmountError)):
+                        raise VirtmountError(f"appliance booted but the disks could not be mounted: {exc}") from None
+                    raise
+                self._appliance, self._layout = appliance, layout
+                self.touch()
+        except (VirtmountError, GuestfsClientError) as exc:
+            message = str(exc)
+            log.error("%s: %s", self.guest_name, message)
+            self._failure = (time.monotonic(), message)
+        finally:
+            self._boot_scope = None
+            self._booting = None
+            done.set()
+
+    def idle_for(self) -> float:
+        """Seconds since the last access, or 0 while files are open or a boot is under way."""
+        if self._open_handles > 0 or self._booting is not None:
+            return 0.0
+        return time.monotonic() - self._last_used
+
+    async def release(self) -> None:
+        """Sync and shut the appliance down now (idle time reached, release asked, or unmount)."""
+        if self._boot_scope is not None:
+            self._boot_scope.cancel()
+        await self._discard_appliance()
+        self._failure = None
+
+    async def _discard_appliance(self) -> None:
+        appliance, self._appliance, self._layout = self._appliance, None, None
+        if appliance is not None:
+            log.info("%s: shutting the appliance down", self.guest_name)
+            await appliance.shutdown()
+
+
+class HostApplianceSource:
+    """The appliance files on the host, provisioned once, on the first boot of the mount."""
+
+    def __init__(self, conn: libvirt.virConnect, pool: str) -> None:
+        self._conn = conn
+        self._pool = pool
+        self._result: HostAppliance | None = None
+        self._lock = trio.Lock()
+
+    async def get(self) -> HostAppliance:
+        async with self._lock:
+            if self._result is None:
+                self._result = await provision(self._conn, self._pool)
+            return self._result

@@ -1,0 +1,120 @@
+"""Start-up and shut-down of a mount, in one place.
+
+Order on the way up: check the mount point, connect, remove leftover
+appliances, mount FUSE, report readiness. On the way down (fusermount3 -u,
+SIGTERM, SIGINT or SIGHUP): stop serving, sync and destroy every appliance,
+unmount, close the connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from typing import Callable
+
+import libvirt
+import pyfuse3
+import trio
+
+from .appliance import ApplianceSettings
+from .config import Config
+from .errors import UsageError, VirtmountError
+from .fs.model import ConnectionTree
+from .fs.operations import Operations
+from .guests import GuestAppliance, HostApplianceSource
+from .virt.connection import close_connection, libvirt_message, open_connection, run_blocking
+from .virt.domainxml import APPLIANCE_NAME_PREFIX
+
+log = logging.getLogger(__name__)
+
+IDLE_CHECK_INTERVAL_S = 2.0
+
+
+def check_mountpoint(path: str) -> str:
+    """The absolute mount point, or a UsageError saying what is wrong with it."""
+    absolute = os.path.abspath(path)
+    if not os.path.exists(absolute):
+        raise UsageError(f"mount point {path} does not exist")
+    if not os.path.isdir(absolute):
+        raise UsageError(f"mount point {path} is not a directory")
+    if os.path.ismount(absolute):
+        raise UsageError(f"mount point {path} is busy: something is already mounted there")
+    if not os.access(absolute, os.W_OK | os.X_OK):
+        raise UsageError(f"mount point {path} is not writable by you")
+    return absolute
+
+
+async def _remove_leftover_appliances(conn: libvirt.virConnect) -> None:
+    """Without auto-destroy (embedded driver) a killed virtmount leaves appliances running: end them."""
+    uri = await run_blocking(conn.getURI)
+    if not uri.startswith("qemu:///embed"):
+        return  # auto-destroy ended them with their client's connection
+    for domain in await run_blocking(conn.listAllDomains, libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+        name = await run_blocking(domain.name)
+        if name.startswith(APPLIANCE_NAME_PREFIX):
+            log.info("destroying leftover appliance %s", name)
+            try:
+                await run_blocking(domain.destroy)
+            except libvirt.libvirtError as exc:
+                log.warning("cannot destroy leftover appliance %s: %s", name, libvirt_message(exc))
+
+
+async def _shut_down_idle_appliances(tree: ConnectionTree, idle_seconds: float) -> None:
+    while True:
+        await trio.sleep(IDLE_CHECK_INTERVAL_S)
+        for entry in tree.domain_entries():
+            if entry.appliance.running and entry.appliance.idle_for() >= idle_seconds:
+                log.info("%s: idle for %.0f s", entry.name, idle_seconds)
+                await entry.appliance.release()
+
+
+async def _terminate_on_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("received %s: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+def _fuse_options(config: Config) -> set[str]:
+    options = {"fsname=virtmount", "subtype=virtmount", "default_permissions"}
+    if config.allow_other:
+        options.add("allow_other")
+    return options
+
+
+async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[], None]) -> None:
+    """Mount ``uri`` at ``mountpoint`` and serve until unmounted or signalled."""
+    conn = await open_connection(uri)
+    try:
+        await _remove_leftover_appliances(conn)
+        async with trio.open_nursery() as nursery:
+            host_appliance = HostApplianceSource(conn, config.appliance.pool)
+
+            def make_appliance(name: str, settings: ApplianceSettings = config.appliance) -> GuestAppliance:
+                return GuestAppliance(conn, name, settings, host_appliance, nursery)
+
+            tree = ConnectionTree(conn, make_appliance)
+            try:
+                pyfuse3.init(Operations(tree), mountpoint, _fuse_options(config))
+            except RuntimeError as exc:
+                raise VirtmountError(f"cannot mount on {mountpoint}: {exc}") from None
+            try:
+                nursery.start_soon(_terminate_on_signal)
+                nursery.start_soon(_shut_down_idle_appliances, tree, config.idle_seconds)
+                on_ready()
+                log.info("mounted %s on %s", uri, mountpoint)
+                await pyfuse3.main()
+            finally:
+                with trio.CancelScope(shield=True):
+                    async with trio.open_nursery() as shutdowns:
+                        for entry in tree.domain_entries():
+                            shutdowns.start_soon(entry.appliance.release)
+                    pyfuse3.close(unmount=True)
+                nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await close_connection(conn)
+    log.info("unmounted %s", mountpoint)
+

@@ -191,6 +191,25 @@ async def boot_appliance(
     raise failure
 
 
+# Most telling first: the line that names why a boot failed.
+_TELLING_CONSOLE_WORDS = ("kernel panic", "error", "failed", "not found", "cannot")
+
+
+def _console_summary(console: ConsoleLog) -> str:
+    """The telling console lines of a failed boot: the one naming the failure, and the very last."""
+    tail = console.tail(40)
+    if not tail:
+        return "; the console printed nothing"
+    shown = [tail[-1]]
+    for word in _TELLING_CONSOLE_WORDS:
+        telling = [line for line in tail if word in line.lower()]
+        if telling:
+            if telling[-1] != tail[-1]:
+                shown.insert(0, telling[-1])
+            break
+    return f"; last console lines: {' | '.join(shown)}"
+
+
 async def _boot_once(
     conn: libvirt.virConnect, spec: ApplianceSpec, settings: ApplianceSettings, nursery: trio.Nursery
 ) -> Appliance:
@@ -229,8 +248,7 @@ async def _boot_once(
             await client.aclose()
         await _destroy_quietly(domain)
         await trio.sleep(0.2)  # let the console reader take the last output
-        tail = console.tail(3)
-        last = f"; last console lines: {' | '.join(tail)}" if tail else "; the console printed nothing"
+        last = _console_summary(console)
         for line in console.tail(20):
             log.debug("%s console: %s", spec.name, line)
         raise BootFailed(f"{what} failed to boot: {reason}{last}") from None

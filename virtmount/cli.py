@@ -13,7 +13,7 @@ import trio
 
 from . import __version__
 from .config import Config, options_help, parse_options
-from .errors import UsageError, VirtmountError
+from .errors import UsageError, VirtmountError, sole_error
 from .guestfs.errors import GuestfsClientError
 from .daemonize import run_in_background
 from .fs.model import RELEASE_XATTR
@@ -117,25 +117,10 @@ def _release(mountpoint: str, domain: str) -> None:
 def run(argv: Sequence[str]) -> int:
     """Run the command line ``argv`` (without the program name); return the exit code."""
     try:
-        if argv[:1] == ["inspect"]:
-            args = _inspect_parser().parse_args(argv[1:])
-            config = parse_options(args.options)
-            _configure_logging(args.verbose, config.debug)
-            trio.run(_inspect, args.uri, args.domain, config)
-        elif argv[:1] == ["release"]:
-            args = _release_parser().parse_args(argv[1:])
-            _release(args.mountpoint, args.domain)
-        else:
-            args = _mount_parser().parse_args(argv)
-            config = parse_options(args.options)
-            check_uri(args.uri)
-            mountpoint = check_mountpoint(args.mountpoint)
-            if args.foreground:
-                _configure_logging(args.verbose, config.debug)
-                trio.run(serve, args.uri, mountpoint, config, lambda: None)
-            else:
-                return run_in_background(lambda on_ready: _serve_logged(args, mountpoint, config, on_ready))
-        return 0
+        try:
+            return _run(argv)
+        except BaseExceptionGroup as group:
+            raise sole_error(group) from None
     except VirtmountError as exc:
         print(f"virtmount: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -145,6 +130,29 @@ def run(argv: Sequence[str]) -> int:
     except KeyboardInterrupt:
         print("virtmount: interrupted", file=sys.stderr)
         return 130
+
+
+def _run(argv: Sequence[str]) -> int:
+    """Parse ``argv`` and do what it says; errors propagate to ``run``."""
+    if argv[:1] == ["inspect"]:
+        args = _inspect_parser().parse_args(argv[1:])
+        config = parse_options(args.options)
+        _configure_logging(args.verbose, config.debug)
+        trio.run(_inspect, args.uri, args.domain, config)
+    elif argv[:1] == ["release"]:
+        args = _release_parser().parse_args(argv[1:])
+        _release(args.mountpoint, args.domain)
+    else:
+        args = _mount_parser().parse_args(argv)
+        config = parse_options(args.options)
+        check_uri(args.uri)
+        mountpoint = check_mountpoint(args.mountpoint)
+        if args.foreground:
+            _configure_logging(args.verbose, config.debug)
+            trio.run(serve, args.uri, mountpoint, config, lambda: None)
+        else:
+            return run_in_background(lambda on_ready: _serve_logged(args, mountpoint, config, on_ready))
+    return 0
 
 
 def main() -> NoReturn:

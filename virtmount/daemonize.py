@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Callable
 
-from .errors import VirtmountError
+from .errors import VirtmountError, sole_error
 from .guestfs.errors import GuestfsClientError
 
 _READY = b"ready\n"
@@ -50,7 +50,10 @@ def _child(serve: Callable[[Callable[[], None]], None], pipe_fd: int) -> None:
         os.close(devnull)
 
     try:
-        serve(on_ready)
+        try:
+            serve(on_ready)
+        except BaseExceptionGroup as group:
+            raise sole_error(group) from None
     except (VirtmountError, GuestfsClientError) as exc:
         _report(pipe_fd, str(exc))
         status = 1

@@ -116,9 +116,21 @@ def appliance_disk(guest_disk: ET.Element, index: int, writable: bool) -> ET.Ele
         for attr in _VIRTIO_BLK_ONLY_DRIVER_ATTRS:
             driver.attrib.pop(attr, None)
     if not writable and disk.find("readonly") is None:
-        ET.SubElement(disk, "readonly")
+        if disk.get("type") == "file":
+            # The guest's image stays untouched but the appliance sees a writable disk: XFS and
+            # ext4 write (log replay, unmount records) even when mounted read-only, and a truly
+            # read-only device makes such mounts fail. libguestfs does the same with snapshot=on.
+            _append_throwaway_overlay(disk)
+        else:
+            ET.SubElement(disk, "readonly")
     _append_target(disk, index)
     return disk
+
+
+def _append_throwaway_overlay(disk: ET.Element) -> None:
+    """A writable overlay deleted when the domain ends; shareBacking opens the image read-only,
+    so several appliances (or a guest's appliance and libguestfs tools) can hold it at once."""
+    ET.SubElement(disk, "transient", shareBacking="yes")
 
 
 def _append_target(disk: ET.Element, index: int) -> None:
@@ -131,9 +143,7 @@ def _root_disk(spec: ApplianceSpec, index: int) -> ET.Element:
     ET.SubElement(disk, "driver", name="qemu", type="qcow2", cache="unsafe")
     ET.SubElement(disk, "source", file=spec.root_path)
     _append_target(disk, index)
-    # a writable throw-away overlay, deleted when the domain ends; shareBacking lets
-    # several appliances use the same root at once (the base is opened read-only)
-    ET.SubElement(disk, "transient", shareBacking="yes")
+    _append_throwaway_overlay(disk)
     return disk
 
 

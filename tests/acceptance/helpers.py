@@ -1,0 +1,46 @@
+"""Shared helpers for acceptance tests: running the CLI, and looking for appliance domains."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import libvirt
+
+from virtmount.virt.domainxml import APPLIANCE_NAME_PREFIX
+
+REPO = Path(__file__).resolve().parents[2]
+VIRTMOUNT = str(Path(sys.executable).parent / "virtmount")
+
+
+def run_virtmount(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([VIRTMOUNT, *args], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def appliance_domains(uri: str = "qemu:///system") -> list[str]:
+    """Names of the appliance domains that exist now (running or not)."""
+    conn = libvirt.open(uri)
+    try:
+        return [d.name() for d in conn.listAllDomains(0) if d.name().startswith(APPLIANCE_NAME_PREFIX)]
+    finally:
+        conn.close()
+
+
+def wait_for_no_appliances(uri: str = "qemu:///system", timeout: float = 60) -> list[str]:
+    """Wait until no appliance domain exists; return those still there at the deadline."""
+    deadline = time.monotonic() + timeout
+    while (left := appliance_domains(uri)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert result.returncode != 0, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("virtmount: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])

@@ -1,0 +1,207 @@
+"""Issue 2: boot an appliance through libvirt and talk to its daemon over the libvirt channel.
+
+Real libvirtd, real QEMU (TCG) and the real libguestfs appliance; the guest
+images are built by tests/images.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import libvirt
+import pytest
+import trio
+
+from tests import images
+from tests.acceptance.helpers import (
+    appliance_domains,
+    assert_one_line_error,
+    run_virtmount,
+    wait_for_no_appliances,
+)
+from virtmount.appliance import ApplianceSettings, boot_appliance
+from virtmount.inspection import inspect_guest
+from virtmount.virt.connection import close_connection, open_connection
+from virtmount.virt.provision import provision, volume_names
+
+pytestmark = pytest.mark.acceptance
+
+
+def test_inspect_command_prints_os_and_filesystems(test_guest: images.Guest) -> None:
+    result = run_virtmount("inspect", test_guest.uri, test_guest.name)
+    assert result.returncode == 0, result.stderr
+    inspection = test_guest.inspection
+    assert inspection is not None
+    first_line = result.stdout.splitlines()[0]
+    assert f"({inspection.os_type}, {inspection.distro} {inspection.major}.{inspection.minor})" in first_line
+    assert f"root {inspection.root}" in first_line
+    assert f"hostname {inspection.hostname}" in first_line
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[2:] if line.strip()}
+    for fs in test_guest.spec.filesystems:
+        assert fs.device in rows, result.stdout
+        _, fstype, size, mountpoint = rows[fs.device]
+        assert fstype == fs.fstype
+        assert mountpoint == (fs.mountpoint or "-")
+        assert size != "-"
+    assert wait_for_no_appliances(test_guest.uri) == []
+
+
+def test_inspect_command_on_a_guest_without_os(nos_guest: images.Guest) -> None:
+    result = run_virtmount("inspect", nos_guest.uri, nos_guest.name)
+    assert result.returncode == 0, result.stderr
+    assert "no operating system found" in result.stdout
+    assert "/dev/sda  ext4" in result.stdout
+    assert wait_for_no_appliances(nos_guest.uri) == []
+
+
+async def test_client_over_tcp_reads_what_was_written(test_guest: images.Guest, tcp_uri: str) -> None:
+    """Boot over qemu+tcp, mount the root read-only and read files through the daemon protocol."""
+    conn = await open_connection(tcp_uri)
+    try:
+        host_appliance = await provision(conn, "virtmount")
+        async with trio.open_nursery() as nursery:
+            appliance = await boot_appliance(conn, test_guest.name, host_appliance, ApplianceSettings(), nursery)
+            try:
+                client = appliance.client
+                report = await inspect_guest(client, test_guest.name)
+                assert test_guest.inspection is not None
+                assert [os_.root for os_ in report.operating_systems] == [test_guest.inspection.root]
+                assert report.operating_systems[0].mountpoints == test_guest.mountpoints
+                await client.mount_ro(test_guest.inspection.root, "/")
+                for mountpoint, device in sorted(test_guest.mountpoints.items()):
+                    if mountpoint != "/":
+                        await client.mount_ro(device, mountpoint)
+                for path, content in test_guest.files.items():
+                    st = await client.lstatns(path.encode())
+                    assert st.st_size == len(content), path
+                    data = b""
+                    while len(data) < len(content):
+                        chunk = await client.pread(path.encode(), 1 << 20, len(data))
+                        assert chunk, path
+                        data += chunk
+                    assert data == content, path
+                names = {d.name for d in await client.readdir(b"/etc")}
+                assert {b".", b"..", b"os-release", b"fstab"} <= names
+                # many calls in flight at once come back matched to their callers
+                paths = sorted(test_guest.files)
+                results: dict[str, int] = {}
+
+                async def stat_one(path: str) -> None:
+                    results[path] = (await client.lstatns(path.encode())).st_size
+
+                async with trio.open_nursery() as calls:
+                    for path in paths:
+                        calls.start_soon(stat_one, path)
+                assert results == {path: len(test_guest.files[path]) for path in paths}
+            finally:
+                await appliance.shutdown()
+    finally:
+        await close_connection(conn)
+    assert wait_for_no_appliances() == []
+
+
+async def test_second_provision_reuses_the_uploaded_appliance(libvirtd: str) -> None:
+    conn = await open_connection(libvirtd)
+    try:
+        first = await provision(conn, "virtmount")
+        root_mtime = os.stat(first.root_path).st_mtime_ns
+        second = await provision(conn, "virtmount")
+        assert second == first
+        assert os.stat(second.root_path).st_mtime_ns == root_mtime  # not uploaded again
+        pool = conn.storagePoolLookupByName("virtmount")
+        digest = os.path.basename(first.root_path).split("-")[2]
+        names = volume_names(digest + "0" * 48)
+        assert {names[k] for k in ("kernel", "initrd", "root", "marker")} <= set(pool.listVolumes())
+    finally:
+        await close_connection(conn)
+
+
+def test_sigkill_of_the_client_leaves_no_appliance(nos_guest: images.Guest) -> None:
+    script = textwrap.dedent(
+        f"""
+        import sys, trio
+        from virtmount.appliance import ApplianceSettings, boot_appliance
+        from virtmount.virt.connection import open_connection
+        from virtmount.virt.provision import provision
+
+        async def main():
+            conn = await open_connection({nos_guest.uri!r})
+            host = await provision(conn, "virtmount")
+            async with trio.open_nursery() as nursery:
+                await boot_appliance(conn, {nos_guest.name!r}, host, ApplianceSettings(), nursery)
+                print("booted", flush=True)
+                await trio.sleep_forever()
+
+        trio.run(main)
+        """
+    )
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == "booted"
+        marker = f"-{process.pid}-"
+        assert len([name for name in appliance_domains(nos_guest.uri) if marker in name]) == 1
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+        assert [name for name in wait_for_no_appliances(nos_guest.uri, timeout=60) if marker in name] == []
+    finally:
+        process.kill()
+
+
+# --- bad input: one line, non-zero exit, nothing left running -------------------------
+
+
+def test_unknown_domain(libvirtd: str) -> None:
+    assert_one_line_error(run_virtmount("inspect", libvirtd, "no-such-domain"), "no domain named 'no-such-domain'")
+
+
+def test_malformed_uri() -> None:
+    result = run_virtmount("inspect", "not a uri", "x")
+    assert_one_line_error(result, "is not a libvirt URI")
+    assert result.returncode == 2
+
+
+def test_unreachable_host() -> None:
+    # nothing listens on port 1 of the loopback address
+    assert_one_line_error(run_virtmount("inspect", "qemu+tcp://127.0.0.1:1/system", "x"), "cannot connect to")
+
+
+def test_unknown_driver() -> None:
+    assert_one_line_error(run_virtmount("inspect", "nosuchdriver:///system", "x"), "cannot connect to")
+
+
+def test_unknown_option(libvirtd: str) -> None:
+    result = run_virtmount("inspect", "-o", "frobnicate=1", libvirtd, "x")
+    assert_one_line_error(result, "unknown option 'frobnicate'")
+    assert result.returncode == 2
+
+
+def test_guest_disk_that_does_not_exist(libvirtd: str, tmp_path: object) -> None:
+    name = "virtmount-test-missing-disk"
+    conn = libvirt.open(libvirtd)
+    try:
+        try:
+            conn.lookupByName(name).undefine()
+        except libvirt.libvirtError:
+            pass
+        conn.defineXML(images.domain_xml(name, images.IMAGE_DIR / "does-not-exist.qcow2"))
+        result = run_virtmount("inspect", libvirtd, name)
+        assert_one_line_error(result, "does-not-exist.qcow2")
+    finally:
+        conn.lookupByName(name).undefine()
+        conn.close()
+    assert wait_for_no_appliances(libvirtd) == []
+
+
+def test_appliance_that_fails_to_boot_shows_its_console(nos_guest: images.Guest) -> None:
+    # the appliance kernel finds no init: it panics, reboots, and the domain ends (on_reboot=destroy)
+    started = time.monotonic()
+    result = run_virtmount("inspect", "-o", "kernel_args=rdinit=/no-such-init", nos_guest.uri, nos_guest.name)
+    assert_one_line_error(result, "failed to boot", "last console lines:", "Kernel panic")
+    assert time.monotonic() - started < 240
+    assert wait_for_no_appliances(nos_guest.uri) == []

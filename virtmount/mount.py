@@ -29,6 +29,7 @@ from .virt.domainxml import APPLIANCE_NAME_PREFIX
 log = logging.getLogger(__name__)
 
 IDLE_CHECK_INTERVAL_S = 2.0
+UNMOUNT_CHECK_INTERVAL_S = 1.0
 
 
 def check_mountpoint(path: str) -> str:
@@ -69,6 +70,32 @@ async def _shut_down_idle_appliances(tree: ConnectionTree, idle_seconds: float) 
                 await entry.appliance.release()
 
 
+def _mountinfo_path(path: str) -> str:
+    """A path as /proc/self/mountinfo writes it (space, tab, newline and backslash octal-escaped)."""
+    return "".join(f"\\{ord(c):03o}" if c in " \t\n\\" else c for c in path)
+
+
+def is_mounted_here(mountpoint: str) -> bool:
+    """Whether ``mountpoint`` is a mount point in this process's namespace, without touching the mount."""
+    wanted = _mountinfo_path(mountpoint)
+    with open("/proc/self/mountinfo") as mountinfo:
+        return any(line.split(" ", 5)[4] == wanted for line in mountinfo)
+
+
+async def _terminate_when_unmounted(mountpoint: str) -> None:
+    """Stop serving once fusermount3 -u took the mount away.
+
+    The kernel ends the FUSE session only when the last copy of the mount goes.
+    libvirt starts QEMU in a private mount namespace that copies the host's
+    mounts, ours included; where mounts do not propagate (private mounts),
+    the appliances keep our mount alive and the session would never end.
+    """
+    while is_mounted_here(mountpoint):
+        await trio.sleep(UNMOUNT_CHECK_INTERVAL_S)
+    log.info("%s was unmounted", mountpoint)
+    pyfuse3.terminate()
+
+
 async def _terminate_on_signal() -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
@@ -102,6 +129,7 @@ async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[]
                 raise VirtmountError(f"cannot mount on {mountpoint}: {exc}") from None
             try:
                 nursery.start_soon(_terminate_on_signal)
+                nursery.start_soon(_terminate_when_unmounted, mountpoint)
                 nursery.start_soon(_shut_down_idle_appliances, tree, config.idle_seconds)
                 on_ready()
                 log.info("mounted %s on %s", uri, mountpoint)
@@ -111,7 +139,7 @@ async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[]
                     async with trio.open_nursery() as shutdowns:
                         for entry in tree.domain_entries():
                             shutdowns.start_soon(entry.appliance.release)
-                    pyfuse3.close(unmount=True)
+                    pyfuse3.close(unmount=is_mounted_here(mountpoint))
                 nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):

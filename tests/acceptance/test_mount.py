@@ -1,0 +1,271 @@
+"""Issue 3: mount a libvirt connection read-only (real libvirtd, QEMU, appliance and FUSE)."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Iterator
+
+import libvirt
+import pytest
+
+from tests import images
+from tests.acceptance.conftest import unmount
+from tests.acceptance.helpers import appliance_domains, assert_one_line_error, run_virtmount
+
+pytestmark = pytest.mark.acceptance
+
+
+def _mount_pid(mountpoint: Path) -> int:
+    found = subprocess.run(["pgrep", "-f", f"virtmount .*{mountpoint}$"], capture_output=True, text=True)
+    pids = [int(p) for p in found.stdout.split()]
+    assert len(pids) == 1, found
+    return pids[0]
+
+
+def _appliances_of(pid: int, uri: str = "qemu:///system") -> list[str]:
+    return [name for name in appliance_domains(uri) if f"-{pid}-" in name]
+
+
+def _wait_until(condition: object, timeout: float, interval: float = 0.5) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():  # type: ignore[operator]
+            return True
+        time.sleep(interval)
+    return bool(condition())  # type: ignore[operator]
+
+
+@contextlib.contextmanager
+def own_mount(uri: str, tmp_path: Path, *options: str) -> Iterator[tuple[Path, int]]:
+    """A mount of its own for tests that watch appliances come and go; yields (mountpoint, pid)."""
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    result = run_virtmount(*options, uri, str(mountpoint))
+    assert result.returncode == 0, result.stderr
+    try:
+        yield mountpoint, _mount_pid(mountpoint)
+    finally:
+        if os.path.ismount(mountpoint):
+            unmount(mountpoint)
+
+
+@contextlib.contextmanager
+def defined_domain(uri: str, name: str, image: Path) -> Iterator[None]:
+    conn = libvirt.open(uri)
+    try:
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.lookupByName(name).undefine()
+        conn.defineXML(images.domain_xml(name, image))
+        yield
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.lookupByName(name).undefine()
+        conn.close()
+
+
+def _errno_of(action: object) -> int | None:
+    try:
+        action()  # type: ignore[operator]
+    except OSError as exc:
+        return exc.errno
+    return None
+
+
+# --- the tree ------------------------------------------------------------------------
+
+
+def test_tree_of_a_domain(mounted: Path, test_guest: images.Guest) -> None:
+    domain_dir = mounted / "domains" / test_guest.name
+    assert test_guest.name in os.listdir(mounted / "domains")
+    assert sorted(os.listdir(domain_dir)) == ["devices", "domain.xml", "fs"]
+    conn = libvirt.open(test_guest.uri)
+    try:
+        expected_xml = conn.lookupByName(test_guest.name).XMLDesc(0)
+    finally:
+        conn.close()
+    assert (domain_dir / "domain.xml").read_text() == expected_xml
+    assert not any(name.startswith("virtmount-appliance-") for name in os.listdir(mounted / "domains"))
+
+
+def test_guest_files_through_fs_and_devices(mounted: Path, test_guest: images.Guest) -> None:
+    fs = mounted / "domains" / test_guest.name / "fs"
+    for path, content in test_guest.files.items():
+        assert (fs / path.lstrip("/")).read_bytes() == content, path
+    devices = mounted / "domains" / test_guest.name / "devices"
+    assert sorted(os.listdir(devices)) == ["sda1", "vg0-data", "vg0-root"]
+    assert (devices / "vg0-data" / "hello.txt").read_bytes() == test_guest.files[images.DATA_TEST_FILE]
+    boot_name = images.BOOT_TEST_FILE.removeprefix("/boot/")
+    assert (devices / "sda1" / boot_name).read_bytes() == test_guest.files[images.BOOT_TEST_FILE]
+
+
+def test_guest_without_os_has_devices_and_no_fs(mounted: Path, nos_guest: images.Guest) -> None:
+    domain_dir = mounted / "domains" / nos_guest.name
+    assert (domain_dir / "devices" / "sda" / "hello.txt").read_bytes() == nos_guest.files["/hello.txt"]
+    assert _errno_of(lambda: os.stat(domain_dir / "fs")) == errno.ENOENT
+    assert sorted(os.listdir(domain_dir)) == ["devices", "domain.xml"]
+
+
+def test_everything_that_would_write_fails_with_erofs(mounted: Path, test_guest: images.Guest) -> None:
+    fs = mounted / "domains" / test_guest.name / "fs"
+    existing = fs / images.ROOT_TEST_FILE.lstrip("/")
+    assert existing.exists()
+    attempts = {
+        "open for writing": lambda: open(existing, "r+b"),
+        "create": lambda: open(fs / "etc" / "new-file", "xb"),
+        "truncate": lambda: os.truncate(existing, 0),
+        "mkdir": lambda: os.mkdir(fs / "new-dir"),
+        "unlink": lambda: os.unlink(existing),
+        "rename": lambda: os.rename(existing, fs / "etc" / "moved"),
+        "chmod": lambda: os.chmod(existing, 0o600),
+        "chown": lambda: os.chown(existing, 1, 1),
+        "utime": lambda: os.utime(existing, (0, 0)),
+        "symlink": lambda: os.symlink("x", fs / "etc" / "new-link"),
+        "hard link": lambda: os.link(existing, fs / "etc" / "new-hard-link"),
+        "setxattr": lambda: os.setxattr(existing, "user.x", b"1"),
+        "removexattr": lambda: os.removexattr(existing, "user.x"),
+        "mkdir in the virtual tree": lambda: os.mkdir(mounted / "domains" / "new"),
+    }
+    results = {what: _errno_of(action) for what, action in attempts.items()}
+    assert results == {what: errno.EROFS for what in attempts}
+    assert existing.read_bytes() == test_guest.files[images.ROOT_TEST_FILE]
+
+
+def test_domains_appear_and_disappear_while_mounted(mounted: Path, nos_guest: images.Guest) -> None:
+    name = "virtmount-test-appearing"
+    domains = mounted / "domains"
+    with defined_domain(nos_guest.uri, name, nos_guest.image):
+        assert _wait_until(lambda: name in os.listdir(domains), timeout=10)
+        assert (domains / name / "domain.xml").read_text().count(f"<name>{name}</name>") == 1
+    assert _wait_until(lambda: name not in os.listdir(domains), timeout=10)
+    # the kernel may keep the entry for its cache time (1 s for the virtual tree)
+    assert _wait_until(lambda: _errno_of(lambda: os.stat(domains / name)) == errno.ENOENT, timeout=3)
+
+
+def test_broken_guest_gives_eio_and_the_rest_keeps_working(mounted: Path, test_guest: images.Guest) -> None:
+    name = "virtmount-test-broken"
+    with defined_domain(test_guest.uri, name, images.IMAGE_DIR / "no-such-image.qcow2"):
+        domain_dir = mounted / "domains" / name
+        assert _wait_until(lambda: domain_dir.exists(), timeout=10)
+        assert (domain_dir / "domain.xml").exists()
+        assert _errno_of(lambda: os.listdir(domain_dir / "fs")) == errno.EIO
+        assert _errno_of(lambda: os.listdir(domain_dir / "devices")) == errno.EIO
+        fs = mounted / "domains" / test_guest.name / "fs"
+        assert (fs / images.ROOT_TEST_FILE.lstrip("/")).read_bytes() == test_guest.files[images.ROOT_TEST_FILE]
+    assert os.path.ismount(mounted)
+
+
+# --- inode numbers -----------------------------------------------------------------------
+
+
+def _inode_map(fs: Path, paths: list[str]) -> dict[str, tuple[int, int]]:
+    return {path: (os.lstat(fs / path.lstrip("/")).st_ino, os.lstat(fs / path.lstrip("/")).st_nlink) for path in paths}
+
+
+def test_inode_numbers_are_stable_across_remounts_and_distinct_across_filesystems(
+    mounted: Path, test_guest: images.Guest, tmp_path: Path
+) -> None:
+    paths = ["/", "/boot", "/srv/data", "/etc", *sorted(test_guest.files)]
+    fs = mounted / "domains" / test_guest.name / "fs"
+    first = _inode_map(fs, paths)
+    # the roots of /, /boot and /srv/data are on three filesystems: distinct numbers
+    assert len({first["/"][0], first["/boot"][0], first["/srv/data"][0]}) == 3
+    # the same guest file has one number per view, and views do not collide
+    devices = mounted / "domains" / test_guest.name / "devices"
+    data_name = images.DATA_TEST_FILE.removeprefix("/srv/data/")
+    assert os.lstat(devices / "vg0-data" / data_name).st_ino != first[images.DATA_TEST_FILE][0]
+    with own_mount(test_guest.uri, tmp_path) as (other, _pid):
+        second = _inode_map(other / "domains" / test_guest.name / "fs", paths[1:])
+    assert second == {path: first[path] for path in paths[1:]}
+
+
+# --- appliance life cycle ---------------------------------------------------------------
+
+
+def test_listing_domains_boots_nothing(libvirtd: str, test_guest: images.Guest, tmp_path: Path) -> None:
+    with own_mount(libvirtd, tmp_path) as (mountpoint, pid):
+        domain_dir = mountpoint / "domains" / test_guest.name
+        assert test_guest.name in os.listdir(mountpoint / "domains")
+        assert "fs" in os.listdir(domain_dir)
+        os.stat(domain_dir / "domain.xml")
+        (domain_dir / "domain.xml").read_bytes()
+        time.sleep(1)
+        assert _appliances_of(pid) == []
+        # the first access below fs/ boots one appliance, shared by fs/ and devices/
+        os.listdir(domain_dir / "fs")
+        os.listdir(domain_dir / "devices")
+        assert len(_appliances_of(pid)) == 1
+
+
+def test_idle_appliance_shuts_down_and_boots_again(test_guest: images.Guest, tmp_path: Path) -> None:
+    with own_mount(test_guest.uri, tmp_path, "-o", "idle=3") as (mountpoint, pid):
+        target = mountpoint / "domains" / test_guest.name / "fs" / images.ROOT_TEST_FILE.lstrip("/")
+        expected = test_guest.files[images.ROOT_TEST_FILE]
+        assert target.read_bytes() == expected
+        assert len(_appliances_of(pid)) == 1
+        assert _wait_until(lambda: _appliances_of(pid) == [], timeout=30)
+        os.listdir(target.parent)  # boots it again
+        assert _appliances_of(pid) != []
+        assert (target.parent / "hostname").read_bytes().strip() == b"virtmount-test"
+
+
+def test_release_shuts_one_domain_down_now(mounted: Path, test_guest: images.Guest) -> None:
+    fs = mounted / "domains" / test_guest.name / "fs"
+    os.listdir(fs)
+    pid = _mount_pid(mounted)
+    assert any(test_guest.name in name for name in _appliances_of(pid))
+    result = run_virtmount("release", str(mounted), test_guest.name)
+    assert result.returncode == 0, result.stderr
+    assert not any(test_guest.name in name for name in _appliances_of(pid))
+    # ... and the next access boots it again
+    assert (fs / images.ROOT_TEST_FILE.lstrip("/")).read_bytes() == test_guest.files[images.ROOT_TEST_FILE]
+
+
+def test_release_of_an_unknown_domain_is_an_error(mounted: Path) -> None:
+    assert_one_line_error(run_virtmount("release", str(mounted), "no-such-domain"), "cannot release no-such-domain")
+
+
+def test_sigterm_syncs_destroys_and_unmounts(test_guest: images.Guest, tmp_path: Path) -> None:
+    with own_mount(test_guest.uri, tmp_path) as (mountpoint, pid):
+        os.listdir(mountpoint / "domains" / test_guest.name / "fs")
+        assert len(_appliances_of(pid)) == 1
+        os.kill(pid, signal.SIGTERM)
+        assert _wait_until(lambda: not os.path.exists(f"/proc/{pid}"), timeout=120)
+        assert not os.path.ismount(mountpoint)
+        assert _appliances_of(pid) == []
+
+
+def test_sigkill_leaves_no_appliance_running(test_guest: images.Guest, tmp_path: Path) -> None:
+    with own_mount(test_guest.uri, tmp_path) as (mountpoint, pid):
+        os.listdir(mountpoint / "domains" / test_guest.name / "fs")
+        assert len(_appliances_of(pid)) == 1
+        os.kill(pid, signal.SIGKILL)
+        assert _wait_until(lambda: _appliances_of(pid) == [], timeout=60)
+        subprocess.run(["fusermount3", "-u", str(mountpoint)], check=True)
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+
+def test_bad_mountpoints_and_options(mounted: Path, libvirtd: str, tmp_path: Path) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        ((libvirtd, str(tmp_path / "missing")), "does not exist"),
+        ((libvirtd, str(a_file)), "is not a directory"),
+        ((libvirtd, str(mounted)), "is busy"),
+        (("-o", "nonsense", libvirtd, str(empty)), "unknown option 'nonsense'"),
+        (("-o", "idle=-1", libvirtd, str(empty)), "idle must be greater than 0"),
+        (("not-a-uri", str(empty)), "is not a libvirt URI"),
+        (("qemu+tcp://127.0.0.1:1/system", str(empty)), "cannot connect to"),
+    ]
+    for args, message in cases:
+        assert_one_line_error(run_virtmount(*args), message)
+    assert not os.path.ismount(empty)

@@ -15,7 +15,14 @@ test: setup
 check: setup
 	$(PYTHON) -m mypy virtmount
 
-# Build and define the demo guest, then inspect it with virtmount.
+# Build and define the demo guest, inspect it, mount qemu:///system and show the guest's files.
+DEMO_MNT := /mnt/virtmount-demo
 demo: setup
 	$(PYTHON) contrib/make-demo-guest.py
 	.venv/bin/virtmount inspect qemu:///system virtmount-demo
+	mkdir -p $(DEMO_MNT)
+	-fusermount3 -u $(DEMO_MNT) 2>/dev/null
+	.venv/bin/virtmount qemu:///system $(DEMO_MNT)
+	ls -l $(DEMO_MNT)/domains/virtmount-demo/fs/ $(DEMO_MNT)/domains/virtmount-demo/devices/
+	cat $(DEMO_MNT)/domains/virtmount-demo/fs/etc/os-release
+	@echo "demo: qemu:///system is mounted on $(DEMO_MNT); unmount with: fusermount3 -u $(DEMO_MNT)"

@@ -25,12 +25,14 @@ from typing import Awaitable, Callable, Iterable, TypeVar
 import libvirt
 import trio
 
+from ..concurrency import gather
 from ..guestfs.errors import ConnectionLost, GuestfsClientError, GuestfsError, GuestfsTimeout
 from ..guestfs.procs import PREAD_MAX, Statns
 from ..guests import OS_VIEW, GuestAppliance, GuestLayout, GuestUnavailableError
 from ..virt.connection import libvirt_message, run_blocking
 from ..virt.domainxml import APPLIANCE_NAME_PREFIX
 from .inodes import InodeNumbers
+from .readahead import ReadAhead
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,14 @@ class DomainXmlFile(Node):
 
 
 @dataclass(eq=False)
+class Siblings:
+    """The entries of one guest directory listing: their xattrs are fetched together, in batches."""
+
+    directory: bytes
+    members: list[tuple[bytes, GuestNode]] = field(default_factory=list)
+
+
+@dataclass(eq=False)
 class GuestNode(Node):
     """A file or directory inside a guest, seen through one view of its appliance."""
 
@@ -97,6 +107,7 @@ class GuestNode(Node):
     generation: int = 0  # the appliance boot that produced ``stat``
     link_target: bytes | None = None
     xattrs: dict[bytes, bytes] | None = None
+    siblings: Siblings | None = None  # the listing this node was last seen in
 
 
 @dataclass(eq=False)
@@ -116,6 +127,7 @@ class DomainEntry:
 class FileHandle:
     node: Node
     data: bytes | None = None  # whole content, for virtual files
+    reader: ReadAhead | None = None  # for guest files
 
 
 def guest_attributes(inode: int, st: Statns) -> Attributes:
@@ -371,27 +383,31 @@ class ConnectionTree:
         return await self._layout(node.domain)
 
     async def _list_guest_dir(self, node: GuestNode) -> list[tuple[bytes, Node]]:
-        """All entries of a guest directory with attributes and link targets, fetched in batches."""
+        """All entries of a guest directory with attributes and link targets: three daemon calls
+        (readdir, then lstatnslist and readlinklist sent together) per thousand entries."""
         assert node.domain is not None
         entry = node.domain
         layout = await self._guest_layout_for(node)
         client = layout.client
         dirents = await self._guest_call(entry, lambda: client.readdir(node.path))
         names = [d.name for d in dirents if d.name not in (b".", b"..")]
-        stats = await self._guest_call(entry, lambda: client.lstatnslist(node.path, names))
-        links = [name for name, st in zip(names, stats) if st is not None and stat.S_ISLNK(st.st_mode)]
-        targets = await self._guest_call(entry, lambda: client.readlinklist(node.path, links)) if links else []
+        links = [d.name for d in dirents if d.ftyp == "l"]
+        stats, targets = await gather(
+            lambda: self._guest_call(entry, lambda: client.lstatnslist(node.path, names)),
+            lambda: self._guest_call(entry, lambda: client.readlinklist(node.path, links)) if links else _no_targets(),
+        )
         target_of = dict(zip(links, targets))
-        listing: list[tuple[bytes, Node]] = []
+        siblings = Siblings(node.path)
         for name, st in zip(names, stats):
             if st is None:
                 log.warning("%s: cannot stat %r in %r", entry.name, name, node.path)
                 continue
             child = self._guest_node(entry, node.view, layout, _join(node.path, name), st)
-            if name in target_of:
+            if stat.S_ISLNK(st.st_mode) and target_of.get(name):
                 child.link_target = target_of[name]
-            listing.append((name, child))
-        return listing
+            child.siblings = siblings
+            siblings.members.append((name, child))
+        return list(siblings.members)  # type: ignore[arg-type]
 
     async def _lookup_guest(self, parent: GuestNode, name: bytes) -> GuestNode:
         assert parent.domain is not None
@@ -489,6 +505,7 @@ class ConnectionTree:
             assert node.stat is not None and node.domain is not None
             if stat.S_ISDIR(node.stat.st_mode):
                 raise FsError(errno.EISDIR)
+            handle.reader = self._guest_reader(node)
             node.domain.appliance.handle_opened()
         else:
             raise FsError(errno.EISDIR)
@@ -503,19 +520,18 @@ class ConnectionTree:
             raise FsError(errno.EBADF)
         if handle.data is not None:
             return handle.data[offset:offset + size]
-        node = handle.node
-        assert isinstance(node, GuestNode) and node.domain is not None
-        layout = await self._guest_layout_for(node)
-        chunks = []
-        while size > 0:
-            want = min(size, PREAD_MAX)
-            chunk: bytes = await self._guest_call(node.domain, lambda: layout.client.pread(node.path, want, offset))
-            chunks.append(chunk)
-            if len(chunk) < want:
-                break
-            offset += len(chunk)
-            size -= len(chunk)
-        return b"".join(chunks)
+        assert handle.reader is not None
+        return await handle.reader.read(offset, size)
+
+    def _guest_reader(self, node: GuestNode) -> ReadAhead:
+        assert node.domain is not None
+        entry = node.domain
+
+        async def fetch(offset: int, size: int) -> bytes:
+            layout = await self._layout(entry)
+            return await self._guest_call(entry, lambda: layout.client.pread(node.path, size, offset))
+
+        return ReadAhead(fetch, PREAD_MAX)
 
     def release(self, handle_number: int) -> None:
         handle = self._handles.pop(handle_number, None)
@@ -523,11 +539,25 @@ class ConnectionTree:
             handle.node.domain.appliance.handle_closed()
 
     async def _xattrs(self, node: GuestNode) -> dict[bytes, bytes]:
+        """A node's xattrs; the first asked for in a directory brings those of all its entries."""
         if node.xattrs is None:
-            layout = await self._guest_layout_for(node)
             assert node.domain is not None
-            found = await self._guest_call(node.domain, lambda: layout.client.lgetxattrs(node.path))
-            node.xattrs = {x.name: x.value for x in found}
+            layout = await self._guest_layout_for(node)
+            client = layout.client
+            siblings = node.siblings
+            if siblings is None:
+                found = await self._guest_call(node.domain, lambda: client.lgetxattrs(node.path))
+                node.xattrs = {x.name: x.value for x in found}
+            else:
+                wanted = [(name, member) for name, member in siblings.members if member.xattrs is None]
+                names = [name for name, _ in wanted]
+                lists = await self._guest_call(node.domain, lambda: client.lxattrlist(siblings.directory, names))
+                for (_, member), xattrs in zip(wanted, lists):
+                    if xattrs is not None:  # None: listing failed; asked again on its own below
+                        member.xattrs = {x.name: x.value for x in xattrs}
+                if node.xattrs is None:  # not in that listing any more (e.g. a hard link seen elsewhere)
+                    node.siblings = None
+                    return await self._xattrs(node)
         return node.xattrs
 
     async def listxattr(self, inode: int) -> list[bytes]:
@@ -567,6 +597,10 @@ class ConnectionTree:
 
     def domain_entries(self) -> Iterable[DomainEntry]:
         return list(self._domains.values())
+
+
+async def _no_targets() -> list[bytes]:
+    return []
 
 
 def _join(directory: bytes, name: bytes) -> bytes:

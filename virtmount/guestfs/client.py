@@ -29,14 +29,16 @@ interrupted, so the connection is no longer usable.
 
 from __future__ import annotations
 
+import functools
 import logging
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Protocol, TypeVar
+from typing import Any, Awaitable, Callable, Protocol, TypeVar
 
 import trio
 
+from ..concurrency import gather
 from . import procs
 from .errors import ConnectionLost, GuestfsError, GuestfsTimeout, ProtocolError
 from .procs import Dirent, Proc, Statns, Statvfs, Xattr
@@ -581,20 +583,32 @@ class GuestfsClient:
         """Raw call; entries for names that could not be stat'ed have st_ino -1."""
         return await self.call(procs.INTERNAL_LSTATNSLIST, path, names, timeout=timeout)
 
+    async def _in_batches(
+        self,
+        call: Callable[[list[bytes]], Awaitable[list[R]]],
+        names: list[bytes],
+        what: str,
+    ) -> list[R]:
+        """Run a list call over ``names`` in batches of LIST_BATCH, all sent ahead, results in order."""
+        batches = [names[start : start + procs.LIST_BATCH] for start in range(0, len(names), procs.LIST_BATCH)]
+
+        async def run(batch: list[bytes]) -> list[R]:
+            result = await call(batch)
+            if len(result) != len(batch):
+                raise ProtocolError(f"{what}: {len(result)} results for {len(batch)} names")
+            return result
+
+        results = await gather(*(functools.partial(run, batch) for batch in batches))
+        return [item for batch in results for item in batch]
+
     async def lstatnslist(
         self, path: bytes | str, names: list[bytes], *, timeout: float | None = None
     ) -> list[Statns | None]:
         """lstat each name in directory ``path``; None where it failed."""
-        out: list[Statns | None] = []
-        for start in range(0, len(names), procs.LIST_BATCH):
-            batch = names[start : start + procs.LIST_BATCH]
-            result = await self.internal_lstatnslist(path, batch, timeout=timeout)
-            if len(result) != len(batch):
-                raise ProtocolError(
-                    f"internal_lstatnslist: {len(result)} results for {len(batch)} names"
-                )
-            out.extend(None if st.st_ino == -1 else st for st in result)
-        return out
+        stats = await self._in_batches(
+            lambda batch: self.internal_lstatnslist(path, batch, timeout=timeout), names, "internal_lstatnslist"
+        )
+        return [None if st.st_ino == -1 else st for st in stats]
 
     async def internal_lxattrlist(
         self, path: bytes | str, names: list[bytes], *, timeout: float | None = None
@@ -606,12 +620,11 @@ class GuestfsClient:
         self, path: bytes | str, names: list[bytes], *, timeout: float | None = None
     ) -> list[list[Xattr] | None]:
         """Extended attributes of each name (no symlink following); None on error."""
-        out: list[list[Xattr] | None] = []
-        for start in range(0, len(names), procs.LIST_BATCH):
-            batch = names[start : start + procs.LIST_BATCH]
-            flat = await self.internal_lxattrlist(path, batch, timeout=timeout)
-            out.extend(procs.split_lxattrlist(flat, len(batch)))
-        return out
+
+        async def grouped(batch: list[bytes]) -> list[list[Xattr] | None]:
+            return procs.split_lxattrlist(await self.internal_lxattrlist(path, batch, timeout=timeout), len(batch))
+
+        return await self._in_batches(grouped, names, "internal_lxattrlist")
 
     async def internal_readlinklist(
         self, path: bytes | str, names: list[bytes], *, timeout: float | None = None
@@ -622,16 +635,9 @@ class GuestfsClient:
         self, path: bytes | str, names: list[bytes], *, timeout: float | None = None
     ) -> list[bytes]:
         """Symlink targets of each name; b"" where it is not a link or failed."""
-        out: list[bytes] = []
-        for start in range(0, len(names), procs.LIST_BATCH):
-            batch = names[start : start + procs.LIST_BATCH]
-            result = await self.internal_readlinklist(path, batch, timeout=timeout)
-            if len(result) != len(batch):
-                raise ProtocolError(
-                    f"internal_readlinklist: {len(result)} results for {len(batch)} names"
-                )
-            out.extend(result)
-        return out
+        return await self._in_batches(
+            lambda batch: self.internal_readlinklist(path, batch, timeout=timeout), names, "internal_readlinklist"
+        )
 
     async def readlink(self, path: bytes | str, *, timeout: float | None = None) -> bytes:
         return await self.call(procs.READLINK, path, timeout=timeout)

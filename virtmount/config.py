@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -24,9 +25,15 @@ def _positive_number(name: str, text: str, *, integer: bool = False) -> float:
         value = int(text) if integer else float(text)
     except ValueError:
         raise UsageError(f"option {name} needs a {'whole ' if integer else ''}number, not {text!r}") from None
-    if value <= 0:
+    if not math.isfinite(value) or value <= 0:
         raise UsageError(f"option {name} must be greater than 0")
     return value
+
+
+def _pool_name(text: str) -> str:
+    if not text:
+        raise UsageError("option pool needs a storage pool name")
+    return text
 
 
 def _accelerator(text: str) -> str:
@@ -51,7 +58,7 @@ _OPTIONS: dict[str, tuple[bool, Callable[[Config, str], Config], str]] = {
                      "seconds to wait for an appliance to boot (default 300)"),
     "call_timeout": (True, lambda c, v: _with_appliance(c, call_timeout=_positive_number("call_timeout", v)),
                      "seconds one daemon call may take before the appliance is given up (default 120)"),
-    "pool": (True, lambda c, v: _with_appliance(c, pool=v),
+    "pool": (True, lambda c, v: _with_appliance(c, pool=_pool_name(v)),
              "storage pool on the host for the appliance files (default virtmount)"),
     "kernel_args": (True, lambda c, v: _with_appliance(c, extra_kernel_args=v),
                     "extra appliance kernel arguments, space-separated"),

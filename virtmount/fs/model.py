@@ -362,6 +362,8 @@ class ConnectionTree:
         node = self._nodes.get(inode)
         if isinstance(node, GuestNode):
             node.path = path if stat.S_ISDIR(st.st_mode) or node.path == b"" else node.path
+            if node.generation != layout.generation:  # a new boot: the guest may have run since
+                node.xattrs = node.link_target = node.siblings = None
         else:
             node = GuestNode(inode, domain=entry, view=view, path=path)
         node.stat = st

@@ -60,10 +60,14 @@ def read_guest_definition(domain_xml: str) -> GuestDefinition:
     return GuestDefinition(name=name, disks=disks, seclabels=seclabels)
 
 
+_SOURCE_LOCATION_ATTRIBUTES = ("file", "dev", "dir", "name", "pool", "volume")
+
+
 def _has_source_location(disk: ET.Element) -> bool:
+    """Whether a disk's <source> names something (an empty cdrom has only startupPolicy)."""
     source = disk.find("source")
     assert source is not None
-    return bool(source.attrib) or len(source) > 0
+    return any(source.get(attr) for attr in _SOURCE_LOCATION_ATTRIBUTES) or source.find("host") is not None
 
 
 def scsi_disk_name(index: int) -> str:

@@ -1,0 +1,166 @@
+"""`-o` mount options -> Config (virtmount.config)."""
+
+from __future__ import annotations
+
+import pytest
+
+from virtmount.appliance import ApplianceSettings
+from virtmount.config import Config, options_help, parse_options
+from virtmount.errors import UsageError
+
+ALL_OPTIONS = ("accel", "memory", "cpus", "boot_timeout", "call_timeout", "pool", "kernel_args", "idle",
+               "allow_other", "debug")
+
+
+def usage_error(*option_strings: str) -> str:
+    with pytest.raises(UsageError) as info:
+        parse_options(list(option_strings))
+    assert info.value.exit_code == 2
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_defaults() -> None:
+    config = parse_options([])
+    assert config == Config()
+    assert config.idle_seconds == 60.0
+    assert config.allow_other is False
+    assert config.debug is False
+    settings = config.appliance
+    assert settings == ApplianceSettings()
+    assert (settings.accelerator, settings.memory_mib, settings.vcpus) == ("auto", 1024, 1)
+    assert (settings.boot_timeout, settings.call_timeout) == (300.0, 120.0)
+    assert (settings.pool, settings.extra_kernel_args) == ("virtmount", "")
+    assert (settings.writable, settings.verbose) == (False, False)
+
+
+def test_every_option_in_one_group() -> None:
+    config = parse_options([
+        "accel=tcg,memory=2048,cpus=4,boot_timeout=90.5,call_timeout=30,pool=vmpool,"
+        "kernel_args=edd=on loglevel=7,idle=12.5,allow_other,debug"
+    ])
+    settings = config.appliance
+    assert settings.accelerator == "tcg"
+    assert settings.memory_mib == 2048 and type(settings.memory_mib) is int
+    assert settings.vcpus == 4 and type(settings.vcpus) is int
+    assert settings.boot_timeout == 90.5 and type(settings.boot_timeout) is float
+    assert settings.call_timeout == 30.0 and type(settings.call_timeout) is float
+    assert settings.pool == "vmpool"
+    assert settings.extra_kernel_args == "edd=on loglevel=7"
+    assert config.idle_seconds == 12.5 and type(config.idle_seconds) is float
+    assert config.allow_other is True
+    assert config.debug is True
+    assert settings.verbose is True  # debug shows the appliance console too
+    assert settings.writable is False
+
+
+@pytest.mark.parametrize("accel", ["auto", "kvm", "tcg"])
+def test_accel_values(accel: str) -> None:
+    assert parse_options([f"accel={accel}"]).appliance.accelerator == accel
+
+
+@pytest.mark.parametrize("value", ["hvf", "KVM", "", "kvm tcg"])
+def test_accel_rejects_other_values(value: str) -> None:
+    assert usage_error(f"accel={value}") == f"option accel must be one of auto, kvm, tcg, not {value!r}"
+
+
+def test_comma_separates_options_even_after_a_value() -> None:
+    assert usage_error("accel=kvm,tcg") == "unknown option 'tcg' (see virtmount --help)"
+
+
+def test_one_option_changes_only_its_setting() -> None:
+    assert parse_options(["memory=512"]) == Config(appliance=ApplianceSettings(memory_mib=512))
+    assert parse_options(["idle=5"]) == Config(idle_seconds=5.0)
+    assert parse_options(["allow_other"]) == Config(allow_other=True)
+    assert parse_options(["debug"]) == Config(debug=True, appliance=ApplianceSettings(verbose=True))
+    assert parse_options(["kernel_args=a b=c"]) == Config(appliance=ApplianceSettings(extra_kernel_args="a b=c"))
+
+
+def test_later_options_override_earlier_ones() -> None:
+    config = parse_options(["memory=512,cpus=2,memory=2048,accel=kvm,accel=tcg"])
+    assert config.appliance.memory_mib == 2048
+    assert config.appliance.accelerator == "tcg"
+    assert config.appliance.vcpus == 2
+
+
+def test_several_groups_apply_in_order() -> None:
+    config = parse_options(["memory=512,pool=first", "cpus=3", "pool=second,allow_other"])
+    assert config.appliance.memory_mib == 512
+    assert config.appliance.vcpus == 3
+    assert config.appliance.pool == "second"
+    assert config.allow_other is True
+
+
+def test_empty_items_are_ignored() -> None:
+    assert parse_options(["", ",", "cpus=2,,", ",idle=3"]) == Config(
+        appliance=ApplianceSettings(vcpus=2), idle_seconds=3.0)
+
+
+def test_starts_from_a_given_config() -> None:
+    base = Config(idle_seconds=7.0, appliance=ApplianceSettings(pool="base"))
+    config = parse_options(["cpus=2"], base)
+    assert (config.idle_seconds, config.appliance.pool, config.appliance.vcpus) == (7.0, "base", 2)
+    assert base.appliance.vcpus == 1  # frozen: the given config is not changed
+
+
+@pytest.mark.parametrize("item", ["bogus", "bogus=1", "Memory=512", "memory_mib=512", "writable", "ro"])
+def test_unknown_option(item: str) -> None:
+    name = item.partition("=")[0]
+    message = usage_error(f"cpus=1,{item}")
+    assert message == f"unknown option {name!r} (see virtmount --help)"
+
+
+@pytest.mark.parametrize("name", ["accel", "memory", "cpus", "boot_timeout", "call_timeout", "pool",
+                                  "kernel_args", "idle"])
+def test_value_missing(name: str) -> None:
+    assert usage_error(name) == f"option {name} needs a value"
+
+
+@pytest.mark.parametrize("item", ["allow_other=1", "debug=yes", "debug="])
+def test_value_given_to_a_flag(item: str) -> None:
+    name = item.partition("=")[0]
+    assert usage_error(item) == f"option {name} takes no value"
+
+
+@pytest.mark.parametrize(("item", "fragment"), [
+    ("memory=lots", "option memory needs a whole number, not 'lots'"),
+    ("memory=1.5", "option memory needs a whole number, not '1.5'"),
+    ("memory=", "option memory needs a whole number, not ''"),
+    ("cpus=two", "option cpus needs a whole number, not 'two'"),
+    ("boot_timeout=soon", "option boot_timeout needs a number, not 'soon'"),
+    ("call_timeout=1s", "option call_timeout needs a number, not '1s'"),
+    ("idle=", "option idle needs a number, not ''"),
+])
+def test_non_numeric_values(item: str, fragment: str) -> None:
+    assert usage_error(item) == fragment
+
+
+@pytest.mark.parametrize("item", ["memory=0", "memory=-512", "cpus=0", "cpus=-1", "boot_timeout=0",
+                                  "call_timeout=-0.5", "idle=0", "idle=-60"])
+def test_non_positive_values(item: str) -> None:
+    name = item.partition("=")[0]
+    assert usage_error(item) == f"option {name} must be greater than 0"
+
+
+@pytest.mark.parametrize("item", ["boot_timeout=nan", "call_timeout=nan", "idle=nan"])
+def test_nan_is_rejected(item: str) -> None:
+    usage_error(item)
+
+
+def test_empty_pool_is_rejected() -> None:
+    usage_error("pool=")
+
+
+def test_error_stops_at_the_first_bad_option() -> None:
+    assert usage_error("memory=512", "bogus,cpus=0") == "unknown option 'bogus' (see virtmount --help)"
+
+
+def test_options_help_lists_every_option() -> None:
+    lines = options_help().splitlines()
+    names = [line.strip().split(":")[0] for line in lines]
+    assert names == [
+        "accel=VALUE", "memory=VALUE", "cpus=VALUE", "boot_timeout=VALUE", "call_timeout=VALUE",
+        "pool=VALUE", "kernel_args=VALUE", "idle=VALUE", "allow_other", "debug",
+    ]
+    assert [name.partition("=")[0] for name in names] == list(ALL_OPTIONS)

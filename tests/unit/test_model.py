@@ -834,6 +834,20 @@ async def test_xattrs_of_listed_entries(world: World) -> None:
     assert await fs_error(tree.getxattr(entries[b"passwd"].inode, b"user.comment")) == errno.ENODATA
 
 
+async def test_xfs_internal_acl_names_are_not_shown_twice(world: World) -> None:
+    tree = world.tree
+    etc = await guest(world, b"fs", b"etc")
+    sda1, _ = world.client.mounts[b"/fs"]
+    hostname_inode = sda1.inodes[13]
+    hostname_inode.xattrs.update({b"system.posix_acl_access": b"acl", b"trusted.SGI_ACL_FILE": b"xfs-form",
+                                  b"trusted.SGI_ACL_DEFAULT": b"xfs-form"})
+    entries = await read_dir(tree, etc)
+    names = await tree.listxattr(entries[b"hostname"].inode)
+    assert b"system.posix_acl_access" in names
+    assert not {b"trusted.SGI_ACL_FILE", b"trusted.SGI_ACL_DEFAULT"} & set(names)
+    assert await fs_error(tree.getxattr(entries[b"hostname"].inode, b"trusted.SGI_ACL_FILE")) == errno.ENODATA
+
+
 async def test_missing_xattr_is_enodata(world: World) -> None:
     tree = world.tree
     hostname = await guest(world, b"fs", b"etc", b"hostname")

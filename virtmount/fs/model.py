@@ -27,7 +27,7 @@ import trio
 
 from ..concurrency import gather
 from ..guestfs.errors import ConnectionLost, GuestfsClientError, GuestfsError, GuestfsTimeout
-from ..guestfs.procs import PREAD_MAX, Statns
+from ..guestfs.procs import PREAD_MAX, Statns, Xattr
 from ..guests import OS_VIEW, GuestAppliance, GuestLayout, GuestUnavailableError
 from ..virt.connection import libvirt_message, run_blocking
 from ..virt.domainxml import APPLIANCE_NAME_PREFIX
@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RELEASE_XATTR = b"user.virtmount.release"
+# XFS keeps POSIX ACLs under these names and lists them to root beside system.posix_acl_*;
+# they are the same ACLs in XFS's on-disk form, so they are not shown a second time.
+XFS_INTERNAL_ACL_XATTRS = frozenset({b"trusted.SGI_ACL_FILE", b"trusted.SGI_ACL_DEFAULT"})
 DOMAIN_LIST_TTL_S = 1.0
 OS_VIEW_NAME = "fs"
 
@@ -549,14 +552,14 @@ class ConnectionTree:
             siblings = node.siblings
             if siblings is None:
                 found = await self._guest_call(node.domain, lambda: client.lgetxattrs(node.path))
-                node.xattrs = {x.name: x.value for x in found}
+                node.xattrs = _shown_xattrs(found)
             else:
                 wanted = [(name, member) for name, member in siblings.members if member.xattrs is None]
                 names = [name for name, _ in wanted]
                 lists = await self._guest_call(node.domain, lambda: client.lxattrlist(siblings.directory, names))
                 for (_, member), xattrs in zip(wanted, lists):
                     if xattrs is not None:  # None: listing failed; asked again on its own below
-                        member.xattrs = {x.name: x.value for x in xattrs}
+                        member.xattrs = _shown_xattrs(xattrs)
                 if node.xattrs is None:  # not in that listing any more (e.g. a hard link seen elsewhere)
                     node.siblings = None
                     return await self._xattrs(node)
@@ -599,6 +602,10 @@ class ConnectionTree:
 
     def domain_entries(self) -> Iterable[DomainEntry]:
         return list(self._domains.values())
+
+
+def _shown_xattrs(xattrs: Iterable[Xattr]) -> dict[bytes, bytes]:
+    return {x.name: x.value for x in xattrs if x.name not in XFS_INTERNAL_ACL_XATTRS}
 
 
 async def _no_targets() -> list[bytes]:

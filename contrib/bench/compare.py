@@ -1,0 +1,953 @@
+#!/usr/bin/env python3
+"""Compare virtmount with guestmount on the same guest, in the same run.
+
+Usage (as root, from the repository):
+
+    .venv/bin/python contrib/bench/compare.py [--quick] [--skip-tcp] [--tcp-delay-ms 5]
+
+Builds (or reuses) the benchmark guest image (contrib/bench/benchimage.py:
+Debian look-alike, ~24,000 entries, a 64 MiB file), defines it as the shut-off
+domain ``virtmount-bench`` on qemu:///system, then, one tool after the other
+(each mounted, measured, unmounted before the next):
+
+1. guestmount  (LIBGUESTFS_BACKEND=direct, force_tcg, ``-a IMAGE -i --ro``)
+2. virtmount   (qemu:///system, root MNT/domains/virtmount-bench/fs)
+3. virtmount   over qemu+tcp://127.0.0.1:PORT/system through a loopback proxy
+               adding --tcp-delay-ms in each direction (unless --skip-tcp/--quick)
+
+and for each runs the same phases in the same order:
+
+  mount -> first listing of the guest root (includes the appliance boot)
+  find ROOT | wc -l                       (kernel caches dropped first)
+  ls -lR ROOT > /dev/null                 (kernel caches dropped first)
+  os.lstat of every path find printed     (warm: nothing dropped)
+  sequential read of the 64 MiB file      (dropped first; 1 MiB reads; hash checked)
+  random 4 KiB preads in that file        (dropped first; POSIX_FADV_RANDOM, so no read-ahead)
+  rsync -aHAXS ROOT/ DEST/ to local disk  (dropped first; fresh DEST; exit status and copy checked)
+  peak RSS (VmHWM) and CPU time of the FUSE process and of the appliance's QEMU
+  unmount until the FUSE process has exited
+
+"Dropped" = ``sync; echo 3 > /proc/sys/vm/drop_caches`` (page cache, dentries,
+inodes of the host kernel).  Caches inside the tools and inside the appliance
+(its own page cache) stay warm from one phase to the next, for both tools.
+
+Prints a table and writes it as Markdown to contrib/bench/results.md.
+Everything it mounts or starts is unmounted/stopped on exit, errors included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import os
+import random
+import re
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH_DIR = REPO / "contrib" / "bench"
+sys.path.insert(0, str(BENCH_DIR))
+
+VIRTMOUNT = REPO / ".venv" / "bin" / "virtmount"
+START_LIBVIRTD = REPO / "contrib" / "start-libvirtd.sh"
+TCP_CONF = REPO / "tests" / "libvirtd-tcp.conf"
+RESULTS_MD = BENCH_DIR / "results.md"
+SYSTEM_URI = "qemu:///system"
+LIBVIRTD_TCP_PORT = 16509
+GUESTFS_ENV = {"LIBGUESTFS_BACKEND": "direct", "LIBGUESTFS_BACKEND_SETTINGS": "force_tcg"}
+DEFAULT_VIRTMOUNT_OPTS = "idle=600,accel=tcg"  # guestmount is forced to TCG too; auto would probe KVM first (~2 s here)
+
+PHASE_TIMEOUT_S = 1800
+MOUNT_TIMEOUT_S = 600
+UNMOUNT_WAIT_S = 180
+
+_start = time.monotonic()
+
+
+def say(message: str) -> None:
+    print(f"[{time.monotonic() - _start:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+# ================================================================ processes, mounts, caches
+
+
+def _mountpoints() -> set[str]:
+    points = set()
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            raw = line.split()[4]
+            points.add(raw.encode().decode("unicode_escape") if "\\" in raw else raw)
+    return points
+
+
+def is_mounted(path: Path) -> bool:
+    return str(path) in _mountpoints()
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode("utf-8", "replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    """True while pid exists and is not a zombie (our daemons are not our children)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def fuse_pid(mnt: Path) -> int | None:
+    """The process serving mnt: the one whose command line has mnt as an argument."""
+    found = []
+    for pid in _pids():
+        args = _cmdline(pid)
+        if (pid != os.getpid() and str(mnt) in args and _alive(pid)
+                and any(os.path.basename(a) in ("guestmount", "virtmount") for a in args[:2])):
+            found.append(pid)
+    return min(found) if found else None
+
+
+_DRIVE_FILE = re.compile(r"(?:^|,)(?:file\.file\.filename|file)=([^,]+)")
+
+
+def _uses_image(args: list[str], image: Path) -> bool:
+    """Whether a QEMU command line opens image, directly or as the backing file of an overlay
+    (libguestfs read-only drives are /tmp/libguestfsXXXXXX/overlayN.qcow2 over the image)."""
+    if any(str(image) in a for a in args):
+        return True
+    for arg in args:
+        for name in _DRIVE_FILE.findall(arg):
+            if "/libguestfs" in name and name.endswith(".qcow2"):
+                try:
+                    with open(name, "rb") as f:
+                        if os.fsencode(image) in f.read(65536):
+                            return True
+                except OSError:
+                    pass
+    return False
+
+
+def qemu_pid(image: Path, name_part: str | None) -> int | None:
+    """The QEMU process whose command line has name_part, or, if None, that opens image.
+
+    (libvirt hot-plugs virtmount's transient disks after start: the image is
+    not on the appliance's command line, its domain name is.)
+    """
+    for pid in _pids():
+        args = _cmdline(pid)
+        if not args or "qemu-system" not in os.path.basename(args[0]):
+            continue
+        if name_part is not None:
+            found = any(name_part in a for a in args)
+        else:
+            found = _uses_image(args, image)
+        if found and _alive(pid):
+            return pid
+    return None
+
+
+def proc_status(pid: int | None) -> dict[str, float]:
+    """VmHWM/VmRSS in MiB and CPU seconds (user+system, all threads) of pid."""
+    if pid is None:
+        return {}
+    out: dict[str, float] = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmHWM", "VmRSS"):
+                    out[key] = int(value.split()[0]) / 1024
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        out["cpu"] = (int(fields[11]) + int(fields[12])) / ticks
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
+def drop_caches() -> bool:
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def _wait_gone(pid: int | None, timeout: float) -> bool:
+    if pid is None:
+        return True
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def unmount(mnt: Path, pid: int | None, also_gone: Callable[[], int | None] | None = None) -> float:
+    """Unmount mnt and wait until its FUSE process (and what also_gone returns) has exited.
+
+    Returns the seconds taken.  Escalates (lazy unmount, SIGTERM, SIGKILL of
+    pid only) when the polite way does not work within UNMOUNT_WAIT_S.
+    """
+    started = time.monotonic()
+    deadline = started + UNMOUNT_WAIT_S
+    while is_mounted(mnt):
+        proc = subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL)
+        if proc.returncode == 0 or not is_mounted(mnt):
+            break
+        if time.monotonic() > deadline:
+            say(f"unmount {mnt}: {proc.stderr.strip()}; lazy unmount")
+            subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True, stdin=subprocess.DEVNULL)
+            break
+        time.sleep(0.5)
+    if not _wait_gone(pid, max(5.0, deadline - time.monotonic())):
+        say(f"process {pid} still running {UNMOUNT_WAIT_S} s after unmounting {mnt}: SIGTERM")
+        assert pid is not None
+        with _ignore_errors():
+            os.kill(pid, signal.SIGTERM)
+        if not _wait_gone(pid, 60):
+            say(f"process {pid}: SIGKILL")
+            with _ignore_errors():
+                os.kill(pid, signal.SIGKILL)
+            _wait_gone(pid, 10)
+    if also_gone is not None:
+        end = time.monotonic() + 60
+        while also_gone() is not None and time.monotonic() < end:
+            time.sleep(0.1)
+    return time.monotonic() - started
+
+
+class _ignore_errors:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> bool:
+        return isinstance(exc[1], Exception)
+
+
+def tcp_listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def run_cmd(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+    kwargs.setdefault("stdin", subprocess.DEVNULL)
+    kwargs.setdefault("timeout", PHASE_TIMEOUT_S)
+    return subprocess.run(argv, **kwargs)
+
+
+# ================================================================ the delaying proxy
+
+
+def _proxy_main(delay: float, upstream_port: int, max_connections: int = 64, queue_chunks: int = 256) -> None:
+    """Serve on 127.0.0.1:<free port>, forward to 127.0.0.1:upstream_port, each chunk delayed.
+
+    Every chunk read from one side is written to the other side `delay` seconds
+    after it arrived (order kept, pipelined: delays do not add up).  One reader
+    and one writer thread per direction: time.sleep is precise to ~0.1 ms,
+    whereas asyncio's epoll timeouts (rounded up to whole milliseconds) added
+    about 1 ms per hop.  At most max_connections at a time and queue_chunks *
+    64 KiB queued per direction.  Exits when its standard input reaches EOF
+    (the benchmark ended or died).
+    """
+    import queue
+    import threading
+
+    slots = threading.BoundedSemaphore(max_connections)
+
+    def pump(src: socket.socket, dst: socket.socket) -> None:
+        chunks: queue.Queue[tuple[float, bytes]] = queue.Queue(maxsize=queue_chunks)
+        sender_gone = threading.Event()
+
+        def put(item: tuple[float, bytes]) -> bool:
+            while not sender_gone.is_set():
+                try:
+                    chunks.put(item, timeout=0.5)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
+        def receive() -> None:
+            try:
+                while True:
+                    data = src.recv(65536)
+                    if not put((time.monotonic() + delay, data)) or not data:
+                        return
+            except OSError:
+                put((0.0, b""))
+
+        def send() -> None:
+            try:
+                while True:
+                    due, data = chunks.get()
+                    wait = due - time.monotonic()
+                    if wait > 0:
+                        time.sleep(wait)
+                    if not data:
+                        dst.shutdown(socket.SHUT_WR)
+                        return
+                    dst.sendall(data)
+            except OSError:
+                sender_gone.set()
+                with _ignore_errors():
+                    src.shutdown(socket.SHUT_RDWR)
+
+        receiver = threading.Thread(target=receive, daemon=True)
+        receiver.start()
+        send()
+        receiver.join()
+
+    def handle(client: socket.socket) -> None:
+        try:
+            with client, socket.create_connection(("127.0.0.1", upstream_port), timeout=10) as upstream:
+                upstream.settimeout(None)
+                for sock in (client, upstream):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                back = threading.Thread(target=pump, args=(upstream, client), daemon=True)
+                back.start()
+                pump(client, upstream)
+                back.join()
+        except OSError:
+            pass
+        finally:
+            slots.release()
+
+    server = socket.create_server(("127.0.0.1", 0))
+    print(f"PORT {server.getsockname()[1]}", flush=True)
+
+    def accept() -> None:
+        while True:
+            client, _ = server.accept()
+            if not slots.acquire(blocking=False):
+                client.close()
+                continue
+            threading.Thread(target=handle, args=(client,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    while os.read(sys.stdin.fileno(), 4096):
+        pass
+    os._exit(0)
+
+
+class DelayProxy:
+    """The proxy as a child process (so that the benchmark's own work does not delay it)."""
+
+    def __init__(self, delay_ms: float, upstream_port: int = LIBVIRTD_TCP_PORT) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--serve-proxy", str(delay_ms), "--upstream-port", str(upstream_port)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], 30)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line.startswith("PORT "):
+            self.close()
+            raise RuntimeError(f"delay proxy did not start (got {line!r})")
+        self.port = int(line.split()[1])
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with _ignore_errors():
+                assert self.proc.stdin is not None
+                self.proc.stdin.close()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def libvirt_round_trip_ms(uri: str, calls: int = 20) -> float:
+    """Mean time of a trivial libvirt RPC (getLibVersion) on uri."""
+    import libvirt
+
+    conn = libvirt.open(uri)
+    try:
+        conn.getLibVersion()
+        started = time.monotonic()
+        for _ in range(calls):
+            conn.getLibVersion()
+        return (time.monotonic() - started) / calls * 1e3
+    finally:
+        conn.close()
+
+
+# ================================================================ the tools
+
+
+@dataclass
+class Tool:
+    key: str            # column key
+    title: str          # column title
+    image: Path
+    uri: str | None = None          # virtmount only
+    options: str = DEFAULT_VIRTMOUNT_OPTS
+
+    @property
+    def is_virtmount(self) -> bool:
+        return self.uri is not None
+
+    def mount_argv(self, mnt: Path) -> tuple[list[str], dict[str, str]]:
+        env = dict(os.environ)
+        if self.is_virtmount:
+            assert self.uri is not None
+            return [str(VIRTMOUNT), "-o", self.options, self.uri, str(mnt)], env
+        env.update(GUESTFS_ENV)
+        return ["guestmount", "--format=qcow2", "-a", str(self.image), "-i", "--ro", str(mnt)], env
+
+    def root(self, mnt: Path) -> Path:
+        if self.is_virtmount:
+            from benchimage import DOMAIN_NAME
+            return mnt / "domains" / DOMAIN_NAME / "fs"
+        return mnt
+
+    def appliance_pid(self) -> int | None:
+        from benchimage import DOMAIN_NAME
+        return qemu_pid(self.image, f"virtmount-appliance-{DOMAIN_NAME}-" if self.is_virtmount else None)
+
+
+@dataclass
+class Result:
+    values: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    error: str | None = None
+    count: int | None = None
+    load: str = ""
+
+
+# Rows of the table: key, label, unit, better ("low"/"high")
+ROWS: list[tuple[str, str, str, str]] = [
+    ("mount_return", "mount command returns", "s", "low"),
+    ("first_listing", "mount → first listing of the guest root (boot included)", "s", "low"),
+    ("find", "`find ROOT \\| wc -l`, cold", "s", "low"),
+    ("ls_lR", "`ls -lR ROOT > /dev/null`, cold", "s", "low"),
+    ("lstat_warm", "lstat of every path again, warm", "s", "low"),
+    ("seq_read", "sequential read of the 64 MiB file, cold", "MB/s", "high"),
+    ("rand_read", "random 4 KiB preads, cold, no read-ahead", "reads/s", "high"),
+    ("rand_read_ms", "  same, mean latency", "ms/read", "low"),
+    ("rsync", "`rsync -aHAXS ROOT/ DEST/`, cold", "s", "low"),
+    ("unmount", "unmount until the FUSE process exited", "s", "low"),
+    ("fuse_hwm", "FUSE process peak RSS (VmHWM)", "MiB", "low"),
+    ("fuse_cpu", "FUSE process CPU time (guestmount: after its fork, launch excluded)", "s", "low"),
+    ("qemu_hwm", "appliance QEMU peak RSS (VmHWM)", "MiB", "low"),
+    ("qemu_cpu", "appliance QEMU CPU time until unmount", "s", "low"),
+]
+
+
+class LoadSampler:
+    """Samples the 1-minute load average and the number of QEMU processes every 2 s (noise indicator)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.samples: list[tuple[float, float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with _ignore_errors():
+                with open("/proc/loadavg") as f:
+                    load = float(f.read().split()[0])
+                qemus = sum(1 for pid in _pids() if "qemu-system" in os.path.basename((_cmdline(pid) or [""])[0]))
+                self.samples.append((time.monotonic(), load, qemus))
+            self._stop.wait(2)
+
+    def summary(self, start: float, end: float, own_qemus: int) -> str:
+        window = [(load, q) for t, load, q in self.samples if start <= t <= end]
+        if not window:
+            return "no load samples"
+        mean_load = sum(load for load, _ in window) / len(window)
+        others = [max(0, q - own_qemus) for _, q in window]
+        busy = sum(1 for o in others if o) / len(others)
+        return (f"mean load {mean_load:.1f}, other QEMU processes running {busy:.0%} of the time "
+                f"(up to {max(others)})")
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, image: Path, workdir: Path) -> None:
+        self.args = args
+        self.image = image
+        self.workdir = workdir
+        self.can_drop = drop_caches()
+        from benchimage import BIG_FILE, big_file_content
+        self.big_file_rel = BIG_FILE.lstrip("/")
+        self.big = big_file_content()
+        self.big_sha = hashlib.sha256(self.big).hexdigest()
+        self.mounted: list[tuple[Path, Tool]] = []
+        self.load = LoadSampler()
+
+    def drop(self) -> None:
+        if self.can_drop:
+            drop_caches()
+
+    def cleanup(self) -> None:
+        for mnt, tool in reversed(self.mounted):
+            if is_mounted(mnt) or fuse_pid(mnt) is not None:
+                say(f"cleanup: unmounting {mnt}")
+                unmount(mnt, fuse_pid(mnt), tool.appliance_pid)
+        self.mounted.clear()
+
+    def run(self, tool: Tool) -> Result:
+        result = Result()
+        mnt = self.workdir / f"mnt-{tool.key}"
+        mnt.mkdir()
+        self.mounted.append((mnt, tool))
+        pid = None
+        started = time.monotonic()
+        try:
+            pid = self._phases(tool, mnt, result)
+        except Exception as exc:  # noqa: BLE001 - recorded, the next tool still runs
+            result.error = f"{type(exc).__name__}: {exc}"
+            say(f"{tool.title}: FAILED: {result.error}")
+        finally:
+            if is_mounted(mnt) or fuse_pid(mnt) is not None:
+                pid = pid or fuse_pid(mnt)
+                seconds = unmount(mnt, pid, tool.appliance_pid)
+                if result.error is None:
+                    result.values["unmount"] = seconds
+                    say(f"{tool.title}: unmounted in {seconds:.2f} s")
+            self.mounted.remove((mnt, tool))
+            with _ignore_errors():
+                mnt.rmdir()
+            # while mounted, one QEMU process (the appliance) is ours
+            result.load = self.load.summary(started, time.monotonic(), own_qemus=1)
+        return result
+
+    def _phases(self, tool: Tool, mnt: Path, result: Result) -> int | None:
+        v = result.values
+        argv, env = tool.mount_argv(mnt)
+        root = tool.root(mnt)
+
+        # mount -> first listing
+        self.drop()
+        say(f"{tool.title}: {' '.join(argv)}")
+        started = time.monotonic()
+        proc = run_cmd(argv, env=env, capture_output=True, text=True, timeout=MOUNT_TIMEOUT_S)
+        v["mount_return"] = time.monotonic() - started
+        if proc.returncode != 0:
+            raise RuntimeError(f"mount failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
+        names = os.listdir(root)
+        v["first_listing"] = time.monotonic() - started
+        pid = fuse_pid(mnt)
+        say(f"{tool.title}: command returned after {v['mount_return']:.2f} s, first listing after "
+            f"{v['first_listing']:.2f} s ({len(names)} names), FUSE pid {pid}")
+
+        # find
+        self.drop()
+        started = time.monotonic()
+        proc = run_cmd(["find", str(root), "-print0"], capture_output=True)
+        v["find"] = time.monotonic() - started
+        paths = [p for p in proc.stdout.split(b"\0") if p]
+        result.count = len(paths)
+        if proc.returncode != 0:
+            result.notes.append(f"find exited with {proc.returncode}: "
+                                f"{proc.stderr.decode(errors='replace').strip()[-300:]}")
+        say(f"{tool.title}: find: {len(paths)} paths in {v['find']:.2f} s")
+
+        # ls -lR
+        self.drop()
+        started = time.monotonic()
+        proc = run_cmd(["ls", "-lR", str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        v["ls_lR"] = time.monotonic() - started
+        if proc.returncode != 0:
+            result.notes.append(f"ls -lR exited with {proc.returncode}: "
+                                f"{proc.stderr.decode(errors='replace').strip()[-300:]}")
+        say(f"{tool.title}: ls -lR in {v['ls_lR']:.2f} s")
+
+        # lstat, warm
+        errors = 0
+        started = time.monotonic()
+        for p in paths:
+            try:
+                os.lstat(p)
+            except OSError:
+                errors += 1
+        v["lstat_warm"] = time.monotonic() - started
+        if errors:
+            result.notes.append(f"lstat failed on {errors} of {len(paths)} paths")
+        say(f"{tool.title}: warm lstat of {len(paths)} paths in {v['lstat_warm']:.2f} s")
+
+        # sequential read
+        big = root / self.big_file_rel
+        self.drop()
+        chunks = []
+        buf_size = 1 << 20
+        started = time.monotonic()
+        with open(big, "rb", buffering=0) as f:
+            while chunk := f.read(buf_size):
+                chunks.append(chunk)
+        seconds = time.monotonic() - started
+        data = b"".join(chunks)
+        v["seq_read"] = len(data) / seconds / 1e6
+        ok = hashlib.sha256(data).hexdigest() == self.big_sha
+        if not ok:
+            result.notes.append(f"64 MiB file content WRONG ({len(data)} bytes read)")
+        say(f"{tool.title}: sequential read {len(data)} bytes in {seconds:.2f} s "
+            f"({v['seq_read']:.1f} MB/s), content {'ok' if ok else 'WRONG'}")
+        del chunks, data
+
+        # random 4 KiB reads
+        self.drop()
+        rng = random.Random(4096)
+        offsets = [rng.randrange(len(self.big) // 4096) * 4096 for _ in range(self.args.random_reads)]
+        fd = os.open(big, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            started = time.monotonic()
+            got = [os.pread(fd, 4096, off) for off in offsets]
+            seconds = time.monotonic() - started
+        finally:
+            os.close(fd)
+        bad = sum(1 for off, block in zip(offsets, got) if block != self.big[off:off + 4096])
+        v["rand_read"] = len(offsets) / seconds
+        v["rand_read_ms"] = seconds / len(offsets) * 1e3
+        if bad:
+            result.notes.append(f"{bad} of {len(offsets)} random reads returned wrong data")
+        say(f"{tool.title}: {len(offsets)} random 4 KiB reads in {seconds:.2f} s "
+            f"({v['rand_read']:.0f}/s), {bad} wrong")
+
+        # rsync
+        dest = self.workdir / f"rsync-{tool.key}"
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir()
+        self.drop()
+        started = time.monotonic()
+        proc = run_cmd(["rsync", "-aHAXS", f"{root}/", f"{dest}/"], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE)
+        v["rsync"] = time.monotonic() - started
+        err = proc.stderr.decode(errors="replace").strip()
+        if proc.returncode != 0 or err:
+            lines = err.splitlines()
+            result.notes.append(f"rsync exited with {proc.returncode}, {len(lines)} stderr lines: "
+                                + " | ".join(lines[:5])[:800])
+        copied = 1 + sum(len(subdirs) + len(names) for _, subdirs, names in os.walk(dest))
+        if copied != len(paths):
+            result.notes.append(f"rsync copy has {copied} entries, find saw {len(paths)}")
+        with open(dest / self.big_file_rel, "rb") as copy:
+            if hashlib.sha256(copy.read()).hexdigest() != self.big_sha:
+                result.notes.append("rsync copy of the 64 MiB file differs")
+        say(f"{tool.title}: rsync exit {proc.returncode} in {v['rsync']:.2f} s, {copied} entries copied")
+        shutil.rmtree(dest, ignore_errors=True)
+
+        # memory, CPU
+        pid = fuse_pid(mnt) or pid
+        fuse = proc_status(pid)
+        qemu = proc_status(tool.appliance_pid())
+        if "VmHWM" in fuse:
+            v["fuse_hwm"], v["fuse_cpu"] = fuse["VmHWM"], fuse["cpu"]
+        else:
+            result.notes.append("FUSE process not found for memory/CPU")
+        if "VmHWM" in qemu:
+            v["qemu_hwm"], v["qemu_cpu"] = qemu["VmHWM"], qemu["cpu"]
+        else:
+            result.notes.append("appliance QEMU process not found for memory/CPU")
+        say(f"{tool.title}: FUSE pid {pid} {fuse}, appliance QEMU {qemu}")
+        return pid
+
+
+# ================================================================ report
+
+
+def machine_info() -> list[tuple[str, str]]:
+    def first(path: str, key: str) -> str:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key):
+                    return line.split(":", 1)[1].strip()
+        return "?"
+
+    def out(argv: list[str]) -> str:
+        try:
+            return subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout.strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.TimeoutExpired):
+            return "?"
+
+    mem_kib = int(first("/proc/meminfo", "MemTotal").split()[0])
+    rev = out(["git", "-C", str(REPO), "describe", "--always", "--dirty"])
+    return [
+        ("date", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
+        ("CPU", f"{out(['nproc'])} × {first('/proc/cpuinfo', 'model name')}"),
+        ("memory", f"{mem_kib / 1024 / 1024:.1f} GiB"),
+        ("kernel", os.uname().release),
+        ("accelerator", "TCG for both tools (KVM unusable on this machine)"),
+        ("versions", f"{out(['guestmount', '--version'])}, libvirt {out(['libvirtd', '--version']).split()[-1]}, "
+                     f"{out(['qemu-system-x86_64', '--version'])}, rsync {out(['rsync', '--version']).split()[2]}"),
+        ("virtmount", f"git {rev}"),
+    ]
+
+
+def _fmt(value: float | None, unit: str) -> str:
+    if value is None:
+        return "–"
+    if unit in ("MiB", "reads/s") or value >= 1000:
+        return f"{value:.0f}"
+    if value >= 100:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None or b == 0:
+        return "–"
+    return f"{a / b:.2f}"
+
+
+def build_table(results: dict[str, Result], tools: list[Tool], delay_ms: float) -> list[list[str]]:
+    keys = [t.key for t in tools]
+    has_proxy = "proxy" in keys
+    header = ["workload", "unit", "guestmount", "virtmount", "virtmount ÷ guestmount"]
+    if has_proxy:
+        header += [f"virtmount, {delay_ms:g} ms proxy", "proxy ÷ local"]
+    rows = [header]
+
+    def val(key: str, row: str) -> float | None:
+        r = results.get(key)
+        return None if r is None or r.error else r.values.get(row)
+
+    for row, label, unit, better in ROWS:
+        g, vm = val("guestmount", row), val("virtmount", row)
+        unit_text = unit + (" (higher = better)" if better == "high" else "")
+        line = [label, unit_text, _fmt(g, unit), _fmt(vm, unit), _ratio(vm, g)]
+        if has_proxy:
+            p = val("proxy", row)
+            line += [_fmt(p, unit), _ratio(p, vm)]
+        rows.append(line)
+    return rows
+
+
+def render_text(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for n, r in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def render_markdown(rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(rows[0]) + " |",
+           "|" + "|".join(["---", "---"] + ["---:"] * (len(rows[0]) - 2)) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    return "\n".join(out)
+
+
+RATIO_NOTE = ("Ratios divide the values in the row's unit: for seconds, ms and MiB a ratio below 1 "
+              "means virtmount is faster/smaller; for MB/s and reads/s a ratio above 1 means "
+              "virtmount is faster.  \"proxy ÷ local\" compares virtmount over the delaying "
+              "proxy with virtmount on qemu:///system the same way.")
+
+
+def report(results: dict[str, Result], tools: list[Tool], args: argparse.Namespace, info: list[tuple[str, str]],
+           extra: list[str], total_seconds: float, command: str) -> tuple[str, str]:
+    rows = build_table(results, tools, args.tcp_delay_ms)
+    checks = []
+    for tool in tools:
+        r = results.get(tool.key)
+        if r is None:
+            continue
+        status = f"FAILED: {r.error}" if r.error else "ok"
+        checks.append(f"{tool.title}: {status}; find counted {r.count} paths"
+                      + ("".join(f"; {n}" for n in r.notes)) + f"; during its run: {r.load}")
+    counts: set[int] = set()
+    for t in tools:
+        count = results[t.key].count if t.key in results else None
+        if count is not None:
+            counts.add(count)
+    if len(counts) > 1:
+        checks.append(f"PATH COUNTS DIFFER between tools: {sorted(counts)}")
+    elif counts and min(counts) < 20000:
+        checks.append(f"path count {min(counts)} is below 20,000")
+
+    order = " → ".join(t.title for t in tools)
+    text = "\n".join([
+        *(f"{k}: {v}" for k, v in info),
+        f"order: {order} (each: mount, phases in table order, unmount)",
+        *extra,
+        "",
+        render_text(rows),
+        "",
+        RATIO_NOTE,
+        "",
+        "checks:",
+        *(f"  {c}" for c in checks),
+        f"whole run: {total_seconds / 60:.1f} min",
+    ])
+    md = "\n".join([
+        "# virtmount vs guestmount",
+        "",
+        f"Made by `{command}` (contrib/bench/compare.py); overwritten by each run.",
+        "",
+        *(f"- {k}: {v}" for k, v in info),
+        f"- order: {order} (each: mount, phases in table order, unmount)",
+        *(f"- {e}" for e in extra),
+        f"- whole run: {total_seconds / 60:.1f} min",
+        "",
+        render_markdown(rows),
+        "",
+        RATIO_NOTE,
+        "",
+        "Checks:",
+        "",
+        *(f"- {c}" for c in checks),
+        "",
+    ])
+    return text, md
+
+
+# ================================================================ main
+
+
+class _Terminated(BaseException):
+    pass
+
+
+def _on_signal(signum: int, _frame: object) -> None:
+    raise _Terminated(signal.Signals(signum).name)
+
+
+def ensure_libvirtd(tcp: bool) -> None:
+    argv = [str(START_LIBVIRTD)] + (["--tcp", str(TCP_CONF)] if tcp else [])
+    if tcp and not tcp_listening(LIBVIRTD_TCP_PORT):
+        say(f"nothing listens on 127.0.0.1:{LIBVIRTD_TCP_PORT}: {' '.join(argv)} (restarts libvirtd)")
+    proc = run_cmd(argv, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise SystemExit(f"compare: {proc.stderr.strip() or 'start-libvirtd failed'}")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer random reads (200) and no TCP proxy run (same image)")
+    parser.add_argument("--skip-tcp", action="store_true", help="no virtmount run over the delaying proxy")
+    parser.add_argument("--tcp-delay-ms", type=float, default=5.0,
+                        help="delay the proxy adds in each direction (default 5)")
+    parser.add_argument("--random-reads", type=int, default=None, help="number of random 4 KiB reads (default 2000)")
+    parser.add_argument("--virtmount-opts", default=DEFAULT_VIRTMOUNT_OPTS,
+                        help=f"virtmount -o options (default {DEFAULT_VIRTMOUNT_OPTS})")
+    parser.add_argument("--only", choices=("guestmount", "virtmount", "proxy"), action="append",
+                        help="run only these (repeatable; for debugging, the table has gaps)")
+    parser.add_argument("--no-results-md", action="store_true", help="do not write contrib/bench/results.md")
+    parser.add_argument("--serve-proxy", type=float, metavar="DELAY_MS", help=argparse.SUPPRESS)
+    parser.add_argument("--upstream-port", type=int, default=LIBVIRTD_TCP_PORT, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.serve_proxy is not None:
+        _proxy_main(args.serve_proxy / 1e3, args.upstream_port)
+        return 0
+    if args.random_reads is None:
+        args.random_reads = 200 if args.quick else 2000
+    use_tcp = not (args.quick or args.skip_tcp)
+    if os.geteuid() != 0:
+        raise SystemExit("compare: must run as root (FUSE mounts, drop_caches, qemu:///system)")
+    for prog in ("guestmount", "fusermount3", "rsync", "find"):
+        if shutil.which(prog) is None:
+            raise SystemExit(f"compare: {prog} not found")
+    if not VIRTMOUNT.exists():
+        raise SystemExit(f"compare: {VIRTMOUNT} missing (run make setup)")
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGHUP, _on_signal)
+    command = "contrib/bench/compare.py " + " ".join(argv) if argv else "contrib/bench/compare.py"
+    run_started = time.monotonic()
+    info = machine_info()
+    load_before = open("/proc/loadavg").read().split()[:3]
+
+    ensure_libvirtd(use_tcp)
+    import benchimage
+
+    image = benchimage.ensure(SYSTEM_URI, log=say)
+    say(f"image {image}, domain {benchimage.DOMAIN_NAME}")
+
+    tools = [Tool("guestmount", "guestmount", image),
+             Tool("virtmount", "virtmount", image, uri=SYSTEM_URI, options=args.virtmount_opts)]
+    if use_tcp:
+        tools.append(Tool("proxy", f"virtmount over {args.tcp_delay_ms:g} ms proxy", image,
+                          uri="(set when the proxy runs)", options=args.virtmount_opts))
+    if args.only:
+        tools = [t for t in tools if t.key in args.only]
+
+    workdir = Path(tempfile.mkdtemp(prefix="virtmount-bench-", dir="/var/tmp"))
+    bench = Bench(args, image, workdir)
+    extra = []
+    if not bench.can_drop:
+        extra.append("drop_caches NOT available: kernel caches stayed warm between phases")
+    else:
+        extra.append("caches: `sync; echo 3 > /proc/sys/vm/drop_caches` before each cold phase "
+                     "(tool-internal and in-appliance caches stay warm for both tools)")
+    extra.append(f"random reads: {args.random_reads}; virtmount -o {args.virtmount_opts}")
+    results: dict[str, Result] = {}
+    proxy: DelayProxy | None = None
+    try:
+        for tool in tools:
+            if tool.key == "proxy":
+                proxy = DelayProxy(args.tcp_delay_ms)
+                tool.uri = f"qemu+tcp://127.0.0.1:{proxy.port}/system"
+                direct = libvirt_round_trip_ms(f"qemu+tcp://127.0.0.1:{LIBVIRTD_TCP_PORT}/system")
+                delayed = libvirt_round_trip_ms(tool.uri)
+                extra.append(f"proxy: 127.0.0.1:{proxy.port} → 127.0.0.1:{LIBVIRTD_TCP_PORT}, "
+                             f"{args.tcp_delay_ms:g} ms each way; libvirt RPC round trip "
+                             f"{direct:.2f} ms direct over TCP, {delayed:.2f} ms through the proxy")
+                say(extra[-1])
+            results[tool.key] = bench.run(tool)
+            if tool.key == "proxy" and proxy is not None:
+                proxy.close()
+                proxy = None
+    finally:
+        bench.cleanup()
+        bench.load.stop()
+        if proxy is not None:
+            proxy.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    load_after = open("/proc/loadavg").read().split()[:3]
+    extra.append(f"load average (1/5/15 min) before: {' '.join(load_before)}, after: {' '.join(load_after)}")
+    text, md = report(results, tools, args, info, extra, time.monotonic() - run_started, command)
+    print(text)
+    if not args.no_results_md:
+        RESULTS_MD.write_text(md)
+        say(f"wrote {RESULTS_MD}")
+    return 1 if any(r.error for r in results.values()) else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except (_Terminated, KeyboardInterrupt) as exc:
+        print(f"compare: interrupted ({exc or 'SIGINT'}); cleaned up", file=sys.stderr)
+        sys.exit(130)

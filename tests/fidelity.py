@@ -663,9 +663,7 @@ def _ignored_dirs_in(act_root: bytes, rel: bytes, ignore_extra: Collection[bytes
 
 def recipe_hash() -> str:
     """Hash of this file and tests/images.py (whose helpers build the image)."""
-    h = hashlib.sha256(Path(__file__).read_bytes())
-    h.update(Path(images.__file__).read_bytes())
-    return h.hexdigest()[:16]
+    return images.recipe_hash(Path(__file__))
 
 
 def image_path() -> Path:
@@ -876,7 +874,7 @@ def ensure_source(*, log: Callable[[str], None] | None = None) -> Path:
     source = source_path()
     if source.exists():
         return source
-    with images._locked():
+    with images.locked():
         if not source.exists():
             _build_source(source, log or (lambda _msg: None))
     return source
@@ -888,23 +886,12 @@ def build(*, log: Callable[[str], None] | None = None) -> tuple[Path, Path]:
     image, source = image_path(), source_path()
     if image.exists() and source.exists():
         return image, source
-    with images._locked():
+    with images.locked():
         if not source.exists():
             _build_source(source, say)
         if not image.exists():
             start = time.monotonic()
-            fd, tmp_name = tempfile.mkstemp(dir=images.IMAGE_DIR, prefix=f".{RECIPE}-", suffix=".qcow2.tmp")
-            os.close(fd)
-            tmp = Path(tmp_name)
-            try:
-                _build_image(source, tmp, say)
-                with open(tmp, "rb") as f:
-                    os.fsync(f.fileno())
-                tmp.chmod(0o644)
-                tmp.rename(image)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
+            images.write_atomically(RECIPE, image, lambda tmp: _build_image(source, tmp, say))
             say(f"image {image} in {time.monotonic() - start:.1f}s")
         _remove_stale({image, source.parent})
     return image, source

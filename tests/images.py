@@ -46,7 +46,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal, Mapping
+from typing import Callable, Iterator, Literal, Mapping
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -254,9 +254,12 @@ class ImageBuildError(RuntimeError):
     pass
 
 
-def recipe_hash() -> str:
-    """Hash of this module's source: any change rebuilds every image."""
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+def recipe_hash(*more_sources: Path) -> str:
+    """Hash of this module's source (and of the callers' recipe files): any change rebuilds."""
+    digest = hashlib.sha256(Path(__file__).read_bytes())
+    for source in more_sources:
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def image_path(spec: ImageSpec) -> Path:
@@ -274,7 +277,8 @@ def new_handle():  # -> guestfs.GuestFS
 
 
 @contextlib.contextmanager
-def _locked() -> Iterator[None]:
+def locked() -> Iterator[None]:
+    """Serialise image builds between processes."""
     IMAGE_DIR.mkdir(parents=True, exist_ok=True)
     with open(IMAGE_DIR / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -286,24 +290,11 @@ def build(spec: ImageSpec, *, log=None) -> Path:
     path = image_path(spec)
     if path.exists():
         return path
-    with _locked():
+    with locked():
         if path.exists():  # built by a concurrent process meanwhile
             return path
         start = time.monotonic()
-        fd, tmp_name = tempfile.mkstemp(
-            dir=IMAGE_DIR, prefix=f".{spec.name}-", suffix=".qcow2.tmp"
-        )
-        os.close(fd)
-        tmp = Path(tmp_name)
-        try:
-            _build_into(spec, tmp)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            tmp.chmod(0o644)
-            tmp.rename(path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_atomically(spec.name, path, lambda tmp: build_into(spec, tmp))
         # Remove stale images of this recipe (older recipe hashes) and
         # leftovers of interrupted builds.
         for old in IMAGE_DIR.glob(f"{spec.name}-*.qcow2"):
@@ -316,7 +307,24 @@ def build(spec: ImageSpec, *, log=None) -> Path:
     return path
 
 
-def _build_into(spec: ImageSpec, target: Path) -> None:
+def write_atomically(name: str, target: Path, fill: Callable[[Path], None]) -> None:
+    """Make an image with ``fill(tmp)`` in a temporary file, then rename it to ``target``,
+    so that an interrupted build never leaves a corrupt cached image (hold ``locked()``)."""
+    fd, tmp_name = tempfile.mkstemp(dir=IMAGE_DIR, prefix=f".{name}-", suffix=".qcow2.tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        fill(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        tmp.chmod(0o644)
+        tmp.rename(target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def build_into(spec: ImageSpec, target: Path) -> None:
     g = new_handle()
     try:
         g.disk_create(str(target), "qcow2", spec.size)

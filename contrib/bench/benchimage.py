@@ -28,11 +28,9 @@ the shut-off domain ``virtmount-bench`` on qemu:///system.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -130,9 +128,7 @@ def _make_spec() -> images.ImageSpec:
 
 def recipe_hash() -> str:
     """Hash of this file and tests/images.py (whose builder makes the image)."""
-    h = hashlib.sha256(Path(__file__).read_bytes())
-    h.update(Path(images.__file__).read_bytes())
-    return h.hexdigest()[:16]
+    return images.recipe_hash(Path(__file__))
 
 
 def image_path() -> Path:
@@ -145,25 +141,14 @@ def build(*, log: Callable[[str], None] | None = None) -> Path:
     path = image_path()
     if path.exists():
         return path
-    with images._locked():
+    with images.locked():
         if path.exists():
             return path
         start = time.monotonic()
         spec = _make_spec()
         say(f"building {path}: {len(spec.files)} files, {len(spec.symlinks)} symlinks, "
             f"{len(spec.hardlinks)} hard links (a few minutes)")
-        fd, tmp_name = tempfile.mkstemp(dir=images.IMAGE_DIR, prefix=f".{RECIPE}-", suffix=".qcow2.tmp")
-        os.close(fd)
-        tmp = Path(tmp_name)
-        try:
-            images._build_into(spec, tmp)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            tmp.chmod(0o644)
-            tmp.rename(path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        images.write_atomically(RECIPE, path, lambda tmp: images.build_into(spec, tmp))
         for old in [*images.IMAGE_DIR.glob(f"{RECIPE}-*.qcow2"), *images.IMAGE_DIR.glob(f".{RECIPE}-*.qcow2.tmp")]:
             if old != path and ".TRANSIENT-" not in old.name:
                 old.unlink(missing_ok=True)

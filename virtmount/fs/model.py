@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Iterable, TypeVar
 
 import libvirt
-import trio
 
 from ..concurrency import gather
 from ..guestfs.errors import ConnectionLost, GuestfsClientError, GuestfsError, GuestfsTimeout

@@ -197,6 +197,19 @@ def drop_caches() -> bool:
         return False
 
 
+def _describe(pid: int | None) -> str:
+    """State and kernel wait channel of each thread of pid, for the log when it does not exit."""
+    parts = []
+    with _ignore_errors():
+        for tid in sorted(os.listdir(f"/proc/{pid}/task"), key=int):
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+            with open(f"/proc/{pid}/task/{tid}/wchan") as f:
+                wchan = f.read().strip() or "-"
+            parts.append(f"{tid}:{state}:{wchan}")
+    return "threads " + " ".join(parts) if parts else "no /proc entry"
+
+
 def _wait_gone(pid: int | None, timeout: float) -> bool:
     if pid is None:
         return True
@@ -208,12 +221,15 @@ def _wait_gone(pid: int | None, timeout: float) -> bool:
     return True
 
 
-def unmount(mnt: Path, pid: int | None, also_gone: Callable[[], int | None] | None = None) -> float:
+def unmount(mnt: Path, pid: int | None,
+            also_gone: Callable[[], int | None] | None = None) -> tuple[float, list[str]]:
     """Unmount mnt and wait until its FUSE process (and what also_gone returns) has exited.
 
-    Returns the seconds taken.  Escalates (lazy unmount, SIGTERM, SIGKILL of
-    pid only) when the polite way does not work within UNMOUNT_WAIT_S.
+    Returns the seconds taken and what went wrong.  Escalates (lazy unmount,
+    SIGTERM, SIGKILL of pid only) when the polite way does not work within
+    UNMOUNT_WAIT_S.
     """
+    problems: list[str] = []
     started = time.monotonic()
     deadline = started + UNMOUNT_WAIT_S
     while is_mounted(mnt):
@@ -223,11 +239,15 @@ def unmount(mnt: Path, pid: int | None, also_gone: Callable[[], int | None] | No
             break
         if time.monotonic() > deadline:
             say(f"unmount {mnt}: {proc.stderr.strip()}; lazy unmount")
+            problems.append(f"fusermount3 -u kept failing ({proc.stderr.strip()}): lazy unmount")
             subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True, stdin=subprocess.DEVNULL)
             break
         time.sleep(0.5)
     if not _wait_gone(pid, max(5.0, deadline - time.monotonic())):
-        say(f"process {pid} still running {UNMOUNT_WAIT_S} s after unmounting {mnt}: SIGTERM")
+        problem = (f"FUSE process {pid} still running {time.monotonic() - started:.0f} s after "
+                   f"fusermount3 -u ({_describe(pid)}): sent SIGTERM")
+        say(problem)
+        problems.append(problem)
         assert pid is not None
         with _ignore_errors():
             os.kill(pid, signal.SIGTERM)
@@ -240,7 +260,9 @@ def unmount(mnt: Path, pid: int | None, also_gone: Callable[[], int | None] | No
         end = time.monotonic() + 60
         while also_gone() is not None and time.monotonic() < end:
             time.sleep(0.1)
-    return time.monotonic() - started
+        if also_gone() is not None:
+            problems.append(f"appliance QEMU {also_gone()} still running 60 s after its FUSE process exited")
+    return time.monotonic() - started, problems
 
 
 class _ignore_errors:
@@ -537,7 +559,8 @@ class Bench:
         finally:
             if is_mounted(mnt) or fuse_pid(mnt) is not None:
                 pid = pid or fuse_pid(mnt)
-                seconds = unmount(mnt, pid, tool.appliance_pid)
+                seconds, problems = unmount(mnt, pid, tool.appliance_pid)
+                result.notes += [f"unmount: {p}" for p in problems]
                 if result.error is None:
                     result.values["unmount"] = seconds
                     say(f"{tool.title}: unmounted in {seconds:.2f} s")
@@ -811,7 +834,7 @@ def report(results: dict[str, Result], tools: list[Tool], args: argparse.Namespa
     md = "\n".join([
         "# virtmount vs guestmount",
         "",
-        f"Made by `{command}` (contrib/bench/compare.py); overwritten by each run.",
+        f"Made by `{command}`; overwritten by each run.",
         "",
         *(f"- {k}: {v}" for k, v in info),
         f"- order: {order} (each: mount, phases in table order, unmount)",
@@ -883,7 +906,7 @@ def main(argv: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGHUP, _on_signal)
-    command = "contrib/bench/compare.py " + " ".join(argv) if argv else "contrib/bench/compare.py"
+    command = " ".join([".venv/bin/python contrib/bench/compare.py", *argv])
     run_started = time.monotonic()
     info = machine_info()
     load_before = open("/proc/loadavg").read().split()[:3]

@@ -122,10 +122,6 @@ class Appliance:
         self.console = console
         self.boot_seconds = 0.0
 
-    @property
-    def name(self) -> str:
-        return str(self.domain.name())
-
     async def shutdown(self) -> None:
         """Sync and unmount inside the appliance, then destroy its domain; never raises."""
         with trio.CancelScope(shield=True):
@@ -249,8 +245,6 @@ async def _boot_once(
         await _destroy_quietly(domain)
         await trio.sleep(0.2)  # let the console reader take the last output
         last = _console_summary(console)
-        for line in console.tail(20):
-            log.debug("%s console: %s", spec.name, line)
         raise BootFailed(f"{what} failed to boot: {reason}{last}") from None
     except BaseException:
         with trio.CancelScope(shield=True):

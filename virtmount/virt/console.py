@@ -33,11 +33,13 @@ class ConsoleLog:
 
     async def collect(self, stream: LibvirtByteStream) -> None:
         """Keep the newest output until the console ends; runs as a background task."""
+        partial_line = b""
         try:
             while data := await stream.receive_some(_KEPT_BYTES):
-                if log.isEnabledFor(logging.DEBUG):
-                    for line in data.decode("utf-8", "replace").splitlines():
-                        log.debug("%s console: %s", self._domain_name, line)
+                if log.isEnabledFor(logging.DEBUG):  # whole lines only: data arrives in small pieces
+                    *lines, partial_line = (partial_line + data).split(b"\n")
+                    for line in lines:
+                        log.debug("%s console: %s", self._domain_name, line.decode("utf-8", "replace").rstrip())
                 self._chunks.append(data)
                 self._size += len(data)
                 while self._size - len(self._chunks[0]) >= _KEPT_BYTES:

@@ -55,19 +55,23 @@ class GuestLayout:
     client: GuestfsClient
     has_os: bool
     devices: dict[str, str] = field(default_factory=dict)  # view name -> guest device
-    fs_by_dev: dict[int, str] = field(default_factory=dict)  # appliance st_dev -> view name
+    fs_by_dev: dict[int, str] = field(default_factory=dict)  # appliance st_dev -> filesystem name
     generation: int = 0
+    devices_mounted: bool = False  # ``devices`` is complete (see mount_devices)
 
     def device_path(self, view_name: str) -> bytes:
         return DEVICES_DIR + b"/" + view_name.encode()
 
 
-async def _mount_read_only(client: GuestfsClient, device: str, fstype: str, mountpoint: bytes) -> None:
-    """Mount ``device`` read-only; a dirty journal is not replayed (the disk is read-only)."""
+async def _mount_read_only(client: GuestfsClient, device: str, fstype: str | None, mountpoint: bytes) -> None:
+    """Mount ``device`` read-only; a dirty journal is not replayed (the disk is read-only).
+    ``fstype`` None: asked of the appliance only if the plain read-only mount fails."""
     try:
         await client.mount_ro(device, mountpoint)
         return
     except GuestfsError as first_error:
+        if fstype is None:
+            fstype = await client.vfs_type(device)
         no_replay = {"ext3": "ro,noload", "ext4": "ro,noload", "xfs": "ro,norecovery"}.get(fstype)
         if no_replay is None:
             raise
@@ -75,12 +79,41 @@ async def _mount_read_only(client: GuestfsClient, device: str, fstype: str, moun
     await client.mount_options(no_replay, device, mountpoint)
 
 
-async def lay_out_guest(client: GuestfsClient, guest_name: str, generation: int) -> GuestLayout:
-    """Inspect and mount every filesystem of a freshly booted appliance."""
-    filesystems = {device: fstype for device, fstype in (await client.list_filesystems()).items()
-                   if fstype not in _SKIPPED_FSTYPES}
+async def lay_out_os(client: GuestfsClient, guest_name: str, generation: int) -> GuestLayout:
+    """Inspect a freshly booted appliance and mount the guest OS's filesystems in its own layout.
+
+    The per-device views are mounted later, on first use (``mount_devices``):
+    listing every filesystem costs seconds that the first look at fs/ need not wait for.
+    """
     roots = await client.inspect_os()
     layout = GuestLayout(client=client, has_os=bool(roots), generation=generation)
+    if not roots:
+        return layout
+    if len(roots) > 1:
+        log.info("%s: several operating systems found; fs/ shows %s", guest_name, roots[0])
+    await client.mkmountpoint(OS_VIEW)
+    mountpoints = await client.inspect_get_mountpoints(roots[0])
+    # shortest first, so that / is mounted before /boot and /boot before /boot/efi
+    for mountpoint in sorted(mountpoints, key=lambda m: (m.count("/") if m != "/" else 0, m)):
+        device = mountpoints[mountpoint]
+        target = OS_VIEW if mountpoint == "/" else OS_VIEW + mountpoint.encode()
+        try:
+            await _mount_read_only(client, device, None, target)
+        except GuestfsError as exc:
+            log.warning("%s: cannot mount %s at %s: %s", guest_name, device, mountpoint, exc.message)
+            if mountpoint == "/":
+                layout.has_os = False
+                break
+            continue
+        layout.fs_by_dev.setdefault((await client.lstatns(target)).st_dev, device_view_name(device))
+    return layout
+
+
+async def mount_devices(layout: GuestLayout, guest_name: str) -> None:
+    """Mount every guest filesystem on its own, read-only, for the devices/ views."""
+    client = layout.client
+    filesystems = {device: fstype for device, fstype in (await client.list_filesystems()).items()
+                   if fstype not in _SKIPPED_FSTYPES}
     await client.mkmountpoint(DEVICES_DIR)
     for device, fstype in sorted(filesystems.items()):
         view_name = device_view_name(device)
@@ -92,24 +125,9 @@ async def lay_out_guest(client: GuestfsClient, guest_name: str, generation: int)
             log.warning("%s: cannot mount %s (%s): %s", guest_name, device, fstype, exc.message)
             continue
         layout.devices[view_name] = device
-        layout.fs_by_dev[(await client.lstatns(path)).st_dev] = view_name
-    if roots:
-        if len(roots) > 1:
-            log.info("%s: several operating systems found; fs/ shows %s", guest_name, roots[0])
-        await client.mkmountpoint(OS_VIEW)
-        mountpoints = await client.inspect_get_mountpoints(roots[0])
-        # shortest first, so that / is mounted before /boot and /boot before /boot/efi
-        for mountpoint in sorted(mountpoints, key=lambda m: (m.count("/") if m != "/" else 0, m)):
-            device = mountpoints[mountpoint]
-            target = OS_VIEW if mountpoint == "/" else OS_VIEW + mountpoint.encode()
-            try:
-                await _mount_read_only(client, device, filesystems.get(device, ""), target)
-            except GuestfsError as exc:
-                log.warning("%s: cannot mount %s at %s: %s", guest_name, device, mountpoint, exc.message)
-                if mountpoint == "/":
-                    layout.has_os = False
-                    break
-    return layout
+        # a filesystem the OS view mounted already keeps its name (inode numbers depend on it)
+        layout.fs_by_dev.setdefault((await client.lstatns(path)).st_dev, view_name)
+    layout.devices_mounted = True
 
 
 class GuestAppliance:
@@ -136,6 +154,7 @@ class GuestAppliance:
         self._open_handles = 0
         self._generation = 0
         self._boot_scope: trio.CancelScope | None = None
+        self._devices_lock = trio.Lock()
 
     @property
     def known_has_os(self) -> bool | None:
@@ -145,6 +164,13 @@ class GuestAppliance:
     @property
     def running(self) -> bool:
         return self._appliance is not None
+
+    @property
+    def running_layout(self) -> GuestLayout | None:
+        """The layout of the appliance running now, without booting one."""
+        if self._layout is not None and self._appliance is not None and not self._layout.client.closed:
+            return self._layout
+        return None
 
     def touch(self) -> None:
         self._last_used = time.monotonic()
@@ -157,8 +183,21 @@ class GuestAppliance:
         self._open_handles -= 1
         self.touch()
 
-    async def layout(self) -> GuestLayout:
-        """The running appliance's layout, booting it first if needed (shared by concurrent callers)."""
+    async def layout(self, *, with_devices: bool = False) -> GuestLayout:
+        """The running appliance's layout, booting it first if needed (shared by concurrent callers);
+        ``with_devices``: with every filesystem mounted for the devices/ views too."""
+        layout = await self._booted_layout()
+        if with_devices and not layout.devices_mounted:
+            async with self._devices_lock:
+                if not layout.devices_mounted:
+                    try:
+                        await mount_devices(layout, self.guest_name)
+                    except GuestfsClientError as exc:
+                        log.error("%s: cannot list or mount the filesystems: %s", self.guest_name, exc)
+                        raise GuestUnavailableError(f"cannot list or mount the filesystems: {exc}") from None
+        return layout
+
+    async def _booted_layout(self) -> GuestLayout:
         self.touch()
         while True:
             if self._layout is not None and self._appliance is not None and not self._layout.client.closed:
@@ -184,7 +223,7 @@ class GuestAppliance:
                 appliance = await boot_appliance(self._conn, self.guest_name, host, self._settings, self._nursery)
                 self._generation += 1
                 try:
-                    layout = await lay_out_guest(appliance.client, self.guest_name, self._generation)
+                    layout = await lay_out_os(appliance.client, self.guest_name, self._generation)
                 except BaseException as exc:
                     await appliance.shutdown()
                     if isinstance(exc, (GuestfsClientError, VirtmountError)):

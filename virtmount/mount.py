@@ -122,7 +122,7 @@ async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[]
             def make_appliance(name: str, settings: ApplianceSettings = config.appliance) -> GuestAppliance:
                 return GuestAppliance(conn, name, settings, host_appliance, nursery)
 
-            tree = ConnectionTree(conn, make_appliance)
+            tree = ConnectionTree(conn, make_appliance, nursery)
             try:
                 pyfuse3.init(Operations(tree), mountpoint, _fuse_options(config))
             except RuntimeError as exc:
@@ -140,6 +140,7 @@ async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[]
                         for entry in tree.domain_entries():
                             shutdowns.start_soon(entry.appliance.release)
                     pyfuse3.close(unmount=is_mounted_here(mountpoint))
+                log.info("%s", tree.prefetch_summary())
                 nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):

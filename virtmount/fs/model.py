@@ -15,14 +15,16 @@ kept while the kernel holds a reference (lookup count) to the node.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import stat
 import time
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Iterable, TypeVar
+from typing import Awaitable, Callable, Hashable, Iterable, TypeVar
 
 import libvirt
+import trio
 
 from ..concurrency import gather
 from ..guestfs.errors import ConnectionLost, GuestfsClientError, GuestfsError, GuestfsTimeout
@@ -31,6 +33,8 @@ from ..guests import OS_VIEW, GuestAppliance, GuestLayout, GuestUnavailableError
 from ..virt.connection import libvirt_message, run_blocking
 from ..virt.domainxml import APPLIANCE_NAME_PREFIX
 from .inodes import InodeNumbers
+from .listings import ListingCache
+from .prefetch import Prefetcher
 from .readahead import ReadAhead
 
 log = logging.getLogger(__name__)
@@ -43,6 +47,19 @@ RELEASE_XATTR = b"user.virtmount.release"
 XFS_INTERNAL_ACL_XATTRS = frozenset({b"trusted.SGI_ACL_FILE", b"trusted.SGI_ACL_DEFAULT"})
 DOMAIN_LIST_TTL_S = 1.0
 OS_VIEW_NAME = "fs"
+
+# Walk-ahead: how many directories may be listed before anyone asked, and how many calls at once.
+LISTINGS_AHEAD = 64
+LISTING_CALLS_AHEAD = 3
+# Read-ahead across files: once two files of a directory were opened, the contents of its other
+# small files are fetched too (one pread each), up to this many bytes held at a time.
+SMALL_FILE_MAX = 256 * 1024
+CONTENTS_AHEAD_BYTES = 16 * 1024 * 1024
+CONTENT_CALLS_AHEAD = 6
+# Listings fetched ahead bring their entries' xattrs too while a walker is reading xattrs.
+XATTR_DEMAND_S = 10.0
+# Entries of directory listings kept for the life of their appliance (see listings.py).
+DEFAULT_CACHED_ENTRIES = 100_000
 
 
 class FsError(Exception):
@@ -71,13 +88,13 @@ class Attributes:
     ctime_ns: int = 0
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Node:
     inode: int
     lookups: int = 0
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class VirtualDir(Node):
     """A directory virtmount makes up; ``children`` lists it, ``child`` looks one name up."""
 
@@ -85,20 +102,31 @@ class VirtualDir(Node):
     child: Callable[[bytes], Awaitable[Node]] | None = None
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class DomainXmlFile(Node):
     domain: DomainEntry | None = None
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Siblings:
-    """The entries of one guest directory listing: their xattrs are fetched together, in batches."""
+    """One guest directory listing: kept in the listing cache, its entries' xattrs fetched together."""
 
     directory: bytes
     members: list[tuple[bytes, GuestNode]] = field(default_factory=list)
+    files_opened: int = 0
+    contents_wanted: bool = False
+    _by_name: dict[bytes, GuestNode] | None = None
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def find(self, name: bytes) -> GuestNode | None:
+        if self._by_name is None:
+            self._by_name = dict(self.members)
+        return self._by_name.get(name)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class GuestNode(Node):
     """A file or directory inside a guest, seen through one view of its appliance."""
 
@@ -162,7 +190,11 @@ class ConnectionTree:
         self,
         conn: libvirt.virConnect,
         make_appliance: Callable[[str], GuestAppliance],
+        nursery: trio.Nursery | None = None,
+        cached_entries: int = DEFAULT_CACHED_ENTRIES,
     ) -> None:
+        """``nursery`` runs the speculative fetches; without one, nothing is fetched ahead.
+        ``cached_entries`` bounds the directory entries kept in the listing cache."""
         self._conn = conn
         self._make_appliance = make_appliance
         self._numbers = InodeNumbers()
@@ -173,6 +205,15 @@ class ConnectionTree:
         self._handles: dict[int, FileHandle] = {}
         self._next_handle = 1
         self._started_ns = time.time_ns()
+        self._xattrs_wanted_at = -XATTR_DEMAND_S
+        self._listings: ListingCache[Siblings] = ListingCache(cached_entries)
+        self._listings_ahead: Prefetcher[Siblings] | None = None
+        self._contents_ahead: Prefetcher[bytes] | None = None
+        if nursery is not None:
+            self._listings_ahead = Prefetcher(
+                nursery, concurrency=LISTING_CALLS_AHEAD, budget=LISTINGS_AHEAD, name="listing ahead")
+            self._contents_ahead = Prefetcher(
+                nursery, concurrency=CONTENT_CALLS_AHEAD, budget=CONTENTS_AHEAD_BYTES, name="content ahead")
         self.root = self._virtual_dir(children=self._root_children, child=self._root_child, inode=1)
         self.domains_dir = self._virtual_dir(children=self._domain_dirs, child=self._domain_dir)
 
@@ -192,7 +233,15 @@ class ConnectionTree:
             raise FsError(errno.ESTALE) from None
 
     def count_lookup(self, node: Node) -> None:
-        """The kernel now holds one more reference to ``node``."""
+        """The kernel now holds one more reference to ``node``.
+
+        A listing (cached or fetched ahead) may carry a node the kernel forgot, or a
+        newer object for an inode the kernel holds: the newer one takes over, with
+        the references counted so far.
+        """
+        registered = self._nodes.get(node.inode)
+        if registered is not node:  # a cached node the kernel forgot, or a newer object
+            node.lookups = registered.lookups if registered is not None else 0
         node.lookups += 1
         self._nodes[node.inode] = node
 
@@ -283,11 +332,11 @@ class ConnectionTree:
             raise FsError(errno.ENOENT)
 
         async def device_children() -> list[tuple[bytes, Node]]:
-            layout = await self._layout(entry_box[0])
+            layout = await self._layout(entry_box[0], with_devices=True)
             return [(view.encode(), await self._view_root(entry_box[0], view)) for view in sorted(layout.devices)]
 
         async def device_child(child: bytes) -> Node:
-            layout = await self._layout(entry_box[0])
+            layout = await self._layout(entry_box[0], with_devices=True)
             view = child.decode("utf-8", "surrogateescape")
             if view not in layout.devices:
                 raise FsError(errno.ENOENT)
@@ -318,9 +367,9 @@ class ConnectionTree:
 
     # --- the guest part ----------------------------------------------------------
 
-    async def _layout(self, entry: DomainEntry) -> GuestLayout:
+    async def _layout(self, entry: DomainEntry, *, with_devices: bool = False) -> GuestLayout:
         try:
-            return await entry.appliance.layout()
+            return await entry.appliance.layout(with_devices=with_devices)
         except GuestUnavailableError as exc:
             raise FsError(exc.errno, str(exc)) from None
 
@@ -343,7 +392,7 @@ class ConnectionTree:
     async def _view_root(self, entry: DomainEntry, view: str) -> GuestNode:
         """The root directory node of a view with its attributes, booting the appliance if needed."""
         root = self._view_root_node(entry, view)
-        layout = await self._layout(entry)
+        layout = await self._layout(entry, with_devices=view != OS_VIEW_NAME)
         if root.stat is not None and root.generation == layout.generation:
             return root
         if view == OS_VIEW_NAME and not layout.has_os:
@@ -387,35 +436,103 @@ class ConnectionTree:
         return await self._layout(node.domain)
 
     async def _list_guest_dir(self, node: GuestNode) -> list[tuple[bytes, Node]]:
-        """All entries of a guest directory with attributes and link targets: three daemon calls
-        (readdir, then lstatnslist and readlinklist sent together) per thousand entries."""
+        """All entries of a guest directory with attributes and link targets (cached, fetched
+        ahead or fetched now); its subdirectories are then listed ahead of the walker."""
         assert node.domain is not None
-        entry = node.domain
         layout = await self._guest_layout_for(node)
+        siblings = await self._listing(node.domain, node.view, layout, node.path, node.inode)
+        self._list_ahead(node.domain, node.view, layout, siblings)
+        return list(siblings.members)
+
+    async def _listing(self, entry: DomainEntry, view: str, layout: GuestLayout,
+                       path: bytes, inode: int) -> Siblings:
+        key = (inode, layout.generation)
+        siblings = self._listings.get(key)
+        if siblings is None and self._listings_ahead is not None:
+            siblings = await self._listings_ahead.claim(key)
+        if siblings is None:
+            siblings = await self._fetch_listing(entry, view, layout, path)
+        self._listings.put(key, siblings)
+        return siblings
+
+    def _list_ahead(self, entry: DomainEntry, view: str, layout: GuestLayout, siblings: Siblings) -> None:
+        """Wish for the listings of the subdirectories in ``siblings`` not cached yet, first ones
+        first; for cached ones, their xattrs while a walker reads xattrs."""
+        if self._listings_ahead is None:
+            return
+        xattrs_wanted = self._xattrs_in_demand()
+        wishes: list[tuple[Hashable, Callable[[], Awaitable[Siblings]], int]] = []
+        for _, child in siblings.members:
+            if child.stat is None or not stat.S_ISDIR(child.stat.st_mode):
+                continue
+            key = (child.inode, layout.generation)
+            cached = self._listings.get(key)
+            if cached is None:
+                wishes.append((key, functools.partial(self._listing_ahead, entry, view, layout, child.path), 1))
+            elif xattrs_wanted and any(member.xattrs is None for _, member in cached.members):
+                wishes.append((_xattrs_key(cached),
+                               functools.partial(self._xattrs_ahead, entry, layout, cached), 1))
+        self._listings_ahead.want(wishes)
+
+    def _xattrs_in_demand(self) -> bool:
+        return time.monotonic() - self._xattrs_wanted_at < XATTR_DEMAND_S
+
+    async def _xattrs_ahead(self, entry: DomainEntry, layout: GuestLayout, siblings: Siblings) -> Siblings:
+        if layout.client.closed:
+            raise FsError(errno.EIO, "appliance gone")
+        await self._fetch_sibling_xattrs(entry, layout, siblings)
+        return siblings
+
+    async def _listing_ahead(self, entry: DomainEntry, view: str, layout: GuestLayout, path: bytes) -> Siblings:
+        """A listing fetched before anyone asked (with xattrs while they are in demand);
+        its own subdirectories are wished for in turn, so the walk runs ahead depth first."""
+        if layout.client.closed:
+            raise FsError(errno.EIO, "appliance gone")
+        siblings = await self._fetch_listing(entry, view, layout, path)
+        if self._xattrs_in_demand():
+            await self._fetch_sibling_xattrs(entry, layout, siblings)
+        self._list_ahead(entry, view, layout, siblings)
+        return siblings
+
+    async def _fetch_listing(self, entry: DomainEntry, view: str, layout: GuestLayout, path: bytes) -> Siblings:
+        """Entries of the guest directory ``path`` with attributes and link targets: three daemon
+        calls (readdir, then lstatnslist and readlinklist sent together) per thousand entries."""
         client = layout.client
-        dirents = await self._guest_call(entry, lambda: client.readdir(node.path))
+        dirents = await self._guest_call(entry, lambda: client.readdir(path))
         names = [d.name for d in dirents if d.name not in (b".", b"..")]
         links = [d.name for d in dirents if d.ftyp == "l"]
         stats, targets = await gather(
-            lambda: self._guest_call(entry, lambda: client.lstatnslist(node.path, names)),
-            lambda: self._guest_call(entry, lambda: client.readlinklist(node.path, links)) if links else _no_targets(),
+            lambda: self._guest_call(entry, lambda: client.lstatnslist(path, names)),
+            lambda: self._guest_call(entry, lambda: client.readlinklist(path, links)) if links else _no_targets(),
         )
         target_of = dict(zip(links, targets))
-        siblings = Siblings(node.path)
+        siblings = Siblings(path)
+        by_inode: dict[int, GuestNode] = {}  # hard links within the directory share one node
         for name, st in zip(names, stats):
             if st is None:
-                log.warning("%s: cannot stat %r in %r", entry.name, name, node.path)
+                log.warning("%s: cannot stat %r in %r", entry.name, name, path)
                 continue
-            child = self._guest_node(entry, node.view, layout, _join(node.path, name), st)
+            child = self._guest_node(entry, view, layout, _join(path, name), st)
+            child = by_inode.setdefault(child.inode, child)
             if stat.S_ISLNK(st.st_mode) and target_of.get(name):
                 child.link_target = target_of[name]
             child.siblings = siblings
             siblings.members.append((name, child))
-        return list(siblings.members)  # type: ignore[arg-type]
+        return siblings
 
     async def _lookup_guest(self, parent: GuestNode, name: bytes) -> GuestNode:
+        """The child ``name``: from the parent's cached listing if there is one, else one lstat."""
         assert parent.domain is not None
         layout = await self._guest_layout_for(parent)
+        siblings = self._listings.get((parent.inode, layout.generation))
+        if siblings is not None:
+            child = siblings.find(name)
+            if child is None:
+                raise FsError(errno.ENOENT)
+            registered = self._nodes.get(child.inode)  # a hard link the kernel holds already
+            if isinstance(registered, GuestNode) and registered.generation == child.generation:
+                return registered
+            return child
         path = _join(parent.path, name)
         st = await self._guest_call(parent.domain, lambda: layout.client.lstatns(path))
         return self._guest_node(parent.domain, parent.view, layout, path, st)
@@ -509,8 +626,12 @@ class ConnectionTree:
             assert node.stat is not None and node.domain is not None
             if stat.S_ISDIR(node.stat.st_mode):
                 raise FsError(errno.EISDIR)
-            handle.reader = self._guest_reader(node)
+            if self._contents_ahead is not None:
+                handle.data = await self._contents_ahead.claim((node.inode, node.generation))
+            if handle.data is None:
+                handle.reader = self._guest_reader(node)
             node.domain.appliance.handle_opened()
+            self._read_siblings_ahead(node)
         else:
             raise FsError(errno.EISDIR)
         number = self._next_handle
@@ -537,6 +658,36 @@ class ConnectionTree:
 
         return ReadAhead(fetch, PREAD_MAX)
 
+    def _read_siblings_ahead(self, node: GuestNode) -> None:
+        """On the second file opened in a listing, wish for the contents of its other small files."""
+        siblings = node.siblings
+        if self._contents_ahead is None or siblings is None or siblings.contents_wanted:
+            return
+        siblings.files_opened += 1
+        if siblings.files_opened < 2:
+            return
+        siblings.contents_wanted = True
+        assert node.domain is not None
+        entry = node.domain
+        wishes = []
+        for _, member in sorted(siblings.members, key=lambda named: named[0]):
+            st = member.stat
+            if member is not node and st is not None and stat.S_ISREG(st.st_mode) and 0 < st.st_size <= SMALL_FILE_MAX:
+                wishes.append(((member.inode, member.generation),
+                               functools.partial(self._content_ahead, entry, member.path, st.st_size, member.generation),
+                               st.st_size))
+        self._contents_ahead.want(wishes)
+
+    async def _content_ahead(self, entry: DomainEntry, path: bytes, size: int, generation: int) -> bytes:
+        """The whole content of a small file, if the appliance that listed it still runs."""
+        layout = entry.appliance.running_layout
+        if layout is None or layout.generation != generation:
+            raise FsError(errno.EIO, "appliance gone")
+        data = await self._guest_call(entry, lambda: layout.client.pread(path, size + 1, 0))
+        if len(data) != size:
+            raise FsError(errno.EIO, f"{path!r} has {len(data)} bytes, not {size}")
+        return data
+
     def release(self, handle_number: int) -> None:
         handle = self._handles.pop(handle_number, None)
         if handle is not None and isinstance(handle.node, GuestNode) and handle.node.domain is not None:
@@ -544,25 +695,34 @@ class ConnectionTree:
 
     async def _xattrs(self, node: GuestNode) -> dict[bytes, bytes]:
         """A node's xattrs; the first asked for in a directory brings those of all its entries."""
+        self._xattrs_wanted_at = time.monotonic()
         if node.xattrs is None:
             assert node.domain is not None
             layout = await self._guest_layout_for(node)
-            client = layout.client
             siblings = node.siblings
             if siblings is None:
-                found = await self._guest_call(node.domain, lambda: client.lgetxattrs(node.path))
+                found = await self._guest_call(node.domain, lambda: layout.client.lgetxattrs(node.path))
                 node.xattrs = _shown_xattrs(found)
             else:
-                wanted = [(name, member) for name, member in siblings.members if member.xattrs is None]
-                names = [name for name, _ in wanted]
-                lists = await self._guest_call(node.domain, lambda: client.lxattrlist(siblings.directory, names))
-                for (_, member), xattrs in zip(wanted, lists):
-                    if xattrs is not None:  # None: listing failed; asked again on its own below
-                        member.xattrs = _shown_xattrs(xattrs)
+                if self._listings_ahead is not None:  # fetched ahead, or on its way
+                    await self._listings_ahead.claim(_xattrs_key(siblings))
+                if node.xattrs is None:
+                    await self._fetch_sibling_xattrs(node.domain, layout, siblings)
                 if node.xattrs is None:  # not in that listing any more (e.g. a hard link seen elsewhere)
                     node.siblings = None
                     return await self._xattrs(node)
         return node.xattrs
+
+    async def _fetch_sibling_xattrs(self, entry: DomainEntry, layout: GuestLayout, siblings: Siblings) -> None:
+        """The xattrs of every entry of a listing that has none yet, in one lxattrlist per thousand."""
+        wanted = [(name, member) for name, member in siblings.members if member.xattrs is None]
+        if not wanted:
+            return
+        names = [name for name, _ in wanted]
+        lists = await self._guest_call(entry, lambda: layout.client.lxattrlist(siblings.directory, names))
+        for (_, member), xattrs in zip(wanted, lists):
+            if xattrs is not None:  # None: listing failed; the node asks again on its own
+                member.xattrs = _shown_xattrs(xattrs)
 
     async def listxattr(self, inode: int) -> list[bytes]:
         node = self.node(inode)
@@ -599,12 +759,25 @@ class ConnectionTree:
             return (sv.bsize, sv.frsize, sv.blocks, sv.bfree, sv.bavail, sv.files, sv.ffree, sv.namemax)
         return (4096, 4096, 0, 0, 0, 0, 0, 255)
 
+    def prefetch_summary(self) -> str:
+        """How much of the speculative work was used, for the log."""
+        parts = []
+        for name, prefetcher in (("listings", self._listings_ahead), ("file contents", self._contents_ahead)):
+            if prefetcher is not None:
+                parts.append(f"{name} fetched ahead: {prefetcher.fetched}, used: {prefetcher.hits}")
+        return "; ".join(parts) or "nothing fetched ahead"
+
     def domain_entries(self) -> Iterable[DomainEntry]:
         return list(self._domains.values())
 
 
 def _shown_xattrs(xattrs: Iterable[Xattr]) -> dict[bytes, bytes]:
     return {x.name: x.value for x in xattrs if x.name not in XFS_INTERNAL_ACL_XATTRS}
+
+
+def _xattrs_key(siblings: Siblings) -> tuple[str, int]:
+    """The prefetch key of fetching the xattrs of a listing's entries."""
+    return ("xattrs", id(siblings))
 
 
 async def _no_targets() -> list[bytes]:

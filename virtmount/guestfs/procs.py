@@ -46,7 +46,7 @@ LIST_BATCH = 1000
 # Result structures
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Statns:
     """guestfs_int_statns (generator/structs.ml): 22 int64 columns."""
 

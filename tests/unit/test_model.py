@@ -15,6 +15,7 @@ from typing import Any, cast
 
 import libvirt
 import pytest
+import trio
 
 from virtmount.fs.model import (
     RELEASE_XATTR,
@@ -124,6 +125,8 @@ def guestfs_error(code: int | None, name: str, proc: str) -> GuestfsError:
 
 class FakeGuestClient:
     """The few GuestfsClient calls the model makes, over FakeFs filesystems mounted at appliance paths."""
+
+    closed = False
 
     def __init__(self, sda1: FakeFs, sda2: FakeFs) -> None:
         self.mounts: dict[bytes, tuple[FakeFs, int]] = {
@@ -359,7 +362,7 @@ class World:
         return [a for a in self.made if a.guest_name == name][-1]
 
 
-def make_world(conn: FakeConnection | None = None) -> World:
+def make_world(conn: FakeConnection | None = None, nursery: trio.Nursery | None = None) -> World:
     client = FakeGuestClient(*guest_filesystems())
     conn = conn or FakeConnection(
         FakeDomain("beta", BETA_UUID), FakeDomain(APPLIANCE_NAME, "11111111-2222-3333-4444-555555555555"),
@@ -377,7 +380,7 @@ def make_world(conn: FakeConnection | None = None) -> World:
         made.append(appliance)
         return cast(GuestAppliance, appliance)
 
-    tree = ConnectionTree(cast(libvirt.virConnect, conn), make_appliance)
+    tree = ConnectionTree(cast(libvirt.virConnect, conn), make_appliance, nursery)
     return World(conn, tree, client, results, made)
 
 

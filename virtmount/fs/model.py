@@ -113,7 +113,7 @@ class Siblings:
 
     directory: bytes
     members: list[tuple[bytes, GuestNode]] = field(default_factory=list)
-    files_opened: int = 0
+    opened: set[int] = field(default_factory=set)  # inodes of the files opened so far
     contents_wanted: bool = False
     _by_name: dict[bytes, GuestNode] | None = None
 
@@ -447,9 +447,11 @@ class ConnectionTree:
     async def _listing(self, entry: DomainEntry, view: str, layout: GuestLayout,
                        path: bytes, inode: int) -> Siblings:
         key = (inode, layout.generation)
-        siblings = self._listings.get(key)
-        if siblings is None and self._listings_ahead is not None:
+        siblings = None
+        if self._listings_ahead is not None:  # claimed even when cached, to free its place ahead
             siblings = await self._listings_ahead.claim(key)
+        if siblings is None:
+            siblings = self._listings.get(key)
         if siblings is None:
             siblings = await self._fetch_listing(entry, view, layout, path)
         self._listings.put(key, siblings)
@@ -468,7 +470,7 @@ class ConnectionTree:
             key = (child.inode, layout.generation)
             cached = self._listings.get(key)
             if cached is None:
-                wishes.append((key, functools.partial(self._listing_ahead, entry, view, layout, child.path), 1))
+                wishes.append((key, functools.partial(self._listing_ahead, entry, view, layout, child.path, child.inode), 1))
             elif xattrs_wanted and any(member.xattrs is None for _, member in cached.members):
                 wishes.append((_xattrs_key(cached),
                                functools.partial(self._xattrs_ahead, entry, layout, cached), 1))
@@ -483,12 +485,14 @@ class ConnectionTree:
         await self._fetch_sibling_xattrs(entry, layout, siblings)
         return siblings
 
-    async def _listing_ahead(self, entry: DomainEntry, view: str, layout: GuestLayout, path: bytes) -> Siblings:
+    async def _listing_ahead(self, entry: DomainEntry, view: str, layout: GuestLayout,
+                             path: bytes, inode: int) -> Siblings:
         """A listing fetched before anyone asked (with xattrs while they are in demand);
         its own subdirectories are wished for in turn, so the walk runs ahead depth first."""
         if layout.client.closed:
             raise FsError(errno.EIO, "appliance gone")
         siblings = await self._fetch_listing(entry, view, layout, path)
+        self._listings.put((inode, layout.generation), siblings)
         if self._xattrs_in_demand():
             await self._fetch_sibling_xattrs(entry, layout, siblings)
         self._list_ahead(entry, view, layout, siblings)
@@ -626,7 +630,9 @@ class ConnectionTree:
             assert node.stat is not None and node.domain is not None
             if stat.S_ISDIR(node.stat.st_mode):
                 raise FsError(errno.EISDIR)
-            if self._contents_ahead is not None:
+            if stat.S_ISREG(node.stat.st_mode) and node.stat.st_size == 0:
+                handle.data = b""  # nothing to read in an empty file of a guest filesystem
+            elif self._contents_ahead is not None:
                 handle.data = await self._contents_ahead.claim((node.inode, node.generation))
             if handle.data is None:
                 handle.reader = self._guest_reader(node)
@@ -663,8 +669,8 @@ class ConnectionTree:
         siblings = node.siblings
         if self._contents_ahead is None or siblings is None or siblings.contents_wanted:
             return
-        siblings.files_opened += 1
-        if siblings.files_opened < 2:
+        siblings.opened.add(node.inode)
+        if len(siblings.opened) < 2:
             return
         siblings.contents_wanted = True
         assert node.domain is not None
@@ -672,7 +678,8 @@ class ConnectionTree:
         wishes = []
         for _, member in sorted(siblings.members, key=lambda named: named[0]):
             st = member.stat
-            if member is not node and st is not None and stat.S_ISREG(st.st_mode) and 0 < st.st_size <= SMALL_FILE_MAX:
+            if (member.inode not in siblings.opened and st is not None and stat.S_ISREG(st.st_mode)
+                    and 0 < st.st_size <= SMALL_FILE_MAX):
                 wishes.append(((member.inode, member.generation),
                                functools.partial(self._content_ahead, entry, member.path, st.st_size, member.generation),
                                st.st_size))

@@ -8,6 +8,7 @@ from typing import Callable
 
 from .appliance import ACCELERATORS, ApplianceSettings
 from .errors import UsageError
+from .fs.model import DEFAULT_CACHED_ENTRIES
 
 
 @dataclass(frozen=True)
@@ -16,6 +17,7 @@ class Config:
 
     appliance: ApplianceSettings = field(default_factory=ApplianceSettings)
     idle_seconds: float = 60.0
+    cached_entries: int = DEFAULT_CACHED_ENTRIES
     allow_other: bool = False
     debug: bool = False
 
@@ -64,6 +66,8 @@ _OPTIONS: dict[str, tuple[bool, Callable[[Config, str], Config], str]] = {
                     "extra appliance kernel arguments, space-separated"),
     "idle": (True, lambda c, v: replace(c, idle_seconds=_positive_number("idle", v)),
              "seconds without access before an appliance is shut down (default 60)"),
+    "cache_entries": (True, lambda c, v: replace(c, cached_entries=int(_positive_number("cache_entries", v, integer=True))),
+                      f"directory entries kept in memory, about 800 bytes each (default {DEFAULT_CACHED_ENTRIES})"),
     "allow_other": (False, lambda c, _v: replace(c, allow_other=True), "let other users see the mount"),
     "debug": (False, lambda c, _v: replace(c, debug=True, appliance=replace(c.appliance, verbose=True)),
               "log every step, including the appliance's console"),

@@ -122,7 +122,7 @@ async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[]
             def make_appliance(name: str, settings: ApplianceSettings = config.appliance) -> GuestAppliance:
                 return GuestAppliance(conn, name, settings, host_appliance, nursery)
 
-            tree = ConnectionTree(conn, make_appliance, nursery)
+            tree = ConnectionTree(conn, make_appliance, nursery, config.cached_entries)
             try:
                 pyfuse3.init(Operations(tree), mountpoint, _fuse_options(config))
             except RuntimeError as exc:

@@ -9,7 +9,7 @@ from virtmount.config import Config, options_help, parse_options
 from virtmount.errors import UsageError
 
 ALL_OPTIONS = ("accel", "memory", "cpus", "boot_timeout", "call_timeout", "pool", "kernel_args", "idle",
-               "allow_other", "debug")
+               "cache_entries", "allow_other", "debug")
 
 
 def usage_error(*option_strings: str) -> str:
@@ -72,6 +72,7 @@ def test_comma_separates_options_even_after_a_value() -> None:
 def test_one_option_changes_only_its_setting() -> None:
     assert parse_options(["memory=512"]) == Config(appliance=ApplianceSettings(memory_mib=512))
     assert parse_options(["idle=5"]) == Config(idle_seconds=5.0)
+    assert parse_options(["cache_entries=5000"]) == Config(cached_entries=5000)
     assert parse_options(["allow_other"]) == Config(allow_other=True)
     assert parse_options(["debug"]) == Config(debug=True, appliance=ApplianceSettings(verbose=True))
     assert parse_options(["kernel_args=a b=c"]) == Config(appliance=ApplianceSettings(extra_kernel_args="a b=c"))
@@ -137,7 +138,7 @@ def test_non_numeric_values(item: str, fragment: str) -> None:
 
 
 @pytest.mark.parametrize("item", ["memory=0", "memory=-512", "cpus=0", "cpus=-1", "boot_timeout=0",
-                                  "call_timeout=-0.5", "idle=0", "idle=-60"])
+                                  "call_timeout=-0.5", "idle=0", "idle=-60", "cache_entries=0"])
 def test_non_positive_values(item: str) -> None:
     name = item.partition("=")[0]
     assert usage_error(item) == f"option {name} must be greater than 0"
@@ -161,6 +162,6 @@ def test_options_help_lists_every_option() -> None:
     names = [line.strip().split(":")[0] for line in lines]
     assert names == [
         "accel=VALUE", "memory=VALUE", "cpus=VALUE", "boot_timeout=VALUE", "call_timeout=VALUE",
-        "pool=VALUE", "kernel_args=VALUE", "idle=VALUE", "allow_other", "debug",
+        "pool=VALUE", "kernel_args=VALUE", "idle=VALUE", "cache_entries=VALUE", "allow_other", "debug",
     ]
     assert [name.partition("=")[0] for name in names] == list(ALL_OPTIONS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import trio
+import trio.testing
 
 from virtmount.fs.readahead import FIRST_WINDOW, ReadAhead
 
@@ -66,3 +67,50 @@ async def test_concurrent_sequential_requests_share_one_fetch() -> None:
             await trio.sleep(0)
     assert all(results[offset] == file.content[offset:offset + 128 * KIB] for offset in results)
     assert len(file.fetches) == 1
+
+
+async def test_with_a_nursery_the_next_window_is_fetched_before_it_is_asked_for() -> None:
+    file = FakeFile(16 * 1024 * KIB)
+    async with trio.open_nursery() as nursery:
+        reader = ReadAhead(file.fetch, MAX_WINDOW, nursery)
+        assert await reader.read(0, 128 * KIB) == file.content[:128 * KIB]
+        await trio.testing.wait_all_tasks_blocked()
+        assert file.fetches == [(0, FIRST_WINDOW), (FIRST_WINDOW, FIRST_WINDOW)]
+        data = [file.content[:128 * KIB]]
+        for offset in range(128 * KIB, len(file.content), 128 * KIB):
+            data.append(await reader.read(offset, 128 * KIB))
+        assert b"".join(data) == file.content
+        await trio.testing.wait_all_tasks_blocked()
+    starts = [offset for offset, _ in file.fetches]
+    assert starts == sorted(set(starts))  # every byte fetched once, in order
+    assert all(size <= MAX_WINDOW for _, size in file.fetches)
+    assert file.fetches[-1][0] + file.fetches[-1][1] >= len(file.content)  # ends at end of file, not beyond
+
+
+async def test_small_and_random_reads_fetch_nothing_ahead() -> None:
+    file = FakeFile(8 * 1024 * KIB)
+    async with trio.open_nursery() as nursery:
+        small = FakeFile(1000)
+        assert await ReadAhead(small.fetch, MAX_WINDOW, nursery).read(0, 4096) == small.content
+        reader = ReadAhead(file.fetch, MAX_WINDOW, nursery)
+        for offset in (5 * 1024 * KIB, 123 * KIB):
+            await reader.read(offset, 4 * KIB)
+        await trio.testing.wait_all_tasks_blocked()
+    assert small.fetches == [(0, FIRST_WINDOW)]
+    assert file.fetches == [(5 * 1024 * KIB, 4 * KIB), (123 * KIB, 4 * KIB)]
+
+
+async def test_a_failed_fetch_ahead_is_done_again_by_the_reader() -> None:
+    file = FakeFile(4 * 1024 * KIB)
+    failures = [FIRST_WINDOW]
+
+    async def flaky(offset: int, size: int) -> bytes:
+        if offset in failures:
+            failures.remove(offset)
+            raise OSError("the daemon hiccuped")
+        return await file.fetch(offset, size)
+
+    async with trio.open_nursery() as nursery:
+        reader = ReadAhead(flaky, MAX_WINDOW, nursery)
+        data = b"".join([await reader.read(offset, 128 * KIB) for offset in range(0, len(file.content), 128 * KIB)])
+    assert data == file.content

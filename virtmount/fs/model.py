@@ -206,6 +206,7 @@ class ConnectionTree:
         self._next_handle = 1
         self._started_ns = time.time_ns()
         self._xattrs_wanted_at = -XATTR_DEMAND_S
+        self._nursery = nursery
         self._listings: ListingCache[Siblings] = ListingCache(cached_entries)
         self._listings_ahead: Prefetcher[Siblings] | None = None
         self._contents_ahead: Prefetcher[bytes] | None = None
@@ -662,7 +663,7 @@ class ConnectionTree:
             layout = await self._layout(entry)
             return await self._guest_call(entry, lambda: layout.client.pread(node.path, size, offset))
 
-        return ReadAhead(fetch, PREAD_MAX)
+        return ReadAhead(fetch, PREAD_MAX, self._nursery)
 
     def _read_siblings_ahead(self, node: GuestNode) -> None:
         """On the second file opened in a listing, wish for the contents of its other small files."""

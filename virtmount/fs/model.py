@@ -50,12 +50,12 @@ OS_VIEW_NAME = "fs"
 
 # Walk-ahead: how many directories may be listed before anyone asked, and how many calls at once.
 LISTINGS_AHEAD = 64
-LISTING_CALLS_AHEAD = 3
+LISTING_CALLS_AHEAD = 6
 # Read-ahead across files: once two files of a directory were opened, the contents of its other
 # small files are fetched too (one pread each), up to this many bytes held at a time.
 SMALL_FILE_MAX = 256 * 1024
 CONTENTS_AHEAD_BYTES = 16 * 1024 * 1024
-CONTENT_CALLS_AHEAD = 6
+CONTENT_CALLS_AHEAD = 8
 # Listings fetched ahead bring their entries' xattrs too while a walker is reading xattrs.
 XATTR_DEMAND_S = 10.0
 # Entries of directory listings kept for the life of their appliance (see listings.py).

@@ -114,3 +114,16 @@ async def test_a_failed_fetch_ahead_is_done_again_by_the_reader() -> None:
         reader = ReadAhead(flaky, MAX_WINDOW, nursery)
         data = b"".join([await reader.read(offset, 128 * KIB) for offset in range(0, len(file.content), 128 * KIB)])
     assert data == file.content
+
+
+async def test_kernel_reads_straddling_two_windows_use_the_one_fetched_ahead() -> None:
+    file = FakeFile(16 * 1024 * KIB)
+    odd_window = MAX_WINDOW - 4 * KIB  # as the daemon's largest pread: not a multiple of 128 KiB
+    async with trio.open_nursery() as nursery:
+        reader = ReadAhead(file.fetch, odd_window, nursery)
+        data = b"".join([await reader.read(offset, 128 * KIB) for offset in range(0, len(file.content), 128 * KIB)])
+        await trio.testing.wait_all_tasks_blocked()
+    assert data == file.content
+    starts = [offset for offset, _ in file.fetches]
+    assert starts == sorted(set(starts))  # nothing fetched twice
+    assert sum(size for _, size in file.fetches) < len(file.content) + 2 * odd_window

@@ -69,10 +69,14 @@ class ReadAhead:
         sequential = offset == self._next_offset
         self._window = min(max(self._window * 2, FIRST_WINDOW), self._max_window) if sequential else 0
         ahead, self._ahead = self._ahead, None
-        if sequential and ahead is not None and ahead.offset <= offset < ahead.offset + ahead.size:
+        buffer_end = self._buffer_offset + len(self._buffer)
+        if (sequential and ahead is not None and ahead.offset == buffer_end
+                and self._buffer_offset <= offset < ahead.offset + ahead.size):
             await ahead.done.wait()
             if ahead.data is not None:
-                self._fill(ahead.offset, ahead.data, ahead.size)
+                # a kernel read may straddle the two windows: keep the buffer's tail
+                tail = self._buffer[offset - self._buffer_offset:] if offset < buffer_end else b""
+                self._fill(offset if tail else ahead.offset, tail + ahead.data, len(tail) + ahead.size)
                 if self._cached(offset, size) is not None:
                     self._fetch_ahead()
                     return

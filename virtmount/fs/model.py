@@ -48,8 +48,9 @@ XFS_INTERNAL_ACL_XATTRS = frozenset({b"trusted.SGI_ACL_FILE", b"trusted.SGI_ACL_
 DOMAIN_LIST_TTL_S = 1.0
 OS_VIEW_NAME = "fs"
 
-# Walk-ahead: how many directories may be listed before anyone asked, and how many calls at once.
-LISTINGS_AHEAD = 64
+# Walk-ahead: how many directories may be listed before anyone asked (they go into the listing
+# cache at once; this bounds the speculative daemon work), and how many calls at once.
+LISTINGS_AHEAD = 512
 LISTING_CALLS_AHEAD = 6
 # Read-ahead across files: once two files of a directory were opened, the contents of its other
 # small files are fetched too (one pread each), up to this many bytes held at a time.
@@ -513,7 +514,9 @@ class ConnectionTree:
         target_of = dict(zip(links, targets))
         siblings = Siblings(path)
         by_inode: dict[int, GuestNode] = {}  # hard links within the directory share one node
-        for name, st in zip(names, stats):
+        # by name: most walkers (ls, rsync, file browsers) go in that order, and readdir-order
+        # walkers (find, tar) then do too, so the directories listed ahead are the next ones wanted
+        for name, st in sorted(zip(names, stats), key=lambda named: named[0]):
             if st is None:
                 log.warning("%s: cannot stat %r in %r", entry.name, name, path)
                 continue
@@ -716,6 +719,7 @@ class ConnectionTree:
                     await self._listings_ahead.claim(_xattrs_key(siblings))
                 if node.xattrs is None:
                     await self._fetch_sibling_xattrs(node.domain, layout, siblings)
+                    self._list_ahead(node.domain, node.view, layout, siblings)  # xattrs are in demand now
                 if node.xattrs is None:  # not in that listing any more (e.g. a hard link seen elsewhere)
                     node.siblings = None
                     return await self._xattrs(node)

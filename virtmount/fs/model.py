@@ -448,6 +448,8 @@ class ConnectionTree:
 
     async def _listing(self, entry: DomainEntry, view: str, layout: GuestLayout,
                        path: bytes, inode: int) -> Siblings:
+        """The listing of one directory of this boot: fetched ahead (maybe still on its way), cached,
+        or fetched now; kept in the listing cache as the most recently used."""
         key = (inode, layout.generation)
         siblings = None
         if self._listings_ahead is not None:  # claimed even when cached, to free its place ahead
@@ -472,7 +474,8 @@ class ConnectionTree:
             key = (child.inode, layout.generation)
             cached = self._listings.get(key)
             if cached is None:
-                wishes.append((key, functools.partial(self._listing_ahead, entry, view, layout, child.path, child.inode), 1))
+                fetch = functools.partial(self._listing_ahead, entry, view, layout, child.path, child.inode)
+                wishes.append((key, fetch, 1))
             elif xattrs_wanted and any(member.xattrs is None for _, member in cached.members):
                 wishes.append((_xattrs_key(cached),
                                functools.partial(self._xattrs_ahead, entry, layout, cached), 1))
@@ -482,6 +485,7 @@ class ConnectionTree:
         return time.monotonic() - self._xattrs_wanted_at < XATTR_DEMAND_S
 
     async def _xattrs_ahead(self, entry: DomainEntry, layout: GuestLayout, siblings: Siblings) -> Siblings:
+        """The xattrs of a cached listing's entries, fetched before anyone asked."""
         if layout.client.closed:
             raise FsError(errno.EIO, "appliance gone")
         await self._fetch_sibling_xattrs(entry, layout, siblings)
@@ -684,9 +688,8 @@ class ConnectionTree:
             st = member.stat
             if (member.inode not in siblings.opened and st is not None and stat.S_ISREG(st.st_mode)
                     and 0 < st.st_size <= SMALL_FILE_MAX):
-                wishes.append(((member.inode, member.generation),
-                               functools.partial(self._content_ahead, entry, member.path, st.st_size, member.generation),
-                               st.st_size))
+                fetch = functools.partial(self._content_ahead, entry, member.path, st.st_size, member.generation)
+                wishes.append(((member.inode, member.generation), fetch, st.st_size))
         self._contents_ahead.want(wishes)
 
     async def _content_ahead(self, entry: DomainEntry, path: bytes, size: int, generation: int) -> bytes:

@@ -66,7 +66,8 @@ _OPTIONS: dict[str, tuple[bool, Callable[[Config, str], Config], str]] = {
                     "extra appliance kernel arguments, space-separated"),
     "idle": (True, lambda c, v: replace(c, idle_seconds=_positive_number("idle", v)),
              "seconds without access before an appliance is shut down (default 60)"),
-    "cache_entries": (True, lambda c, v: replace(c, cached_entries=int(_positive_number("cache_entries", v, integer=True))),
+    "cache_entries": (True, lambda c, v: replace(
+                          c, cached_entries=int(_positive_number("cache_entries", v, integer=True))),
                       f"directory entries kept in memory, about 800 bytes each (default {DEFAULT_CACHED_ENTRIES})"),
     "allow_other": (False, lambda c, _v: replace(c, allow_other=True), "let other users see the mount"),
     "debug": (False, lambda c, _v: replace(c, debug=True, appliance=replace(c.appliance, verbose=True)),

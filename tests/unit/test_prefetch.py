@@ -138,18 +138,6 @@ async def test_unclaimed_results_expire_and_free_the_budget() -> None:
         assert await ahead.claim("a") is None
 
 
-async def test_clear_forgets_wishes_and_results() -> None:
-    jobs = Jobs(hold=True)
-    async with trio.open_nursery() as nursery:
-        ahead: Prefetcher[str] = Prefetcher(nursery, concurrency=1, budget=10)
-        ahead.want([("a", jobs.job("a"), 1), ("b", jobs.job("b"), 1)])
-        await trio.testing.wait_all_tasks_blocked()
-        ahead.clear()
-        jobs.gate.set()
-        await trio.testing.wait_all_tasks_blocked()
-        assert jobs.started == ["a"]
-
-
 async def test_the_queue_forgets_its_oldest_wishes() -> None:
     jobs = Jobs(hold=True)
     async with trio.open_nursery() as nursery:
@@ -176,5 +164,3 @@ def test_listing_cache_drops_least_recently_used_beyond_its_entries() -> None:
     assert cache.entries == 3
     cache.put("huge", list(range(50)))  # alone beyond the bound: kept, the others go
     assert len(cache) == 1 and cache.entries == 50
-    cache.clear()
-    assert len(cache) == 0 and cache.entries == 0

@@ -11,12 +11,7 @@ dropped first once the entries held exceed ``max_entries``.
 from __future__ import annotations
 
 import collections
-from typing import Generic, Hashable, Protocol, TypeVar
-
-
-class Sized(Protocol):
-    def __len__(self) -> int: ...
-
+from typing import Generic, Hashable, Sized, TypeVar
 
 L = TypeVar("L", bound=Sized)
 
@@ -52,7 +47,3 @@ class ListingCache(Generic[L]):
         while self.entries > self._max_entries and len(self._listings) > 1:
             _, dropped = self._listings.popitem(last=False)
             self.entries -= len(dropped)
-
-    def clear(self) -> None:
-        self._listings.clear()
-        self.entries = 0

@@ -486,8 +486,7 @@ class ConnectionTree:
 
     async def _xattrs_ahead(self, entry: DomainEntry, layout: GuestLayout, siblings: Siblings) -> Siblings:
         """The xattrs of a cached listing's entries, fetched before anyone asked."""
-        if layout.client.closed:
-            raise FsError(errno.EIO, "appliance gone")
+        _still_running(layout)
         await self._fetch_sibling_xattrs(entry, layout, siblings)
         return siblings
 
@@ -495,8 +494,7 @@ class ConnectionTree:
                              path: bytes, inode: int) -> Siblings:
         """A listing fetched before anyone asked (with xattrs while they are in demand);
         its own subdirectories are wished for in turn, so the walk runs ahead depth first."""
-        if layout.client.closed:
-            raise FsError(errno.EIO, "appliance gone")
+        _still_running(layout)
         siblings = await self._fetch_listing(entry, view, layout, path)
         self._listings.put((inode, layout.generation), siblings)
         if self._xattrs_in_demand():
@@ -684,7 +682,7 @@ class ConnectionTree:
         assert node.domain is not None
         entry = node.domain
         wishes = []
-        for _, member in sorted(siblings.members, key=lambda named: named[0]):
+        for _, member in siblings.members:  # by name already
             st = member.stat
             if (member.inode not in siblings.opened and st is not None and stat.S_ISREG(st.st_mode)
                     and 0 < st.st_size <= SMALL_FILE_MAX):
@@ -788,6 +786,12 @@ class ConnectionTree:
 
 def _shown_xattrs(xattrs: Iterable[Xattr]) -> dict[bytes, bytes]:
     return {x.name: x.value for x in xattrs if x.name not in XFS_INTERNAL_ACL_XATTRS}
+
+
+def _still_running(layout: GuestLayout) -> None:
+    """Work fetched ahead is for the appliance that listed it; once that one is gone, it is dropped."""
+    if layout.client.closed:
+        raise FsError(errno.EIO, "appliance gone")
 
 
 def _xattrs_key(siblings: Siblings) -> tuple[str, int]:

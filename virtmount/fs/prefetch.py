@@ -22,7 +22,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Awaitable, Callable, Generic, Hashable, Iterable, TypeVar
 
 import trio
@@ -39,12 +39,6 @@ class _Wish(Generic[V]):
     key: Hashable
     job: Job[V]
     cost: int
-
-
-@dataclass
-class _InFlight:
-    cost: int
-    done: trio.Event = field(default_factory=trio.Event)
 
 
 @dataclass
@@ -75,7 +69,7 @@ class Prefetcher(Generic[V]):
         self._name = name
         self._queue: collections.deque[_Wish[V]] = collections.deque()
         self._queued: dict[Hashable, _Wish[V]] = {}
-        self._in_flight: dict[Hashable, _InFlight] = {}
+        self._in_flight: dict[Hashable, trio.Event] = {}  # key -> set once its fetch ended
         self._results: collections.OrderedDict[Hashable, _Result[V]] = collections.OrderedDict()
         self._workers = 0
         self._spent = 0  # cost of fetches in flight plus unclaimed results
@@ -104,9 +98,9 @@ class Prefetcher(Generic[V]):
         if wish is not None:  # not started: the caller will fetch it now anyway
             self._queue.remove(wish)
             return None
-        flight = self._in_flight.get(key)
-        if flight is not None:
-            await flight.done.wait()
+        done = self._in_flight.get(key)
+        if done is not None:
+            await done.wait()
         result = self._results.pop(key, None)
         if result is None:
             return None
@@ -114,14 +108,6 @@ class Prefetcher(Generic[V]):
         self.hits += 1
         self._pump()
         return result.value
-
-    def clear(self) -> None:
-        """Forget every wish and result (the appliance they came from is gone)."""
-        self._queue.clear()
-        self._queued.clear()
-        for result in self._results.values():
-            self._spent -= result.cost
-        self._results.clear()
 
     def _drop_stale_results(self) -> None:
         limit = time.monotonic() - self._keep_seconds
@@ -155,8 +141,8 @@ class Prefetcher(Generic[V]):
             self._workers -= 1
 
     async def _fetch(self, wish: _Wish[V]) -> None:
-        flight = _InFlight(wish.cost)
-        self._in_flight[wish.key] = flight
+        done = trio.Event()
+        self._in_flight[wish.key] = done
         self._spent += wish.cost
         try:
             value = await wish.job()
@@ -168,4 +154,4 @@ class Prefetcher(Generic[V]):
             self._results[wish.key] = _Result(value, wish.cost, time.monotonic())
         finally:
             del self._in_flight[wish.key]
-            flight.done.set()
+            done.set()

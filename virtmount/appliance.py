@@ -14,6 +14,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from typing import Literal
+from xml.etree import ElementTree as ET
 
 import libvirt
 import trio
@@ -21,6 +22,7 @@ import trio
 from .errors import VirtmountError
 from .guestfs.client import GuestfsClient
 from .guestfs.errors import ConnectionLost, GuestfsClientError, GuestfsTimeout
+from .inspection_cache import disks_identity
 from .virt.connection import libvirt_message, run_blocking
 from .virt.console import ConsoleLog
 from .virt.domainxml import (
@@ -121,6 +123,7 @@ class Appliance:
         self.client = client
         self.console = console
         self.boot_seconds = 0.0
+        self.disks_key = ""  # identifies the guest's disk set (inspection_cache.disks_identity)
 
     async def shutdown(self) -> None:
         """Sync and unmount inside the appliance, then destroy its domain; never raises."""
@@ -182,6 +185,9 @@ async def boot_appliance(
                 log.info("appliance for %s: %s; trying %s", guest_name, exc, domain_types[attempt + 1])
             continue
         _accelerator_that_worked[uri] = domain_type
+        appliance.disks_key = disks_identity(
+            uri, await run_blocking(guest.UUIDString), [ET.tostring(disk, encoding="unicode") for disk in definition.disks]
+        )
         return appliance
     assert failure is not None
     raise failure

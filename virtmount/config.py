@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Callable
 
 from .appliance import ACCELERATORS, ApplianceSettings
 from .errors import UsageError
 from .fs.model import DEFAULT_CACHED_ENTRIES
+from .inspection_cache import default_directory
 
 
 @dataclass(frozen=True)
@@ -18,6 +21,7 @@ class Config:
     appliance: ApplianceSettings = field(default_factory=ApplianceSettings)
     idle_seconds: float = 60.0
     cached_entries: int = DEFAULT_CACHED_ENTRIES
+    inspection_cache: Path | None = field(default_factory=default_directory)  # None: always inspect
     allow_other: bool = False
     debug: bool = False
 
@@ -42,6 +46,12 @@ def _accelerator(text: str) -> str:
     if text not in ACCELERATORS:
         raise UsageError(f"option accel must be one of {', '.join(ACCELERATORS)}, not {text!r}")
     return text
+
+
+def _inspection_cache(text: str) -> Path | None:
+    if not text:
+        raise UsageError("option inspection_cache needs a directory or off")
+    return None if text == "off" else Path(os.path.abspath(text))
 
 
 def _with_appliance(config: Config, **changes: object) -> Config:
@@ -69,6 +79,9 @@ _OPTIONS: dict[str, tuple[bool, Callable[[Config, str], Config], str]] = {
     "cache_entries": (True, lambda c, v: replace(
                           c, cached_entries=int(_positive_number("cache_entries", v, integer=True))),
                       f"directory entries kept in memory, about 800 bytes each (default {DEFAULT_CACHED_ENTRIES})"),
+    "inspection_cache": (True, lambda c, v: replace(c, inspection_cache=_inspection_cache(v)),
+                         "directory where guest layouts are remembered between boots, or off "
+                         f"(default {default_directory()})"),
     "allow_other": (False, lambda c, _v: replace(c, allow_other=True), "let other users see the mount"),
     "debug": (False, lambda c, _v: replace(c, debug=True, appliance=replace(c.appliance, verbose=True)),
               "log every step, including the appliance's console"),

@@ -23,6 +23,7 @@ from .appliance import Appliance, ApplianceSettings, boot_appliance
 from .errors import VirtmountError
 from .guestfs.client import GuestfsClient
 from .guestfs.errors import GuestfsClientError, GuestfsError
+from .inspection_cache import FstabFingerprint, InspectionCache, RememberedLayout
 from .virt.provision import HostAppliance, provision
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class GuestLayout:
     fs_by_dev: dict[int, str] = field(default_factory=dict)  # appliance st_dev -> filesystem name
     generation: int = 0
     devices_mounted: bool = False  # ``devices`` is complete (see mount_devices)
+    remembered: RememberedLayout | None = None  # what the next boot may reuse; None: inspect again
 
     def device_path(self, view_name: str) -> bytes:
         return DEVICES_DIR + b"/" + view_name.encode()
@@ -79,34 +81,95 @@ async def _mount_read_only(client: GuestfsClient, device: str, fstype: str | Non
     await client.mount_options(no_replay, device, mountpoint)
 
 
-async def lay_out_os(client: GuestfsClient, guest_name: str, generation: int) -> GuestLayout:
-    """Inspect a freshly booted appliance and mount the guest OS's filesystems in its own layout.
+async def lay_out_os(
+    client: GuestfsClient, guest_name: str, generation: int, remembered: RememberedLayout | None = None
+) -> GuestLayout:
+    """Mount the guest OS's filesystems in its own layout, from ``remembered`` if the disks still
+    match it, else after inspecting them.
 
     The per-device views are mounted later, on first use (``mount_devices``):
     listing every filesystem costs seconds that the first look at fs/ need not wait for.
     """
+    if remembered is not None:
+        layout = await _lay_out_remembered(client, guest_name, generation, remembered)
+        if layout is not None:
+            log.info("%s: disks unchanged since their last inspection; mounted as remembered", guest_name)
+            return layout
+        log.info("%s: the disks changed since the last inspection; inspecting again", guest_name)
     roots = await client.inspect_os()
     layout = GuestLayout(client=client, has_os=bool(roots), generation=generation)
     if not roots:
         return layout
     if len(roots) > 1:
         log.info("%s: several operating systems found; fs/ shows %s", guest_name, roots[0])
-    await client.mkmountpoint(OS_VIEW)
     mountpoints = await client.inspect_get_mountpoints(roots[0])
-    # shortest first, so that / is mounted before /boot and /boot before /boot/efi
-    for mountpoint in sorted(mountpoints, key=lambda m: (m.count("/") if m != "/" else 0, m)):
-        device = mountpoints[mountpoint]
-        target = OS_VIEW if mountpoint == "/" else OS_VIEW + mountpoint.encode()
-        try:
-            await _mount_read_only(client, device, None, target)
-        except GuestfsError as exc:
-            log.warning("%s: cannot mount %s at %s: %s", guest_name, device, mountpoint, exc.message)
-            if mountpoint == "/":
-                layout.has_os = False
-                break
-            continue
-        layout.fs_by_dev.setdefault((await client.lstatns(target)).st_dev, device_view_name(device))
+    await client.mkmountpoint(OS_VIEW)
+    if not await _mount_in_os_view(client, guest_name, layout, "/", mountpoints["/"]):
+        layout.has_os = False
+        return layout
+    await _mount_below_root(client, guest_name, layout, mountpoints)
+    fstab = await _fstab_fingerprint(client)
+    if fstab is not None:
+        layout.remembered = RememberedLayout(root=roots[0], mountpoints=dict(mountpoints), fstab=fstab)
     return layout
+
+
+async def _lay_out_remembered(
+    client: GuestfsClient, guest_name: str, generation: int, remembered: RememberedLayout
+) -> GuestLayout | None:
+    """The OS view as ``remembered`` says, or None (nothing left mounted) if the root device does not
+    mount or its /etc/fstab is not the very file the inspection saw."""
+    await client.mkmountpoint(OS_VIEW)
+    root_device = remembered.mountpoints["/"]
+    try:
+        await _mount_read_only(client, root_device, None, OS_VIEW)
+    except GuestfsError:
+        await client.rmmountpoint(OS_VIEW)
+        return None
+    if await _fstab_fingerprint(client) != remembered.fstab:
+        await client.umount(OS_VIEW)
+        await client.rmmountpoint(OS_VIEW)
+        return None
+    layout = GuestLayout(client=client, has_os=True, generation=generation, remembered=remembered)
+    layout.fs_by_dev[(await client.lstatns(OS_VIEW)).st_dev] = device_view_name(root_device)
+    await _mount_below_root(client, guest_name, layout, remembered.mountpoints)
+    return layout
+
+
+async def _mount_below_root(
+    client: GuestfsClient, guest_name: str, layout: GuestLayout, mountpoints: dict[str, str]
+) -> None:
+    """The OS's mountpoints other than /, shortest first: /boot before /boot/efi."""
+    for mountpoint in sorted((m for m in mountpoints if m != "/"), key=lambda m: (m.count("/"), m)):
+        await _mount_in_os_view(client, guest_name, layout, mountpoint, mountpoints[mountpoint])
+
+
+async def _mount_in_os_view(
+    client: GuestfsClient, guest_name: str, layout: GuestLayout, mountpoint: str, device: str
+) -> bool:
+    """Mount ``device`` at the OS's ``mountpoint`` under the OS view; a failure is logged, not raised."""
+    target = OS_VIEW if mountpoint == "/" else OS_VIEW + mountpoint.encode("utf-8", "surrogateescape")
+    try:
+        await _mount_read_only(client, device, None, target)
+    except GuestfsError as exc:
+        log.warning("%s: cannot mount %s at %s: %s", guest_name, device, mountpoint, exc.message)
+        return False
+    layout.fs_by_dev.setdefault((await client.lstatns(target)).st_dev, device_view_name(device))
+    return True
+
+
+async def _fstab_fingerprint(client: GuestfsClient) -> FstabFingerprint | None:
+    """The identity of the mounted OS's /etc/fstab, or None if it has none."""
+    try:
+        st = await client.lstatns(OS_VIEW + b"/etc/fstab")
+    except GuestfsError:
+        return None
+    return FstabFingerprint(
+        inode=st.st_ino,
+        size=st.st_size,
+        mtime_ns=st.st_mtime_sec * 1_000_000_000 + st.st_mtime_nsec,
+        ctime_ns=st.st_ctime_sec * 1_000_000_000 + st.st_ctime_nsec,
+    )
 
 
 async def mount_devices(layout: GuestLayout, guest_name: str) -> None:
@@ -140,8 +203,10 @@ class GuestAppliance:
         settings: ApplianceSettings,
         host_appliance: "HostApplianceSource",
         nursery: trio.Nursery,
+        inspection_cache: InspectionCache | None = None,
     ) -> None:
         self.guest_name = guest_name
+        self._inspection_cache = inspection_cache
         self._conn = conn
         self._settings = settings
         self._host_appliance = host_appliance
@@ -223,7 +288,7 @@ class GuestAppliance:
                 appliance = await boot_appliance(self._conn, self.guest_name, host, self._settings, self._nursery)
                 self._generation += 1
                 try:
-                    layout = await lay_out_os(appliance.client, self.guest_name, self._generation)
+                    layout = await self._lay_out(appliance)
                 except BaseException as exc:
                     await appliance.shutdown()
                     if isinstance(exc, (GuestfsClientError, VirtmountError)):
@@ -239,6 +304,18 @@ class GuestAppliance:
             self._boot_scope = None
             self._booting = None
             done.set()
+
+    async def _lay_out(self, appliance: Appliance) -> GuestLayout:
+        """The OS view, from the layout remembered for these disks when it still holds."""
+        cache, key = self._inspection_cache, appliance.disks_key
+        remembered = cache.load(key) if cache is not None else None
+        layout = await lay_out_os(appliance.client, self.guest_name, self._generation, remembered)
+        if cache is not None and layout.remembered != remembered:
+            if layout.remembered is None:
+                cache.forget(key)
+            else:
+                cache.store(key, layout.remembered)
+        return layout
 
     def idle_for(self) -> float:
         """Seconds since the last access, or 0 while files are open or a boot is under way."""

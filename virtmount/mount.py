@@ -23,6 +23,7 @@ from .errors import UsageError, VirtmountError
 from .fs.model import ConnectionTree
 from .fs.operations import Operations
 from .guests import GuestAppliance, HostApplianceSource
+from .inspection_cache import InspectionCache
 from .virt.connection import close_connection, libvirt_message, open_connection, run_blocking
 from .virt.domainxml import APPLIANCE_NAME_PREFIX
 
@@ -118,9 +119,10 @@ async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[]
         await _remove_leftover_appliances(conn)
         async with trio.open_nursery() as nursery:
             host_appliance = HostApplianceSource(conn, config.appliance.pool)
+            inspection_cache = None if config.inspection_cache is None else InspectionCache(config.inspection_cache)
 
             def make_appliance(name: str, settings: ApplianceSettings = config.appliance) -> GuestAppliance:
-                return GuestAppliance(conn, name, settings, host_appliance, nursery)
+                return GuestAppliance(conn, name, settings, host_appliance, nursery, inspection_cache)
 
             tree = ConnectionTree(conn, make_appliance, nursery, config.cached_entries)
             try:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import libvirt
 import pytest
@@ -202,16 +203,45 @@ def test_listing_domains_boots_nothing(libvirtd: str, test_guest: images.Guest, 
         assert len(_appliances_of(pid)) == 1
 
 
-def test_idle_appliance_shuts_down_and_boots_again(test_guest: images.Guest, tmp_path: Path) -> None:
-    with own_mount(test_guest.uri, tmp_path, "-o", "idle=3") as (mountpoint, pid):
-        target = mountpoint / "domains" / test_guest.name / "fs" / images.ROOT_TEST_FILE.lstrip("/")
-        expected = test_guest.files[images.ROOT_TEST_FILE]
-        assert target.read_bytes() == expected
+def _drop_kernel_dentries() -> None:
+    with open("/proc/sys/vm/drop_caches", "w") as drop:
+        drop.write("2")
+
+
+def test_idle_appliance_boots_again_from_the_remembered_layout_while_it_holds(
+    test_guest: images.Guest, tmp_path: Path
+) -> None:
+    """Three boots in one mount: the first inspects and remembers, the second mounts what was
+    remembered (a doctored memory shows that no inspection ran), the third finds the memory no longer
+    matches the guest's /etc/fstab and inspects again."""
+    layouts = tmp_path / "layouts"
+    with own_mount(test_guest.uri, tmp_path, "-o", f"idle=3,inspection_cache={layouts}") as (mountpoint, pid):
+        fs = mountpoint / "domains" / test_guest.name / "fs"
+        root_file, boot_file = fs / images.ROOT_TEST_FILE.lstrip("/"), fs / images.BOOT_TEST_FILE.lstrip("/")
+        assert root_file.read_bytes() == test_guest.files[images.ROOT_TEST_FILE]
         assert len(_appliances_of(pid)) == 1
-        assert _wait_until(lambda: _appliances_of(pid) == [], timeout=30)
-        os.listdir(target.parent)  # boots it again
-        assert _appliances_of(pid) != []
-        assert (target.parent / "hostname").read_bytes().strip() == b"virtmount-test"
+        [remembered_file] = layouts.iterdir()
+        remembered = json.loads(remembered_file.read_text())
+        assert test_guest.spec.inspection is not None
+        assert remembered["root"] == test_guest.spec.inspection.root
+        assert remembered["mountpoints"] == dict(test_guest.spec.inspection.mountpoints)
+
+        def next_boot_remembers(doctored: dict[str, Any]) -> None:
+            assert _wait_until(lambda: _appliances_of(pid) == [], timeout=30)
+            remembered_file.write_text(json.dumps(doctored))
+            os.listdir(fs)  # boots it again
+            assert _appliances_of(pid) != []
+
+        without_boot = {**remembered, "mountpoints": {m: d for m, d in remembered["mountpoints"].items() if m != "/boot"}}
+        next_boot_remembers(without_boot)
+        assert root_file.read_bytes() == test_guest.files[images.ROOT_TEST_FILE]
+        assert not boot_file.exists()  # /boot of the root filesystem, as the doctored memory says
+
+        fstab_edited = {**without_boot, "fstab": {**remembered["fstab"], "ctime_ns": remembered["fstab"]["ctime_ns"] + 1}}
+        next_boot_remembers(fstab_edited)
+        _drop_kernel_dentries()  # the kernel may still hold fs/boot as the root filesystem's directory
+        assert boot_file.read_bytes() == test_guest.files[images.BOOT_TEST_FILE]
+        assert json.loads(remembered_file.read_text()) == remembered
 
 
 def test_release_shuts_one_domain_down_now(mounted: Path, test_guest: images.Guest) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from virtmount.appliance import ApplianceSettings
@@ -9,7 +11,7 @@ from virtmount.config import Config, options_help, parse_options
 from virtmount.errors import UsageError
 
 ALL_OPTIONS = ("accel", "memory", "cpus", "boot_timeout", "call_timeout", "pool", "kernel_args", "idle",
-               "cache_entries", "allow_other", "debug")
+               "cache_entries", "inspection_cache", "allow_other", "debug")
 
 
 def usage_error(*option_strings: str) -> str:
@@ -73,6 +75,14 @@ def test_one_option_changes_only_its_setting() -> None:
     assert parse_options(["memory=512"]) == Config(appliance=ApplianceSettings(memory_mib=512))
     assert parse_options(["idle=5"]) == Config(idle_seconds=5.0)
     assert parse_options(["cache_entries=5000"]) == Config(cached_entries=5000)
+
+
+def test_inspection_cache_is_a_directory_made_absolute_or_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Config().inspection_cache is not None and Config().inspection_cache.is_absolute()
+    monkeypatch.chdir(tmp_path)
+    assert parse_options(["inspection_cache=layouts"]).inspection_cache == tmp_path / "layouts"
+    assert parse_options(["inspection_cache=off"]).inspection_cache is None
+    usage_error("inspection_cache=")
     assert parse_options(["allow_other"]) == Config(allow_other=True)
     assert parse_options(["debug"]) == Config(debug=True, appliance=ApplianceSettings(verbose=True))
     assert parse_options(["kernel_args=a b=c"]) == Config(appliance=ApplianceSettings(extra_kernel_args="a b=c"))
@@ -162,6 +172,7 @@ def test_options_help_lists_every_option() -> None:
     names = [line.strip().split(":")[0] for line in lines]
     assert names == [
         "accel=VALUE", "memory=VALUE", "cpus=VALUE", "boot_timeout=VALUE", "call_timeout=VALUE",
-        "pool=VALUE", "kernel_args=VALUE", "idle=VALUE", "cache_entries=VALUE", "allow_other", "debug",
+        "pool=VALUE", "kernel_args=VALUE", "idle=VALUE", "cache_entries=VALUE", "inspection_cache=VALUE",
+        "allow_other", "debug",
     ]
     assert [name.partition("=")[0] for name in names] == list(ALL_OPTIONS)

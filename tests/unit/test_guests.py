@@ -2,27 +2,47 @@
 
 from __future__ import annotations
 
+import errno
+import json
+from pathlib import Path
 from typing import Any, cast
+
+import pytest
 
 from virtmount.guestfs.client import GuestfsClient
 from virtmount.guestfs.errors import GuestfsError
 from virtmount.guestfs.procs import Statns
-from virtmount.guests import lay_out_os, mount_devices
+from virtmount.guests import GuestAppliance, lay_out_os, mount_devices
+from virtmount.inspection_cache import FstabFingerprint, InspectionCache, RememberedLayout
 
 FILESYSTEMS = {"/dev/sda1": "ext4", "/dev/vg0/root": "ext4", "/dev/vg0/data": "xfs", "/dev/sda2": "swap"}
 DEV_OF = {"/dev/sda1": 2049, "/dev/vg0/root": 64768, "/dev/vg0/data": 64769}
+
+
+MOUNTPOINTS = {"/srv/data": "/dev/vg0/data", "/": "/dev/vg0/root", "/boot": "/dev/sda1"}
 
 
 def statns(dev: int) -> Statns:
     return Statns(dev, 2, 0o40755, 2, *([0] * 18))
 
 
+def fstab_statns(ino: int = 131, size: int = 412, mtime: tuple[int, int] = (1700000000, 5),
+                 ctime: tuple[int, int] = (1700000000, 7)) -> Statns:
+    return Statns(64768, ino, 0o100644, 1, 0, 0, 0, size, 4096, 8, 0, 0, *mtime, *ctime, *([0] * 6))
+
+
+FSTAB = FstabFingerprint(inode=131, size=412, mtime_ns=1700000000_000000005, ctime_ns=1700000000_000000007)
+
+
 class FakeDaemon:
     """Records the layout calls; devices listed in ``dirty`` refuse a plain read-only mount."""
 
-    def __init__(self, *, roots: list[str], dirty: frozenset[str] = frozenset()) -> None:
+    def __init__(self, *, roots: list[str], dirty: frozenset[str] = frozenset(),
+                 fstab: Statns | None = fstab_statns(), broken: frozenset[str] = frozenset()) -> None:
         self.roots = roots
         self.dirty = dirty
+        self.fstab = fstab  # the root filesystem's /etc/fstab, None: it has none
+        self.broken = broken  # devices that do not mount at all
         self.calls: list[tuple[str, tuple[Any, ...]]] = []
         self.mounted: dict[bytes, str] = {}
 
@@ -31,7 +51,7 @@ class FakeDaemon:
         return self.roots
 
     async def inspect_get_mountpoints(self, root: str) -> dict[str, str]:
-        return {"/srv/data": "/dev/vg0/data", "/": "/dev/vg0/root", "/boot": "/dev/sda1"}
+        return dict(MOUNTPOINTS)
 
     async def list_filesystems(self) -> dict[str, str]:
         self.calls.append(("list_filesystems", ()))
@@ -44,17 +64,32 @@ class FakeDaemon:
     async def mkmountpoint(self, path: bytes) -> None:
         self.calls.append(("mkmountpoint", (path,)))
 
+    async def rmmountpoint(self, path: bytes) -> None:
+        self.calls.append(("rmmountpoint", (path,)))
+
+    async def umount(self, path: bytes) -> None:
+        self.calls.append(("umount", (path,)))
+        del self.mounted[path]
+
     async def mount_ro(self, device: str, mountpoint: bytes) -> None:
         self.calls.append(("mount_ro", (device, mountpoint)))
+        if device in self.broken:
+            raise GuestfsError(None, "", "mount: wrong fs type", "mount_ro")
         if device in self.dirty:
             raise GuestfsError(None, "", "mount: cannot mount read-only", "mount_ro")
         self.mounted[mountpoint] = device
 
     async def mount_options(self, options: str, device: str, mountpoint: bytes) -> None:
         self.calls.append(("mount_options", (options, device, mountpoint)))
+        if device in self.broken:
+            raise GuestfsError(None, "", "mount: wrong fs type", "mount_options")
         self.mounted[mountpoint] = device
 
     async def lstatns(self, path: bytes) -> Statns:
+        if path == b"/fs/etc/fstab":
+            if self.fstab is None or self.mounted.get(b"/fs") != "/dev/vg0/root":
+                raise GuestfsError(errno.ENOENT, "ENOENT", "lstatns: /etc/fstab: No such file", "lstatns")
+            return self.fstab
         return statns(DEV_OF[self.mounted[path]])
 
     def names(self) -> list[str]:
@@ -97,3 +132,82 @@ async def test_no_os_mounts_nothing_until_devices_are_asked_for() -> None:
     assert not layout.has_os and daemon.names() == ["inspect_os"]
     await mount_devices(layout, "guest")
     assert sorted(layout.devices) == ["sda1", "vg0-data", "vg0-root"]
+
+
+async def test_an_inspection_is_remembered_with_the_identity_of_fstab() -> None:
+    daemon = FakeDaemon(roots=["/dev/vg0/root"])
+    layout = await lay_out_os(cast(GuestfsClient, daemon), "guest", 1)
+    assert layout.remembered == RememberedLayout(root="/dev/vg0/root", mountpoints=MOUNTPOINTS, fstab=FSTAB)
+
+
+async def test_a_guest_without_fstab_is_not_remembered() -> None:
+    daemon = FakeDaemon(roots=["/dev/vg0/root"], fstab=None)
+    layout = await lay_out_os(cast(GuestfsClient, daemon), "guest", 1)
+    assert layout.has_os and layout.remembered is None
+
+
+async def test_a_remembered_layout_is_mounted_without_inspecting() -> None:
+    inspected = FakeDaemon(roots=["/dev/vg0/root"])
+    first = await lay_out_os(cast(GuestfsClient, inspected), "guest", 1)
+    daemon = FakeDaemon(roots=["/dev/vg0/root"])
+    layout = await lay_out_os(cast(GuestfsClient, daemon), "guest", 2, first.remembered)
+    assert "inspect_os" not in daemon.names()
+    assert daemon.mounted == inspected.mounted
+    assert layout.has_os and layout.generation == 2 and layout.remembered == first.remembered
+    assert layout.fs_by_dev == first.fs_by_dev
+
+
+@pytest.mark.parametrize("daemon", [
+    FakeDaemon(roots=["/dev/vg0/root"], fstab=fstab_statns(ctime=(1700000000, 8))),  # fstab edited
+    FakeDaemon(roots=["/dev/vg0/root"], fstab=fstab_statns(ino=132)),  # fstab replaced
+    FakeDaemon(roots=["/dev/vg0/root"], fstab=None),  # not the filesystem it was
+    FakeDaemon(roots=["/dev/sda1"], broken=frozenset({"/dev/vg0/root"})),  # the device is gone
+], ids=["edited", "replaced", "no-fstab", "root-unmountable"])
+async def test_a_remembered_layout_that_no_longer_holds_is_inspected_again(daemon: FakeDaemon) -> None:
+    remembered = RememberedLayout(root="/dev/vg0/root", mountpoints=MOUNTPOINTS, fstab=FSTAB)
+    layout = await lay_out_os(cast(GuestfsClient, daemon), "guest", 1, remembered)
+    names = daemon.names()
+    assert "inspect_os" in names
+    # nothing of the remembered attempt is left mounted when the inspection starts
+    before = names[:names.index("inspect_os")]
+    assert before.count("mkmountpoint") == before.count("rmmountpoint") == 1
+    assert before.count("umount") == sum(1 for n, a in daemon.calls[:len(before)] if n == "mount_ro"
+                                         and a[0] not in daemon.broken)
+    assert layout.remembered != remembered
+
+
+class FakeAppliance:
+    def __init__(self, daemon: FakeDaemon) -> None:
+        self.client = daemon
+        self.disks_key = "k" * 64
+
+
+async def test_the_appliance_stores_and_forgets_remembered_layouts(tmp_path: Path) -> None:
+    cache = InspectionCache(tmp_path / "layouts")
+    guest = GuestAppliance(cast(Any, None), "guest", cast(Any, None), cast(Any, None), cast(Any, None), cache)
+    key = "k" * 64
+    await guest._lay_out(cast(Any, FakeAppliance(FakeDaemon(roots=["/dev/vg0/root"]))))
+    assert cache.load(key) == RememberedLayout(root="/dev/vg0/root", mountpoints=MOUNTPOINTS, fstab=FSTAB)
+
+    again = FakeDaemon(roots=["/dev/vg0/root"])
+    await guest._lay_out(cast(Any, FakeAppliance(again)))
+    assert "inspect_os" not in again.names()
+
+    await guest._lay_out(cast(Any, FakeAppliance(FakeDaemon(roots=["/dev/vg0/root"], fstab=None))))
+    assert cache.load(key) is None and not (tmp_path / "layouts" / f"{key}.json").exists()
+
+
+def test_the_cache_survives_damage_and_unwritable_directories(tmp_path: Path) -> None:
+    cache = InspectionCache(tmp_path)
+    layout = RememberedLayout(root="/dev/sda2", mountpoints={"/": "/dev/sda2", "/b\udcff": "/dev/sda1"}, fstab=FSTAB)
+    cache.store("a", layout)
+    assert cache.load("a") == layout
+    assert list(tmp_path.iterdir()) == [tmp_path / "a.json"]  # no temporary file left behind
+    for damaged in ("{", "[]", json.dumps({"version": 99}), json.dumps({"version": 1, "root": "/dev/sda2"}),
+                    json.dumps({"version": 1, "root": 1, "mountpoints": {"/": "x"}, "fstab": {}})):
+        (tmp_path / "a.json").write_text(damaged)
+        assert cache.load("a") is None
+    assert cache.load("missing") is None
+    (tmp_path / "file").write_text("")
+    InspectionCache(tmp_path / "file" / "sub").store("a", layout)  # logged, not raised
+    InspectionCache(tmp_path / "file" / "sub").forget("a")

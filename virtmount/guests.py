@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import libvirt
@@ -220,6 +221,9 @@ class GuestAppliance:
         self._generation = 0
         self._boot_scope: trio.CancelScope | None = None
         self._devices_lock = trio.Lock()
+        # Called after a running appliance is discarded: the disks may change before the next boot,
+        # so what the kernel still caches of this guest's files must go.
+        self.on_discard: Callable[[], None] | None = None
 
     @property
     def known_has_os(self) -> bool | None:
@@ -335,6 +339,8 @@ class GuestAppliance:
         if appliance is not None:
             log.info("%s: shutting the appliance down", self.guest_name)
             await appliance.shutdown()
+            if self.on_discard is not None:
+                self.on_discard()
 
 
 class HostApplianceSource:

@@ -124,7 +124,13 @@ async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[]
             def make_appliance(name: str, settings: ApplianceSettings = config.appliance) -> GuestAppliance:
                 return GuestAppliance(conn, name, settings, host_appliance, nursery, inspection_cache)
 
-            tree = ConnectionTree(conn, make_appliance, nursery, config.cached_entries)
+            serving = False
+
+            def forget_kernel_entry(parent_inode: int, name: bytes) -> None:
+                if serving:  # the kernel connection exists only between init and close
+                    pyfuse3.invalidate_entry_async(parent_inode, name, ignore_enoent=True)
+
+            tree = ConnectionTree(conn, make_appliance, nursery, config.cached_entries, forget_kernel_entry)
             try:
                 pyfuse3.init(Operations(tree), mountpoint, _fuse_options(config))
             except RuntimeError as exc:
@@ -135,8 +141,10 @@ async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[]
                 nursery.start_soon(_shut_down_idle_appliances, tree, config.idle_seconds)
                 on_ready()
                 log.info("mounted %s on %s", uri, mountpoint)
+                serving = True
                 await pyfuse3.main()
             finally:
+                serving = False
                 with trio.CancelScope(shield=True):
                     async with trio.open_nursery() as shutdowns:
                         for entry in tree.domain_entries():

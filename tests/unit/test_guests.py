@@ -211,3 +211,21 @@ def test_the_cache_survives_damage_and_unwritable_directories(tmp_path: Path) ->
     (tmp_path / "file").write_text("")
     InspectionCache(tmp_path / "file" / "sub").store("a", layout)  # logged, not raised
     InspectionCache(tmp_path / "file" / "sub").forget("a")
+
+
+async def test_discarding_a_running_appliance_tells_the_tree() -> None:
+    class Booted:
+        shut_down = False
+
+        async def shutdown(self) -> None:
+            self.shut_down = True
+
+    guest = GuestAppliance(cast(Any, None), "guest", cast(Any, None), cast(Any, None), cast(Any, None))
+    told: list[str] = []
+    guest.on_discard = lambda: told.append("discarded")
+    await guest.release()
+    assert told == []  # nothing was running
+    booted = Booted()
+    guest._appliance = cast(Any, booted)
+    await guest.release()
+    assert booted.shut_down and told == ["discarded"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -362,7 +363,8 @@ class World:
         return [a for a in self.made if a.guest_name == name][-1]
 
 
-def make_world(conn: FakeConnection | None = None, nursery: trio.Nursery | None = None) -> World:
+def make_world(conn: FakeConnection | None = None, nursery: trio.Nursery | None = None,
+               forget_kernel_entry: Callable[[int, bytes], None] | None = None) -> World:
     client = FakeGuestClient(*guest_filesystems())
     conn = conn or FakeConnection(
         FakeDomain("beta", BETA_UUID), FakeDomain(APPLIANCE_NAME, "11111111-2222-3333-4444-555555555555"),
@@ -380,7 +382,8 @@ def make_world(conn: FakeConnection | None = None, nursery: trio.Nursery | None 
         made.append(appliance)
         return cast(GuestAppliance, appliance)
 
-    tree = ConnectionTree(cast(libvirt.virConnect, conn), make_appliance, nursery)
+    tree = ConnectionTree(cast(libvirt.virConnect, conn), make_appliance, nursery,
+                          forget_kernel_entry=forget_kernel_entry)
     return World(conn, tree, client, results, made)
 
 
@@ -996,3 +999,14 @@ async def test_listing_after_a_new_boot_refreshes_link_targets(world: World) -> 
     listed = await read_dir(tree, fs_root)
     assert listed[b"link"] is link
     assert await tree.readlink(link.inode) == b"etc/passwd"
+
+
+async def test_a_discarded_appliance_makes_the_kernel_forget_the_domain_views() -> None:
+    forgotten: list[tuple[int, bytes]] = []
+    world = make_world(forget_kernel_entry=lambda parent, name: forgotten.append((parent, name)))
+    alpha = await walk(world.tree, b"domains", b"alpha")
+    await walk(world.tree, b"domains", b"alpha", b"fs", b"etc")
+    assert forgotten == []
+    on_discard = world.appliance("alpha").on_discard  # type: ignore[attr-defined]
+    on_discard()
+    assert forgotten == [(alpha.inode, b"fs"), (alpha.inode, b"devices")]

@@ -193,10 +193,14 @@ class ConnectionTree:
         make_appliance: Callable[[str], GuestAppliance],
         nursery: trio.Nursery | None = None,
         cached_entries: int = DEFAULT_CACHED_ENTRIES,
+        forget_kernel_entry: Callable[[int, bytes], None] | None = None,
     ) -> None:
         """``nursery`` runs the speculative fetches; without one, nothing is fetched ahead.
-        ``cached_entries`` bounds the directory entries kept in the listing cache."""
+        ``cached_entries`` bounds the directory entries kept in the listing cache.
+        ``forget_kernel_entry(parent inode, name)`` drops what the kernel caches of an entry and
+        everything below it; it is called for a domain's views when its appliance goes away."""
         self._conn = conn
+        self._forget_kernel_entry = forget_kernel_entry
         self._make_appliance = make_appliance
         self._numbers = InodeNumbers()
         self._nodes: dict[int, Node] = {}
@@ -356,7 +360,15 @@ class ConnectionTree:
         )
         xml_file.domain = entry
         entry_box.append(entry)
+        entry.appliance.on_discard = lambda: self._forget_views_in_kernel(entry)
         return entry
+
+    def _forget_views_in_kernel(self, entry: DomainEntry) -> None:
+        """The next appliance may see other disk contents: the kernel must ask again, not within
+        its cache timeout answer from what the last appliance showed."""
+        if self._forget_kernel_entry is not None:
+            for view in (b"fs", b"devices"):
+                self._forget_kernel_entry(entry.directory.inode, view)
 
     async def _domain_xml(self, entry: DomainEntry) -> bytes:
         try:

@@ -19,9 +19,11 @@ from xml.etree import ElementTree as ET
 import libvirt
 import trio
 
+from .devicenames import COLD_BOOTED, RESTORED
 from .errors import VirtmountError
 from .guestfs.client import GuestfsClient
 from .guestfs.errors import ConnectionLost, GuestfsClientError, GuestfsTimeout
+from .faststart import FastStartUnavailable, SavedAppliance, overlay_volume_xml, restore_xml
 from .inspection_cache import disks_identity
 from .virt.connection import libvirt_message, run_blocking
 from .virt.console import ConsoleLog
@@ -29,6 +31,8 @@ from .virt.domainxml import (
     APPLIANCE_NAME_PREFIX,
     DAEMON_CHANNEL,
     ApplianceSpec,
+    GuestDefinition,
+    appliance_disk,
     build_appliance_xml,
     read_guest_definition,
 )
@@ -56,6 +60,7 @@ class ApplianceSettings:
     writable: bool = False
     verbose: bool = False
     extra_kernel_args: str = ""
+    fast_start: bool = True  # restore a saved appliance and plug the disks in (faststart.py)
 
 
 class GuestNotFound(VirtmountError):
@@ -124,6 +129,7 @@ class Appliance:
         self.console = console
         self.boot_seconds = 0.0
         self.disks_key = ""  # identifies the guest's disk set (inspection_cache.disks_identity)
+        self.naming = COLD_BOOTED  # how its daemon names the guest's disks (devicenames.py)
 
     async def shutdown(self) -> None:
         """Sync and unmount inside the appliance, then destroy its domain; never raises."""
@@ -160,7 +166,19 @@ async def boot_appliance(
     guest = await _lookup_guest(conn, guest_name)
     definition = read_guest_definition(await run_blocking(guest.XMLDesc, 0))
     uri = await run_blocking(conn.getURI)
+    disks_key = disks_identity(
+        uri, await run_blocking(guest.UUIDString), [ET.tostring(disk, encoding="unicode") for disk in definition.disks]
+    )
     domain_types = _domain_types_to_try(uri, settings.accelerator, await run_blocking(_host_has_kvm, conn))
+    # A guest's own security labels apply to the whole appliance domain, which a restore cannot change.
+    if settings.fast_start and not _uses_embedded_driver(conn) and not definition.seclabels:
+        try:
+            appliance = await _fast_boot(conn, definition, host_appliance, settings, domain_types[0], nursery)
+        except FastStartUnavailable as exc:
+            log.info("appliance for %s: no fast start (%s); booting it cold", guest_name, exc)
+        else:
+            appliance.disks_key = disks_key
+            return appliance
     failure: BootFailed | None = None
     for attempt, domain_type in enumerate(domain_types):
         spec = ApplianceSpec(
@@ -176,6 +194,7 @@ async def boot_appliance(
             writable=settings.writable,
             verbose=settings.verbose,
             extra_kernel_args=settings.extra_kernel_args,
+            owner=str(os.getpid()),
         )
         try:
             appliance = await _boot_once(conn, spec, settings, nursery)
@@ -185,12 +204,189 @@ async def boot_appliance(
                 log.info("appliance for %s: %s; trying %s", guest_name, exc, domain_types[attempt + 1])
             continue
         _accelerator_that_worked[uri] = domain_type
-        appliance.disks_key = disks_identity(
-            uri, await run_blocking(guest.UUIDString), [ET.tostring(disk, encoding="unicode") for disk in definition.disks]
-        )
+        appliance.disks_key = disks_key
         return appliance
     assert failure is not None
     raise failure
+
+
+# Saved appliances being made or restored by this process: a second boot does not wait, it boots cold.
+_saved_appliances_busy: set[str] = set()
+_DEVICES_PLUGGED_TIMEOUT_S = 60.0
+_RESTORED_ANSWER_TIMEOUT_S = 60.0  # a restored daemon answers within a second; a cold boot may take minutes
+
+
+async def _fast_boot(
+    conn: libvirt.virConnect,
+    definition: GuestDefinition,
+    host: HostAppliance,
+    settings: ApplianceSettings,
+    domain_type: str,
+    nursery: trio.Nursery,
+) -> Appliance:
+    """Restore the saved appliance for these settings (saving one first if there is none yet),
+    then plug the guest's disks in. FastStartUnavailable: nothing is left running."""
+    saved = SavedAppliance.for_boot(host, domain_type, settings.memory_mib, settings.vcpus,
+                                    settings.extra_kernel_args, settings.verbose)
+    if saved.name in _saved_appliances_busy:
+        raise FastStartUnavailable("the saved appliance is being made or restored")
+    _saved_appliances_busy.add(saved.name)
+    try:
+        state_path = saved.state_path(host)
+        saved_xml = await _saved_domain_xml(conn, state_path)
+        if saved_xml is None:
+            await _save_appliance(conn, saved, host, settings, domain_type, nursery)
+            saved_xml = await _saved_domain_xml(conn, state_path)
+            if saved_xml is None:
+                raise FastStartUnavailable(f"the saved appliance {state_path} cannot be read back")
+        started = time.monotonic()
+        if await _domain_exists(conn, saved.name):
+            raise FastStartUnavailable("the saved appliance is in use")
+        await _replace_overlay(conn, settings.pool, saved.run_volume, saved.path(host, saved.root_volume))
+        try:
+            xml = restore_xml(saved_xml, saved.path(host, saved.root_volume), saved.path(host, saved.run_volume),
+                              definition.name, str(os.getpid()))
+            await run_blocking(conn.restoreFlags, state_path, xml, libvirt.VIR_DOMAIN_SAVE_PAUSED)
+            domain = await run_blocking(conn.lookupByName, saved.name)
+        except libvirt.libvirtError as exc:
+            if await _domain_exists(conn, saved.name):
+                raise FastStartUnavailable("the saved appliance is in use") from None
+            await _forget_saved_appliance(conn, saved, host, settings)  # stale (e.g. QEMU upgraded)
+            raise FastStartUnavailable(f"cannot restore the saved appliance: {libvirt_message(exc)}") from None
+    finally:
+        _saved_appliances_busy.discard(saved.name)
+    what = f"appliance for {definition.name} (restored)"
+    try:
+        appliance = await _attach_and_resume(conn, domain, definition.name, what, settings, nursery, restored=True)
+    except BootFailed as exc:
+        await _forget_saved_appliance(conn, saved, host, settings)
+        raise FastStartUnavailable(str(exc)) from None
+    appliance.naming = RESTORED
+    try:
+        await _plug_in_guest_disks(appliance, definition, settings)
+    except (libvirt.libvirtError, GuestfsClientError, FastStartUnavailable) as exc:
+        await appliance.shutdown()
+        reason = libvirt_message(exc) if isinstance(exc, libvirt.libvirtError) else str(exc)
+        raise FastStartUnavailable(f"cannot plug the guest's disks in: {reason}") from None
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await appliance.shutdown()
+        raise
+    appliance.boot_seconds = time.monotonic() - started
+    log.info("%s ready in %.1f s as %s", what, appliance.boot_seconds, saved.name)
+    return appliance
+
+
+async def _saved_domain_xml(conn: libvirt.virConnect, state_path: str) -> str | None:
+    """The domain XML inside a saved appliance, or None if there is none (or it is unreadable)."""
+    try:
+        return str(await run_blocking(conn.saveImageGetXMLDesc, state_path, 0))
+    except libvirt.libvirtError:
+        return None
+
+
+async def _domain_exists(conn: libvirt.virConnect, name: str) -> bool:
+    try:
+        await run_blocking(conn.lookupByName, name)
+    except libvirt.libvirtError:
+        return False
+    return True
+
+
+async def _save_appliance(
+    conn: libvirt.virConnect,
+    saved: SavedAppliance,
+    host: HostAppliance,
+    settings: ApplianceSettings,
+    domain_type: str,
+    nursery: trio.Nursery,
+) -> None:
+    """Boot an appliance with its root disk only, on a root overlay of its own, and save it."""
+    await _replace_overlay(conn, settings.pool, saved.root_volume, host.root_path)
+    spec = ApplianceSpec(
+        name=saved.name,
+        guest=GuestDefinition(name="(saved appliance)", disks=()),
+        kernel_path=host.kernel_path,
+        initrd_path=host.initrd_path,
+        root_path=host.root_path,
+        root_uuid=host.root_uuid,
+        domain_type=domain_type,
+        memory_mib=settings.memory_mib,
+        vcpus=settings.vcpus,
+        verbose=settings.verbose,
+        extra_kernel_args=settings.extra_kernel_args,
+        owner=str(os.getpid()),
+        root_overlay=saved.path(host, saved.root_volume),
+    )
+    try:
+        appliance = await _boot_once(conn, spec, settings, nursery)
+    except BootFailed as exc:
+        raise FastStartUnavailable(str(exc)) from None
+    try:
+        with trio.CancelScope(shield=True):
+            await run_blocking(appliance.domain.save, saved.state_path(host))
+    except libvirt.libvirtError as exc:
+        raise FastStartUnavailable(f"cannot save the appliance: {libvirt_message(exc)}") from None
+    finally:
+        await appliance.client.aclose()
+        await _destroy_quietly(appliance.domain)
+    log.info("saved a booted appliance as %s for fast starts", saved.state_path(host))
+
+
+async def _replace_overlay(conn: libvirt.virConnect, pool_name: str, name: str, backing_path: str) -> None:
+    """(Re)create the volume ``name`` in the pool as an empty qcow2 overlay of ``backing_path``."""
+    try:
+        pool = await run_blocking(conn.storagePoolLookupByName, pool_name)
+        await run_blocking(pool.refresh, 0)
+        stale = await run_blocking(_volume_or_none, pool, name)
+        if stale is not None:
+            await run_blocking(stale.delete, 0)
+        backing = await run_blocking(conn.storageVolLookupByPath, backing_path)
+        capacity = (await run_blocking(backing.info))[1]
+        await run_blocking(pool.createXML, overlay_volume_xml(name, backing_path, capacity), 0)
+    except libvirt.libvirtError as exc:
+        raise FastStartUnavailable(f"cannot make the overlay {name}: {libvirt_message(exc)}") from None
+
+
+async def _forget_saved_appliance(
+    conn: libvirt.virConnect, saved: SavedAppliance, host: HostAppliance, settings: ApplianceSettings
+) -> None:
+    """Delete a saved appliance that did not come back, so that the next boot saves a new one."""
+    log.warning("the saved appliance %s did not come back; it will be made again", saved.name)
+    try:
+        pool = await run_blocking(conn.storagePoolLookupByName, settings.pool)
+        await run_blocking(pool.refresh, 0)
+        for name in (os.path.basename(saved.state_path(host)), saved.root_volume, saved.run_volume):
+            volume = await run_blocking(_volume_or_none, pool, name)
+            if volume is not None:
+                await run_blocking(volume.delete, 0)
+    except libvirt.libvirtError as exc:
+        log.warning("cannot delete the saved appliance %s: %s", saved.name, libvirt_message(exc))
+
+
+def _volume_or_none(pool: libvirt.virStoragePool, name: str) -> libvirt.virStorageVol | None:
+    try:
+        return pool.storageVolLookupByName(name)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_VOL:
+            return None
+        raise
+
+
+async def _plug_in_guest_disks(appliance: Appliance, definition: GuestDefinition, settings: ApplianceSettings) -> None:
+    """Attach the guest's disks behind the root (sdb, sdc, … as in a cold boot), wait until the
+    appliance sees them all, and activate their LVM volumes as the appliance's init does at boot."""
+    for index, disk in enumerate(definition.disks):
+        xml = ET.tostring(appliance_disk(disk, index + 1, settings.writable), encoding="unicode")
+        await run_blocking(appliance.domain.attachDeviceFlags, xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    if not definition.disks:
+        return
+    with trio.move_on_after(_DEVICES_PLUGGED_TIMEOUT_S):
+        while len(await appliance.client.list_devices()) < len(definition.disks):
+            await trio.sleep(0.2)
+        await appliance.client.lvm_scan(True)
+        return
+    raise FastStartUnavailable(f"the appliance did not see the guest's disks within {_DEVICES_PLUGGED_TIMEOUT_S:.0f} s")
 
 
 # Most telling first: the line that names why a boot failed.
@@ -225,40 +421,60 @@ async def _boot_once(
         domain = await run_blocking(conn.createXML, build_appliance_xml(spec), flags)
     except libvirt.libvirtError as exc:
         raise BootFailed(f"cannot start {what}: {libvirt_message(exc)}") from None
+    appliance = await _attach_and_resume(conn, domain, spec.guest.name, what, settings, nursery, restored=False)
+    appliance.boot_seconds = time.monotonic() - started
+    log.info("%s booted in %.1f s as %s", what, appliance.boot_seconds, spec.name)
+    return appliance
 
-    console = ConsoleLog(spec.name)
+
+async def _attach_and_resume(
+    conn: libvirt.virConnect,
+    domain: libvirt.virDomain,
+    guest_name: str,
+    what: str,
+    settings: ApplianceSettings,
+    nursery: trio.Nursery,
+    *,
+    restored: bool,
+) -> Appliance:
+    """Open the console and the daemon channel of a paused appliance, resume it and wait until its
+    daemon answers: the launch flag of a fresh boot, or a ping for a restored one (whose daemon
+    sent its flag before it was saved). The domain is destroyed if that fails."""
+    console = ConsoleLog(await run_blocking(domain.name))
     client: GuestfsClient | None = None
     try:
         console_stream = console.attach(conn, domain)
         nursery.start_soon(console.collect, console_stream)
         raw_channel = LibvirtByteStream.new_stream(conn)
         await run_blocking(domain.openChannel, DAEMON_CHANNEL, raw_channel, 0)
-        channel = LibvirtByteStream(raw_channel, f"daemon channel of {spec.name}")
+        channel = LibvirtByteStream(raw_channel, f"daemon channel of {what}")
         channel.start()
-        client = GuestfsClient(channel, call_timeout=settings.call_timeout)
+        client = GuestfsClient(channel, call_timeout=settings.call_timeout, require_launch_flag=not restored)
         client.start(nursery)
         await run_blocking(domain.resume)
-        await client.wait_for_launch(settings.boot_timeout)
-    except (libvirt.libvirtError, GuestfsTimeout, ConnectionLost) as exc:
+        if restored:
+            await client.ping_daemon(timeout=min(settings.boot_timeout, _RESTORED_ANSWER_TIMEOUT_S))
+        else:
+            await client.wait_for_launch(settings.boot_timeout)
+    except (libvirt.libvirtError, GuestfsClientError) as exc:
         if isinstance(exc, libvirt.libvirtError):
             reason = libvirt_message(exc)
         elif isinstance(exc, GuestfsTimeout):
             reason = f"its daemon did not answer within {settings.boot_timeout:.0f} s"
-        else:
+        elif isinstance(exc, ConnectionLost):
             reason = "it stopped before its daemon answered"
+        else:
+            reason = f"its daemon answered with an error: {exc}"
         if client is not None:
             await client.aclose()
         await _destroy_quietly(domain)
         await trio.sleep(0.2)  # let the console reader take the last output
         last = _console_summary(console)
-        raise BootFailed(f"{what} failed to boot: {reason}{last}") from None
+        raise BootFailed(f"{what} failed to {'resume' if restored else 'boot'}: {reason}{last}") from None
     except BaseException:
         with trio.CancelScope(shield=True):
             if client is not None:
                 await client.aclose()
             await _destroy_quietly(domain)
         raise
-    appliance = Appliance(spec.guest.name, domain, client, console)
-    appliance.boot_seconds = time.monotonic() - started
-    log.info("%s booted in %.1f s as %s", what, appliance.boot_seconds, spec.name)
-    return appliance
+    return Appliance(guest_name, domain, client, console)

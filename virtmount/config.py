@@ -54,6 +54,12 @@ def _inspection_cache(text: str) -> Path | None:
     return None if text == "off" else Path(os.path.abspath(text))
 
 
+def _on_off(name: str, text: str) -> bool:
+    if text not in ("on", "off"):
+        raise UsageError(f"option {name} must be on or off, not {text!r}")
+    return text == "on"
+
+
 def _with_appliance(config: Config, **changes: object) -> Config:
     return replace(config, appliance=replace(config.appliance, **changes))  # type: ignore[arg-type]
 
@@ -74,6 +80,9 @@ _OPTIONS: dict[str, tuple[bool, Callable[[Config, str], Config], str]] = {
              "storage pool on the host for the appliance files (default virtmount)"),
     "kernel_args": (True, lambda c, v: _with_appliance(c, extra_kernel_args=v),
                     "extra appliance kernel arguments, space-separated"),
+    "fast_start": (True, lambda c, v: _with_appliance(c, fast_start=_on_off("fast_start", v)),
+                   "on (default): restore a saved, booted appliance (made once per host and settings) and "
+                   "plug the guest's disks in; off: boot every appliance cold"),
     "idle": (True, lambda c, v: replace(c, idle_seconds=_positive_number("idle", v)),
              "seconds without access before an appliance is shut down (default 60)"),
     "cache_entries": (True, lambda c, v: replace(

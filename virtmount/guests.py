@@ -21,6 +21,7 @@ import libvirt
 import trio
 
 from .appliance import Appliance, ApplianceSettings, boot_appliance
+from .devicenames import COLD_BOOTED, DiskNaming
 from .errors import VirtmountError
 from .guestfs.client import GuestfsClient
 from .guestfs.errors import GuestfsClientError, GuestfsError
@@ -44,7 +45,7 @@ class GuestUnavailableError(Exception):
 
 
 def device_view_name(device: str) -> str:
-    """The name under devices/: /dev/sda1 -> sda1, /dev/vg0/root -> vg0-root, btrfsvol:/dev/sda2/@ -> sda2-@."""
+    """The name under devices/ of a guest device (in the guest's disk order): /dev/sda1 -> sda1, /dev/vg0/root -> vg0-root, btrfsvol:/dev/sda2/@ -> sda2-@."""
     name = device.removeprefix("btrfsvol:")
     name = name.removeprefix("/dev/mapper/").removeprefix("/dev/")
     return name.replace("/", "-")
@@ -61,9 +62,14 @@ class GuestLayout:
     generation: int = 0
     devices_mounted: bool = False  # ``devices`` is complete (see mount_devices)
     remembered: RememberedLayout | None = None  # what the next boot may reuse; None: inspect again
+    naming: DiskNaming = COLD_BOOTED  # how this appliance names the guest's disks
 
     def device_path(self, view_name: str) -> bytes:
         return DEVICES_DIR + b"/" + view_name.encode()
+
+    def view_name(self, device: str) -> str:
+        """The devices/ name (and filesystem name) of a device as the appliance names it."""
+        return device_view_name(self.naming.to_guest(device))
 
 
 async def _mount_read_only(client: GuestfsClient, device: str, fstype: str | None, mountpoint: bytes) -> None:
@@ -83,7 +89,11 @@ async def _mount_read_only(client: GuestfsClient, device: str, fstype: str | Non
 
 
 async def lay_out_os(
-    client: GuestfsClient, guest_name: str, generation: int, remembered: RememberedLayout | None = None
+    client: GuestfsClient,
+    guest_name: str,
+    generation: int,
+    remembered: RememberedLayout | None = None,
+    naming: DiskNaming = COLD_BOOTED,
 ) -> GuestLayout:
     """Mount the guest OS's filesystems in its own layout, from ``remembered`` if the disks still
     match it, else after inspecting them.
@@ -92,13 +102,13 @@ async def lay_out_os(
     listing every filesystem costs seconds that the first look at fs/ need not wait for.
     """
     if remembered is not None:
-        layout = await _lay_out_remembered(client, guest_name, generation, remembered)
+        layout = await _lay_out_remembered(client, guest_name, generation, remembered, naming)
         if layout is not None:
             log.info("%s: disks unchanged since their last inspection; mounted as remembered", guest_name)
             return layout
         log.info("%s: the disks changed since the last inspection; inspecting again", guest_name)
     roots = await client.inspect_os()
-    layout = GuestLayout(client=client, has_os=bool(roots), generation=generation)
+    layout = GuestLayout(client=client, has_os=bool(roots), generation=generation, naming=naming)
     if not roots:
         return layout
     if len(roots) > 1:
@@ -111,17 +121,19 @@ async def lay_out_os(
     await _mount_below_root(client, guest_name, layout, mountpoints)
     fstab = await _fstab_fingerprint(client)
     if fstab is not None:
-        layout.remembered = RememberedLayout(root=roots[0], mountpoints=dict(mountpoints), fstab=fstab)
+        in_guest_order = {mountpoint: naming.to_guest(device) for mountpoint, device in mountpoints.items()}
+        layout.remembered = RememberedLayout(mountpoints=in_guest_order, fstab=fstab)
     return layout
 
 
 async def _lay_out_remembered(
-    client: GuestfsClient, guest_name: str, generation: int, remembered: RememberedLayout
+    client: GuestfsClient, guest_name: str, generation: int, remembered: RememberedLayout, naming: DiskNaming
 ) -> GuestLayout | None:
     """The OS view as ``remembered`` says, or None (nothing left mounted) if the root device does not
     mount or its /etc/fstab is not the very file the inspection saw."""
+    mountpoints = {mountpoint: naming.to_appliance(device) for mountpoint, device in remembered.mountpoints.items()}
     await client.mkmountpoint(OS_VIEW)
-    root_device = remembered.mountpoints["/"]
+    root_device = mountpoints["/"]
     try:
         await _mount_read_only(client, root_device, None, OS_VIEW)
     except GuestfsError:
@@ -131,9 +143,9 @@ async def _lay_out_remembered(
         await client.umount(OS_VIEW)
         await client.rmmountpoint(OS_VIEW)
         return None
-    layout = GuestLayout(client=client, has_os=True, generation=generation, remembered=remembered)
-    layout.fs_by_dev[(await client.lstatns(OS_VIEW)).st_dev] = device_view_name(root_device)
-    await _mount_below_root(client, guest_name, layout, remembered.mountpoints)
+    layout = GuestLayout(client=client, has_os=True, generation=generation, remembered=remembered, naming=naming)
+    layout.fs_by_dev[(await client.lstatns(OS_VIEW)).st_dev] = layout.view_name(root_device)
+    await _mount_below_root(client, guest_name, layout, mountpoints)
     return layout
 
 
@@ -155,7 +167,7 @@ async def _mount_in_os_view(
     except GuestfsError as exc:
         log.warning("%s: cannot mount %s at %s: %s", guest_name, device, mountpoint, exc.message)
         return False
-    layout.fs_by_dev.setdefault((await client.lstatns(target)).st_dev, device_view_name(device))
+    layout.fs_by_dev.setdefault((await client.lstatns(target)).st_dev, layout.view_name(device))
     return True
 
 
@@ -180,7 +192,7 @@ async def mount_devices(layout: GuestLayout, guest_name: str) -> None:
                    if fstype not in _SKIPPED_FSTYPES}
     await client.mkmountpoint(DEVICES_DIR)
     for device, fstype in sorted(filesystems.items()):
-        view_name = device_view_name(device)
+        view_name = layout.view_name(device)
         path = layout.device_path(view_name)
         await client.mkmountpoint(path)
         try:
@@ -313,7 +325,7 @@ class GuestAppliance:
         """The OS view, from the layout remembered for these disks when it still holds."""
         cache, key = self._inspection_cache, appliance.disks_key
         remembered = cache.load(key) if cache is not None else None
-        layout = await lay_out_os(appliance.client, self.guest_name, self._generation, remembered)
+        layout = await lay_out_os(appliance.client, self.guest_name, self._generation, remembered, appliance.naming)
         if cache is not None and layout.remembered != remembered:
             if layout.remembered is None:
                 cache.forget(key)

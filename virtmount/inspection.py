@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import trio
 
 from .appliance import ApplianceSettings, boot_appliance
+from .devicenames import COLD_BOOTED, DiskNaming
 from .guestfs.client import GuestfsClient
 from .guestfs.errors import GuestfsError
 from .virt.connection import close_connection, open_connection
@@ -40,26 +41,29 @@ class InspectionReport:
     filesystems: list[Filesystem]
 
 
-async def inspect_guest(client: GuestfsClient, guest_name: str) -> InspectionReport:
-    """Inspect the disks attached to ``client``'s appliance."""
+async def inspect_guest(client: GuestfsClient, guest_name: str, naming: DiskNaming = COLD_BOOTED) -> InspectionReport:
+    """Inspect the disks attached to ``client``'s appliance; device names in the guest's disk order."""
     systems = []
     for root in await client.inspect_os():
+        mountpoints = await client.inspect_get_mountpoints(root)
         systems.append(
             OperatingSystem(
-                root=root,
+                root=naming.to_guest(root),
                 type=await client.inspect_get_type(root),
                 distro=await client.inspect_get_distro(root),
                 product_name=await client.inspect_get_product_name(root),
                 major_version=await client.inspect_get_major_version(root),
                 minor_version=await client.inspect_get_minor_version(root),
                 hostname=await client.inspect_get_hostname(root),
-                mountpoints=await client.inspect_get_mountpoints(root),
+                mountpoints={mountpoint: naming.to_guest(device) for mountpoint, device in mountpoints.items()},
             )
         )
     mounted_at = {device: mountpoint for system in systems for mountpoint, device in system.mountpoints.items()}
     filesystems = []
-    for device, fstype in sorted((await client.list_filesystems()).items()):
-        filesystems.append(Filesystem(device, fstype, await _size_or_none(client, device), mounted_at.get(device)))
+    for device, fstype in (await client.list_filesystems()).items():
+        shown = naming.to_guest(device)
+        filesystems.append(Filesystem(shown, fstype, await _size_or_none(client, device), mounted_at.get(shown)))
+    filesystems.sort(key=lambda fs: fs.device)
     return InspectionReport(guest_name, systems, filesystems)
 
 
@@ -110,7 +114,7 @@ async def inspect_domain(uri: str, guest_name: str, settings: ApplianceSettings)
         async with trio.open_nursery() as nursery:
             appliance = await boot_appliance(conn, guest_name, host_appliance, settings, nursery)
             try:
-                return await inspect_guest(appliance.client, guest_name)
+                return await inspect_guest(appliance.client, guest_name, appliance.naming)
             finally:
                 await appliance.shutdown()
     finally:

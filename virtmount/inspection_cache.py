@@ -2,8 +2,8 @@
 
 ``inspect_os`` is the slowest step of a first access after the boot itself
 (about 15 s under TCG on the benchmark guest): the daemon mounts and probes
-every filesystem. What the OS view needs from it is small: the root device and
-the fstab mountpoints. They are kept on the client, one JSON file per guest
+every filesystem. What the OS view needs from it is small: the devices of the
+root and the fstab mountpoints. They are kept on the client, one JSON file per guest
 disk set, and trusted only after the next boot has checked them: the root
 device must mount and its ``/etc/fstab`` must be the very same file (inode,
 size, modification and change times to the nanosecond). Guests without an
@@ -38,9 +38,9 @@ class FstabFingerprint:
 
 @dataclass(frozen=True)
 class RememberedLayout:
-    """What an earlier inspection found: the OS root device and its mountpoints (path -> device)."""
+    """What an earlier inspection found: the OS's mountpoints (path -> device, in the guest's disk
+    order, see devicenames.py), "/" among them."""
 
-    root: str
     mountpoints: dict[str, str]
     fstab: FstabFingerprint
 
@@ -53,15 +53,15 @@ def _parse(text: str) -> RememberedLayout | None:
         return None
     if not isinstance(data, dict) or data.get("version") != _FORMAT_VERSION:
         return None
-    root, mountpoints, fstab = data.get("root"), data.get("mountpoints"), data.get("fstab")
-    if not isinstance(root, str) or not isinstance(mountpoints, dict) or not isinstance(fstab, dict):
+    mountpoints, fstab = data.get("mountpoints"), data.get("fstab")
+    if not isinstance(mountpoints, dict) or not isinstance(fstab, dict):
         return None
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in mountpoints.items()) or "/" not in mountpoints:
         return None
     numbers = [fstab.get(name) for name in ("inode", "size", "mtime_ns", "ctime_ns")]
     if not all(type(n) is int for n in numbers):
         return None
-    return RememberedLayout(root=root, mountpoints=mountpoints, fstab=FstabFingerprint(*cast(list[int], numbers)))
+    return RememberedLayout(mountpoints=mountpoints, fstab=FstabFingerprint(*cast(list[int], numbers)))
 
 
 def disks_identity(uri: str, domain_uuid: str, disk_xml: list[str]) -> str:
@@ -104,7 +104,6 @@ class InspectionCache:
         """Write atomically; a cache that cannot be written only costs the next boot an inspection."""
         data = {
             "version": _FORMAT_VERSION,
-            "root": layout.root,
             "mountpoints": layout.mountpoints,
             "fstab": {
                 "inode": layout.fstab.inode,

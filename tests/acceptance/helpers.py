@@ -9,7 +9,7 @@ from pathlib import Path
 
 import libvirt
 
-from virtmount.virt.domainxml import APPLIANCE_NAME_PREFIX
+from virtmount.virt.domainxml import APPLIANCE_NAME_PREFIX, appliance_owner
 
 REPO = Path(__file__).resolve().parents[2]
 VIRTMOUNT = str(Path(sys.executable).parent / "virtmount")
@@ -24,6 +24,22 @@ def appliance_domains(uri: str = "qemu:///system") -> list[str]:
     conn = libvirt.open(uri)
     try:
         return [d.name() for d in conn.listAllDomains(0) if d.name().startswith(APPLIANCE_NAME_PREFIX)]
+    finally:
+        conn.close()
+
+
+def appliances_of(pid: int, uri: str = "qemu:///system") -> list[str]:
+    """Names of the appliance domains the process ``pid`` runs (their metadata names the owner)."""
+    conn = libvirt.open(uri)
+    try:
+        owned = []
+        for domain in conn.listAllDomains(0):
+            try:
+                if domain.name().startswith(APPLIANCE_NAME_PREFIX) and appliance_owner(domain.XMLDesc(0)) == str(pid):
+                    owned.append(domain.name())
+            except libvirt.libvirtError:
+                pass  # ended while we looked
+        return owned
     finally:
         conn.close()
 

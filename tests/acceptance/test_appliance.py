@@ -19,7 +19,7 @@ import trio
 
 from tests import images
 from tests.acceptance.helpers import (
-    appliance_domains,
+    appliances_of,
     assert_one_line_error,
     run_virtmount,
     wait_for_no_appliances,
@@ -68,12 +68,15 @@ async def test_client_over_tcp_reads_what_was_written(test_guest: images.Guest, 
             appliance = await boot_appliance(conn, test_guest.name, host_appliance, ApplianceSettings(), nursery)
             try:
                 client = appliance.client
-                report = await inspect_guest(client, test_guest.name)
+                report = await inspect_guest(client, test_guest.name, appliance.naming)
                 assert test_guest.inspection is not None
                 assert [os_.root for os_ in report.operating_systems] == [test_guest.inspection.root]
                 assert report.operating_systems[0].mountpoints == test_guest.mountpoints
                 await client.mount_ro(test_guest.inspection.root, "/")
-                for mountpoint, device in sorted(test_guest.mountpoints.items()):
+                # the daemon's own names (sdb1 in a restored appliance) are shown in the guest's order
+                in_appliance = await client.inspect_get_mountpoints(test_guest.inspection.root)
+                assert appliance.naming.to_guest(in_appliance["/boot"]) == test_guest.mountpoints["/boot"]
+                for mountpoint, device in sorted(in_appliance.items()):
                     if mountpoint != "/":
                         await client.mount_ro(device, mountpoint)
                 for path, content in test_guest.files.items():
@@ -144,11 +147,13 @@ def test_sigkill_of_the_client_leaves_no_appliance(nos_guest: images.Guest) -> N
     try:
         assert process.stdout is not None
         assert process.stdout.readline().strip() == "booted"
-        marker = f"-{process.pid}-"
-        assert len([name for name in appliance_domains(nos_guest.uri) if marker in name]) == 1
+        assert len(appliances_of(process.pid, nos_guest.uri)) == 1
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
-        assert [name for name in wait_for_no_appliances(nos_guest.uri, timeout=60) if marker in name] == []
+        deadline = time.monotonic() + 60
+        while appliances_of(process.pid, nos_guest.uri) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert appliances_of(process.pid, nos_guest.uri) == []
     finally:
         process.kill()
 

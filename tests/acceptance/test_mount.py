@@ -17,7 +17,8 @@ import pytest
 
 from tests import images
 from tests.acceptance.conftest import unmount
-from tests.acceptance.helpers import appliance_domains, assert_one_line_error, run_virtmount
+from tests.acceptance.helpers import appliances_of, assert_one_line_error, run_virtmount
+from virtmount.virt.domainxml import APPLIANCE_NAME_PREFIX
 
 pytestmark = pytest.mark.acceptance
 
@@ -30,7 +31,7 @@ def _mount_pid(mountpoint: Path) -> int:
 
 
 def _appliances_of(pid: int, uri: str = "qemu:///system") -> list[str]:
-    return [name for name in appliance_domains(uri) if f"-{pid}-" in name]
+    return appliances_of(pid, uri)
 
 
 def _wait_until(condition: object, timeout: float, interval: float = 0.5) -> bool:
@@ -183,6 +184,46 @@ def test_inode_numbers_are_stable_across_remounts_and_distinct_across_filesystem
     with own_mount(test_guest.uri, tmp_path) as (other, _pid):
         second = _inode_map(other / "domains" / test_guest.name / "fs", paths[1:])
     assert second == {path: first[path] for path in paths[1:]}
+
+
+def test_fast_start_shows_what_a_cold_boot_shows_and_ends_with_its_mount(
+    test_guest: images.Guest, tmp_path: Path
+) -> None:
+    """Settings of its own (memory=1000) give this test a saved appliance no other test holds: the
+    first boot saves it (unless the host has it from an earlier run) and restores it, the boot after
+    an idle shutdown restores it again, and a cold boot shows the same names and inode numbers."""
+    settings = f"memory=1000,inspection_cache={tmp_path / 'layouts'}"
+    paths = ["/boot", "/srv/data", "/etc", *sorted(test_guest.files)]  # the view root's number is the tree's
+    saved_prefix = APPLIANCE_NAME_PREFIX + "saved-"
+    views = ["sda1", "vg0-data", "vg0-root"]
+    (tmp_path / "fast").mkdir()
+    with own_mount(test_guest.uri, tmp_path / "fast", "-o", f"{settings},idle=3") as (mountpoint, pid):
+        domain_dir = mountpoint / "domains" / test_guest.name
+        fast = _inode_map(domain_dir / "fs", paths)
+        for path, content in test_guest.files.items():
+            assert (domain_dir / "fs" / path.lstrip("/")).read_bytes() == content, path
+        [restored] = _appliances_of(pid)
+        assert restored.startswith(saved_prefix)
+        assert sorted(os.listdir(domain_dir / "devices")) == views
+        assert _wait_until(lambda: _appliances_of(pid) == [], timeout=30)
+        target = domain_dir / "fs" / images.BOOT_TEST_FILE.lstrip("/")
+        assert target.read_bytes() == test_guest.files[images.BOOT_TEST_FILE]
+        assert _appliances_of(pid) == [restored]
+    (tmp_path / "cold").mkdir()
+    with own_mount(test_guest.uri, tmp_path / "cold", "-o", f"{settings},fast_start=off") as (mountpoint, pid):
+        domain_dir = mountpoint / "domains" / test_guest.name
+        assert _inode_map(domain_dir / "fs", paths) == fast
+        [cold] = _appliances_of(pid)
+        assert not cold.startswith(saved_prefix)
+        assert sorted(os.listdir(domain_dir / "devices")) == views
+    # a restored appliance cannot be auto-destroyed: it must end when its channel closes
+    (tmp_path / "killed").mkdir()
+    with own_mount(test_guest.uri, tmp_path / "killed", "-o", settings) as (mountpoint, pid):
+        os.listdir(mountpoint / "domains" / test_guest.name / "fs")
+        assert _appliances_of(pid) == [restored]
+        os.kill(pid, signal.SIGKILL)
+        assert _wait_until(lambda: _appliances_of(pid) == [], timeout=60)
+        subprocess.run(["fusermount3", "-u", str(mountpoint)], check=True)
 
 
 # --- appliance life cycle ---------------------------------------------------------------

@@ -10,7 +10,7 @@ from virtmount.appliance import ApplianceSettings
 from virtmount.config import Config, options_help, parse_options
 from virtmount.errors import UsageError
 
-ALL_OPTIONS = ("accel", "memory", "cpus", "boot_timeout", "call_timeout", "pool", "kernel_args", "idle",
+ALL_OPTIONS = ("accel", "memory", "cpus", "boot_timeout", "call_timeout", "pool", "kernel_args", "fast_start", "idle",
                "cache_entries", "inspection_cache", "allow_other", "debug")
 
 
@@ -77,8 +77,16 @@ def test_one_option_changes_only_its_setting() -> None:
     assert parse_options(["cache_entries=5000"]) == Config(cached_entries=5000)
 
 
+def test_fast_start_is_on_or_off() -> None:
+    assert Config().appliance.fast_start
+    assert not parse_options(["fast_start=off"]).appliance.fast_start
+    assert parse_options(["fast_start=off,fast_start=on"]).appliance.fast_start
+    assert usage_error("fast_start=yes") == "option fast_start must be on or off, not 'yes'"
+
+
 def test_inspection_cache_is_a_directory_made_absolute_or_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert Config().inspection_cache is not None and Config().inspection_cache.is_absolute()
+    default = Config().inspection_cache
+    assert default is not None and default.is_absolute()
     monkeypatch.chdir(tmp_path)
     assert parse_options(["inspection_cache=layouts"]).inspection_cache == tmp_path / "layouts"
     assert parse_options(["inspection_cache=off"]).inspection_cache is None
@@ -172,7 +180,7 @@ def test_options_help_lists_every_option() -> None:
     names = [line.strip().split(":")[0] for line in lines]
     assert names == [
         "accel=VALUE", "memory=VALUE", "cpus=VALUE", "boot_timeout=VALUE", "call_timeout=VALUE",
-        "pool=VALUE", "kernel_args=VALUE", "idle=VALUE", "cache_entries=VALUE", "inspection_cache=VALUE",
+        "pool=VALUE", "kernel_args=VALUE", "fast_start=VALUE", "idle=VALUE", "cache_entries=VALUE", "inspection_cache=VALUE",
         "allow_other", "debug",
     ]
     assert [name.partition("=")[0] for name in names] == list(ALL_OPTIONS)

@@ -17,6 +17,7 @@ from virtmount.virt.domainxml import (
     GuestDefinition,
     appliance_disk,
     appliance_guest_name,
+    appliance_owner,
     build_appliance_xml,
     kernel_command_line,
     read_guest_definition,
@@ -414,11 +415,17 @@ def test_domain_seclabels_copied_in_order() -> None:
     assert only(domain, "seclabel[@model='dac']/label").text == "107:107"
 
 
-def test_metadata_marks_the_guest() -> None:
-    xml = build_appliance_xml(make_spec())
+def test_metadata_marks_the_guest_and_the_owner() -> None:
+    xml = build_appliance_xml(make_spec(owner="4242"))
     marker = only(ET.fromstring(xml), f"metadata/{{{METADATA_NAMESPACE}}}appliance")
-    assert marker.attrib == {"guest": "guest1"}
-    assert appliance_guest_name(xml) == "guest1"
+    assert marker.attrib == {"guest": "guest1", "owner": "4242"}
+    assert appliance_guest_name(xml) == "guest1" and appliance_owner(xml) == "4242"
+
+
+def test_a_root_overlay_replaces_the_throwaway_one() -> None:
+    [root] = disks_of(build(guest=GuestDefinition(name="saved", disks=()), root_overlay="/pool/saved-root.qcow2"))
+    assert only(root, "source").attrib == {"file": "/pool/saved-root.qcow2"}
+    assert root.findall("transient") == []
 
 
 def test_appliance_guest_name_round_trips_unusual_names() -> None:

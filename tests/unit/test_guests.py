@@ -12,6 +12,7 @@ import pytest
 from virtmount.guestfs.client import GuestfsClient
 from virtmount.guestfs.errors import GuestfsError
 from virtmount.guestfs.procs import Statns
+from virtmount.devicenames import COLD_BOOTED, RESTORED
 from virtmount.guests import GuestAppliance, lay_out_os, mount_devices
 from virtmount.inspection_cache import FstabFingerprint, InspectionCache, RememberedLayout
 
@@ -137,7 +138,7 @@ async def test_no_os_mounts_nothing_until_devices_are_asked_for() -> None:
 async def test_an_inspection_is_remembered_with_the_identity_of_fstab() -> None:
     daemon = FakeDaemon(roots=["/dev/vg0/root"])
     layout = await lay_out_os(cast(GuestfsClient, daemon), "guest", 1)
-    assert layout.remembered == RememberedLayout(root="/dev/vg0/root", mountpoints=MOUNTPOINTS, fstab=FSTAB)
+    assert layout.remembered == RememberedLayout(mountpoints=MOUNTPOINTS, fstab=FSTAB)
 
 
 async def test_a_guest_without_fstab_is_not_remembered() -> None:
@@ -164,7 +165,7 @@ async def test_a_remembered_layout_is_mounted_without_inspecting() -> None:
     FakeDaemon(roots=["/dev/sda1"], broken=frozenset({"/dev/vg0/root"})),  # the device is gone
 ], ids=["edited", "replaced", "no-fstab", "root-unmountable"])
 async def test_a_remembered_layout_that_no_longer_holds_is_inspected_again(daemon: FakeDaemon) -> None:
-    remembered = RememberedLayout(root="/dev/vg0/root", mountpoints=MOUNTPOINTS, fstab=FSTAB)
+    remembered = RememberedLayout(mountpoints=MOUNTPOINTS, fstab=FSTAB)
     layout = await lay_out_os(cast(GuestfsClient, daemon), "guest", 1, remembered)
     names = daemon.names()
     assert "inspect_os" in names
@@ -180,6 +181,32 @@ class FakeAppliance:
     def __init__(self, daemon: FakeDaemon) -> None:
         self.client = daemon
         self.disks_key = "k" * 64
+        self.naming = COLD_BOOTED
+
+
+class RestoredDaemon(FakeDaemon):
+    """A restored appliance: its own root is sda, so the guest's first disk is sdb."""
+
+    async def inspect_get_mountpoints(self, root: str) -> dict[str, str]:
+        return {**MOUNTPOINTS, "/boot": "/dev/sdb1"}
+
+    async def lstatns(self, path: bytes) -> Statns:
+        if self.mounted.get(path) == "/dev/sdb1":
+            return statns(DEV_OF["/dev/sda1"])
+        return await super().lstatns(path)
+
+
+async def test_layouts_are_remembered_in_the_guest_disk_order_whichever_way_the_appliance_booted() -> None:
+    restored = RestoredDaemon(roots=["/dev/vg0/root"])
+    layout = await lay_out_os(cast(GuestfsClient, restored), "guest", 1, naming=RESTORED)
+    assert layout.remembered is not None and layout.remembered.mountpoints == MOUNTPOINTS
+    assert layout.fs_by_dev[2049] == "sda1"
+    again = RestoredDaemon(roots=["/dev/vg0/root"])
+    await lay_out_os(cast(GuestfsClient, again), "guest", 2, layout.remembered, RESTORED)
+    assert "inspect_os" not in again.names() and again.mounted[b"/fs/boot"] == "/dev/sdb1"
+    cold = FakeDaemon(roots=["/dev/vg0/root"])
+    await lay_out_os(cast(GuestfsClient, cold), "guest", 3, layout.remembered)
+    assert "inspect_os" not in cold.names() and cold.mounted[b"/fs/boot"] == "/dev/sda1"
 
 
 async def test_the_appliance_stores_and_forgets_remembered_layouts(tmp_path: Path) -> None:
@@ -187,7 +214,7 @@ async def test_the_appliance_stores_and_forgets_remembered_layouts(tmp_path: Pat
     guest = GuestAppliance(cast(Any, None), "guest", cast(Any, None), cast(Any, None), cast(Any, None), cache)
     key = "k" * 64
     await guest._lay_out(cast(Any, FakeAppliance(FakeDaemon(roots=["/dev/vg0/root"]))))
-    assert cache.load(key) == RememberedLayout(root="/dev/vg0/root", mountpoints=MOUNTPOINTS, fstab=FSTAB)
+    assert cache.load(key) == RememberedLayout(mountpoints=MOUNTPOINTS, fstab=FSTAB)
 
     again = FakeDaemon(roots=["/dev/vg0/root"])
     await guest._lay_out(cast(Any, FakeAppliance(again)))
@@ -199,12 +226,14 @@ async def test_the_appliance_stores_and_forgets_remembered_layouts(tmp_path: Pat
 
 def test_the_cache_survives_damage_and_unwritable_directories(tmp_path: Path) -> None:
     cache = InspectionCache(tmp_path)
-    layout = RememberedLayout(root="/dev/sda2", mountpoints={"/": "/dev/sda2", "/b\udcff": "/dev/sda1"}, fstab=FSTAB)
+    layout = RememberedLayout(mountpoints={"/": "/dev/sda2", "/b\udcff": "/dev/sda1"}, fstab=FSTAB)
     cache.store("a", layout)
     assert cache.load("a") == layout
     assert list(tmp_path.iterdir()) == [tmp_path / "a.json"]  # no temporary file left behind
-    for damaged in ("{", "[]", json.dumps({"version": 99}), json.dumps({"version": 1, "root": "/dev/sda2"}),
-                    json.dumps({"version": 1, "root": 1, "mountpoints": {"/": "x"}, "fstab": {}})):
+    for damaged in ("{", "[]", json.dumps({"version": 99}), json.dumps({"version": 1, "mountpoints": {"/": "/dev/sda2"}}),
+                    json.dumps({"version": 1, "mountpoints": {"/": 1}, "fstab": {}}),
+                    json.dumps({"version": 1, "mountpoints": {"/boot": "/dev/sda1"},
+                                "fstab": {"inode": 1, "size": 2, "mtime_ns": 3, "ctime_ns": 4}})):
         (tmp_path / "a.json").write_text(damaged)
         assert cache.load("a") is None
     assert cache.load("missing") is None

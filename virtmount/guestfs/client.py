@@ -419,6 +419,10 @@ class GuestfsClient:
     async def lvs(self, *, timeout: float | None = None) -> list[str]:
         return await self.call(procs.LVS, timeout=timeout)
 
+    async def lvm_scan(self, activate: bool, *, timeout: float | None = None) -> None:
+        """Find LVM volumes on disks plugged in after the boot (and activate them)."""
+        await self.call(procs.LVM_SCAN, activate, timeout=timeout)
+
     async def list_filesystems(self, *, timeout: float | None = None) -> dict[str, str]:
         """Mountable -> filesystem type ("unknown", "swap", ... included)."""
         return await self.call(procs.LIST_FILESYSTEMS, timeout=timeout)

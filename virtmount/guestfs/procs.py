@@ -351,6 +351,7 @@ _T = Arg.TEXT
 LIST_DEVICES = Proc("list_devices", 7, (), _ret_text_list)
 LIST_PARTITIONS = Proc("list_partitions", 8, (), _ret_text_list)
 LVS = Proc("lvs", 11, (), _ret_text_list)  # optional group "lvm2"
+LVM_SCAN = Proc("lvm_scan", 506, (("activate", Arg.BOOL),), _ret_none)  # since 1.39.8
 LIST_FILESYSTEMS = Proc("list_filesystems", 476, (), _ret_hashtable)
 VFS_TYPE = Proc("vfs_type", 198, (("mountable", _T),), _ret_text)
 VFS_LABEL = Proc("vfs_label", 253, (("mountable", _T),), _ret_text)

@@ -96,6 +96,10 @@ class ApplianceSpec:
     writable: bool = False
     verbose: bool = False
     extra_kernel_args: str = ""
+    owner: str = ""  # the process id of the virtmount that runs it (metadata, for tools and tests)
+    # A persistent overlay of root_path to boot from and write to (the appliance to be saved,
+    # see faststart.py); empty: a throw-away overlay made and deleted by libvirt.
+    root_overlay: str = ""
 
 
 def kernel_command_line(spec: ApplianceSpec) -> str:
@@ -145,9 +149,10 @@ def _append_target(disk: ET.Element, index: int) -> None:
 def _root_disk(spec: ApplianceSpec, index: int) -> ET.Element:
     disk = ET.Element("disk", type="file", device="disk")
     ET.SubElement(disk, "driver", name="qemu", type="qcow2", cache="unsafe")
-    ET.SubElement(disk, "source", file=spec.root_path)
+    ET.SubElement(disk, "source", file=spec.root_overlay or spec.root_path)
     _append_target(disk, index)
-    _append_throwaway_overlay(disk)
+    if not spec.root_overlay:
+        _append_throwaway_overlay(disk)
     return disk
 
 
@@ -156,7 +161,7 @@ def build_appliance_xml(spec: ApplianceSpec) -> str:
     domain = ET.Element("domain", type=spec.domain_type)
     ET.SubElement(domain, "name").text = spec.name
     metadata = ET.SubElement(domain, "metadata")
-    ET.SubElement(metadata, f"{{{METADATA_NAMESPACE}}}appliance", guest=spec.guest.name)
+    metadata.append(appliance_marker(spec.guest.name, spec.owner))
     ET.SubElement(domain, "memory", unit="MiB").text = str(spec.memory_mib)
     ET.SubElement(domain, "vcpu").text = str(spec.vcpus)
 
@@ -203,12 +208,26 @@ def build_appliance_xml(spec: ApplianceSpec) -> str:
     return ET.tostring(domain, encoding="unicode")
 
 
-def appliance_guest_name(domain_xml: str) -> str | None:
-    """The guest an appliance domain serves, or None if the domain is not one of ours."""
+def appliance_marker(guest_name: str, owner: str) -> ET.Element:
+    """The metadata element of an appliance domain: the guest it serves and the process that runs it."""
+    return ET.Element(f"{{{METADATA_NAMESPACE}}}appliance", guest=guest_name, owner=owner)
+
+
+def _marker_attribute(domain_xml: str, attribute: str) -> str | None:
     try:
         root = ET.fromstring(domain_xml)
     except ET.ParseError:
         return None
     marker = root.find(f"./metadata/{{{METADATA_NAMESPACE}}}appliance")
-    return None if marker is None else marker.get("guest")
+    return None if marker is None else marker.get(attribute)
+
+
+def appliance_guest_name(domain_xml: str) -> str | None:
+    """The guest an appliance domain serves, or None if the domain is not one of ours."""
+    return _marker_attribute(domain_xml, "guest")
+
+
+def appliance_owner(domain_xml: str) -> str | None:
+    """The process id of the virtmount that runs an appliance domain, or None."""
+    return _marker_attribute(domain_xml, "owner")
 

@@ -1,0 +1,101 @@
+"""The saved appliance that makes boots fast: what it is called, where it lives, how it is restored.
+
+A cold boot spends ~20 s under TCG in firmware, kernel and the appliance's
+init before its daemon answers. A saved appliance is back in under a second;
+plugging the guest's disks in and scanning them for LVM costs a few seconds
+more. The saved appliance holds only its own root disk. It is made once per
+host, appliance version and settings (boot one, then ``virDomainSave`` into
+the appliance's storage pool) and kept there for every later boot and mount.
+
+libvirt restores a saved domain only under the name and UUID it was saved
+with, so one saved appliance serves one appliance at a time: a boot that
+finds it in use boots cold. Each restore runs on a new overlay of the saved
+root disk (replaced at the next restore), so the saved memory and disk always
+match. (libvirt's own throw-away overlays, ``<transient/>``, change the
+device set, which a restore refuses.) A restored
+domain cannot be auto-destroyed, but it ends by itself when its daemon
+channel closes (the daemon reads EOF and the appliance powers off), which
+happens when virtmount exits or dies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from xml.etree import ElementTree as ET
+
+from .errors import VirtmountError
+from .virt.domainxml import APPLIANCE_NAME_PREFIX, METADATA_NAMESPACE, appliance_marker
+from .virt.provision import HostAppliance
+
+
+class FastStartUnavailable(VirtmountError):
+    """No fast start this time (saved appliance in use, missing, or unusable): boot cold."""
+
+
+@dataclass(frozen=True)
+class SavedAppliance:
+    """Names and host paths of one saved appliance (beside the appliance's volumes in its pool)."""
+
+    name: str  # its domain name, which every restore keeps
+
+    @staticmethod
+    def for_boot(host: HostAppliance, domain_type: str, memory_mib: int, vcpus: int,
+                 kernel_args: str, verbose: bool) -> SavedAppliance:
+        """The saved appliance for these files and settings: any change makes another one."""
+        identity = "\0".join([host.kernel_path, host.initrd_path, host.root_path, host.root_uuid,
+                              domain_type, str(memory_mib), str(vcpus), kernel_args, str(verbose)])
+        digest = hashlib.sha256(identity.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        return SavedAppliance(name=f"{APPLIANCE_NAME_PREFIX}saved-{digest}")
+
+    def state_path(self, host: HostAppliance) -> str:
+        """The saved memory and device state, written by libvirtd."""
+        return self.path(host, f"{self.name}.state")
+
+    @property
+    def root_volume(self) -> str:
+        """The root disk as it was when saved: an overlay of the appliance root (volume name)."""
+        return f"{self.name}-root.qcow2"
+
+    @property
+    def run_volume(self) -> str:
+        """The root disk of the restored appliance: an overlay of ``root_volume`` (volume name)."""
+        return f"{self.name}-run.qcow2"
+
+    def path(self, host: HostAppliance, volume: str) -> str:
+        return os.path.join(os.path.dirname(host.root_path), volume)
+
+
+def overlay_volume_xml(name: str, backing_path: str, capacity: int) -> str:
+    """A qcow2 volume whose reads fall through to ``backing_path`` and which takes the writes."""
+    volume = ET.Element("volume")
+    ET.SubElement(volume, "name").text = name
+    ET.SubElement(volume, "capacity", unit="bytes").text = str(capacity)
+    target = ET.SubElement(volume, "target")
+    ET.SubElement(target, "format", type="qcow2")
+    backing = ET.SubElement(volume, "backingStore")
+    ET.SubElement(backing, "path").text = backing_path
+    ET.SubElement(backing, "format", type="qcow2")
+    return ET.tostring(volume, encoding="unicode")
+
+
+def restore_xml(saved_xml: str, root_path: str, run_path: str, guest_name: str, owner: str) -> str:
+    """The saved domain's XML for one restore: marked as ``guest_name``'s appliance run by ``owner``,
+    and its root disk (saved as ``root_path``) on ``run_path``, so that the saved root stays as saved."""
+    domain = ET.fromstring(saved_xml)
+    metadata = domain.find("metadata")
+    if metadata is None:
+        metadata = ET.SubElement(domain, "metadata")
+    for old in metadata.findall(f"{{{METADATA_NAMESPACE}}}appliance"):
+        metadata.remove(old)
+    metadata.append(appliance_marker(guest_name, owner))
+    roots = [disk for disk in domain.findall("./devices/disk")
+             if (source := disk.find("source")) is not None and source.get("file") == root_path]
+    if len(roots) != 1:
+        raise FastStartUnavailable(f"the saved appliance has {len(roots)} root disks at {root_path}")
+    source = roots[0].find("source")
+    assert source is not None
+    source.set("file", run_path)
+    ET.register_namespace("virtmount", METADATA_NAMESPACE)
+    return ET.tostring(domain, encoding="unicode")

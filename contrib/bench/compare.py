@@ -412,6 +412,21 @@ class DelayProxy:
                 self.proc.wait(5)
 
 
+def saved_appliances(uri: str, pool: str = "virtmount") -> list[str]:
+    """The saved appliances (virtmount's fast start) in the pool: made once per host and settings."""
+    import libvirt
+
+    conn = libvirt.open(uri)
+    try:
+        found = conn.storagePoolLookupByName(pool)
+        found.refresh(0)
+        return sorted(name for name in found.listVolumes() if name.endswith(".state"))
+    except libvirt.libvirtError:
+        return []
+    finally:
+        conn.close()
+
+
 def libvirt_round_trip_ms(uri: str, calls: int = 20) -> float:
     """Mean time of a trivial libvirt RPC (getLibVersion) on uri."""
     import libvirt
@@ -965,6 +980,9 @@ def main(argv: list[str]) -> int:
     else:
         extra.append("caches: `sync; echo 3 > /proc/sys/vm/drop_caches` before each cold phase "
                      "(tool-internal and in-appliance caches stay warm for both tools)")
+    saved = saved_appliances(SYSTEM_URI)
+    extra.append("saved appliances (virtmount fast start, made once per host and settings) on the host "
+                 f"before the run: {', '.join(saved) if saved else 'none (the first virtmount boot makes one)'}")
     extra.append(f"random reads: {args.random_reads}; virtmount -o {args.virtmount_opts},"
                  "inspection_cache=(a new directory per run and per virtmount column)")
     results: dict[str, Result] = {}

@@ -173,7 +173,7 @@ async def boot_appliance(
     # A guest's own security labels apply to the whole appliance domain, which a restore cannot change.
     if settings.fast_start and not _uses_embedded_driver(conn) and not definition.seclabels:
         try:
-            appliance = await _fast_boot(conn, definition, host_appliance, settings, domain_types[0], nursery)
+            appliance = await _fast_boot(conn, definition, host_appliance, settings, domain_types, nursery)
         except FastStartUnavailable as exc:
             log.info("appliance for %s: no fast start (%s); booting it cold", guest_name, exc)
         else:
@@ -210,7 +210,8 @@ async def boot_appliance(
     raise failure
 
 
-# Saved appliances being made or restored by this process: a second boot does not wait, it boots cold.
+# Appliance roots whose saved appliance this process is making or restoring: a second boot does
+# not wait, it boots cold.
 _saved_appliances_busy: set[str] = set()
 _DEVICES_PLUGGED_TIMEOUT_S = 60.0
 _RESTORED_ANSWER_TIMEOUT_S = 60.0  # a restored daemon answers within a second; a cold boot may take minutes
@@ -221,24 +222,17 @@ async def _fast_boot(
     definition: GuestDefinition,
     host: HostAppliance,
     settings: ApplianceSettings,
-    domain_type: str,
+    domain_types: list[str],
     nursery: trio.Nursery,
 ) -> Appliance:
-    """Restore the saved appliance for these settings (saving one first if there is none yet),
-    then plug the guest's disks in. FastStartUnavailable: nothing is left running."""
-    saved = SavedAppliance.for_boot(host, domain_type, settings.memory_mib, settings.vcpus,
-                                    settings.extra_kernel_args, settings.verbose)
-    if saved.name in _saved_appliances_busy:
-        raise FastStartUnavailable("the saved appliance is being made or restored")
-    _saved_appliances_busy.add(saved.name)
+    """Restore the saved appliance for these settings (saving one first if there is none yet, with
+    the first accelerator that boots), then plug the guest's disks in.
+    FastStartUnavailable: nothing is left running."""
+    if host.root_path in _saved_appliances_busy:
+        raise FastStartUnavailable("another appliance is being saved or restored")
+    _saved_appliances_busy.add(host.root_path)
     try:
-        state_path = saved.state_path(host)
-        saved_xml = await _saved_domain_xml(conn, state_path)
-        if saved_xml is None:
-            await _save_appliance(conn, saved, host, settings, domain_type, nursery)
-            saved_xml = await _saved_domain_xml(conn, state_path)
-            if saved_xml is None:
-                raise FastStartUnavailable(f"the saved appliance {state_path} cannot be read back")
+        saved, saved_xml = await _saved_appliance(conn, host, settings, domain_types, nursery)
         started = time.monotonic()
         if await _domain_exists(conn, saved.name):
             raise FastStartUnavailable("the saved appliance is in use")
@@ -246,7 +240,7 @@ async def _fast_boot(
         try:
             xml = restore_xml(saved_xml, saved.path(host, saved.root_volume), saved.path(host, saved.run_volume),
                               definition.name, str(os.getpid()))
-            await run_blocking(conn.restoreFlags, state_path, xml, libvirt.VIR_DOMAIN_SAVE_PAUSED)
+            await run_blocking(conn.restoreFlags, saved.state_path(host), xml, libvirt.VIR_DOMAIN_SAVE_PAUSED)
             domain = await run_blocking(conn.lookupByName, saved.name)
         except libvirt.libvirtError as exc:
             if await _domain_exists(conn, saved.name):
@@ -254,7 +248,7 @@ async def _fast_boot(
             await _forget_saved_appliance(conn, saved, host, settings)  # stale (e.g. QEMU upgraded)
             raise FastStartUnavailable(f"cannot restore the saved appliance: {libvirt_message(exc)}") from None
     finally:
-        _saved_appliances_busy.discard(saved.name)
+        _saved_appliances_busy.discard(host.root_path)
     what = f"appliance for {definition.name} (restored)"
     try:
         appliance = await _attach_and_resume(conn, domain, definition.name, what, settings, nursery, restored=True)
@@ -275,6 +269,36 @@ async def _fast_boot(
     appliance.boot_seconds = time.monotonic() - started
     log.info("%s ready in %.1f s as %s", what, appliance.boot_seconds, saved.name)
     return appliance
+
+
+async def _saved_appliance(
+    conn: libvirt.virConnect,
+    host: HostAppliance,
+    settings: ApplianceSettings,
+    domain_types: list[str],
+    nursery: trio.Nursery,
+) -> tuple[SavedAppliance, str]:
+    """The saved appliance (and its domain XML) for the first of ``domain_types`` that has one;
+    if none has, one is made with the first of them that boots."""
+    candidates = [
+        SavedAppliance.for_boot(host, domain_type, settings.memory_mib, settings.vcpus,
+                                settings.extra_kernel_args, settings.verbose)
+        for domain_type in domain_types
+    ]
+    for saved in candidates:
+        if (saved_xml := await _saved_domain_xml(conn, saved.state_path(host))) is not None:
+            return saved, saved_xml
+    failure = FastStartUnavailable("no accelerator to boot with")
+    for domain_type, saved in zip(domain_types, candidates):
+        try:
+            await _save_appliance(conn, saved, host, settings, domain_type, nursery)
+        except FastStartUnavailable as exc:
+            failure = exc
+            continue
+        if (saved_xml := await _saved_domain_xml(conn, saved.state_path(host))) is not None:
+            return saved, saved_xml
+        failure = FastStartUnavailable(f"the saved appliance {saved.state_path(host)} cannot be read back")
+    raise failure
 
 
 async def _saved_domain_xml(conn: libvirt.virConnect, state_path: str) -> str | None:
@@ -321,6 +345,7 @@ async def _save_appliance(
     try:
         appliance = await _boot_once(conn, spec, settings, nursery)
     except BootFailed as exc:
+        await _delete_volumes(conn, settings.pool, [saved.root_volume])
         raise FastStartUnavailable(str(exc)) from None
     try:
         with trio.CancelScope(shield=True):
@@ -353,15 +378,20 @@ async def _forget_saved_appliance(
 ) -> None:
     """Delete a saved appliance that did not come back, so that the next boot saves a new one."""
     log.warning("the saved appliance %s did not come back; it will be made again", saved.name)
+    await _delete_volumes(conn, settings.pool,
+                          [os.path.basename(saved.state_path(host)), saved.root_volume, saved.run_volume])
+
+
+async def _delete_volumes(conn: libvirt.virConnect, pool_name: str, names: list[str]) -> None:
     try:
-        pool = await run_blocking(conn.storagePoolLookupByName, settings.pool)
+        pool = await run_blocking(conn.storagePoolLookupByName, pool_name)
         await run_blocking(pool.refresh, 0)
-        for name in (os.path.basename(saved.state_path(host)), saved.root_volume, saved.run_volume):
+        for name in names:
             volume = await run_blocking(_volume_or_none, pool, name)
             if volume is not None:
                 await run_blocking(volume.delete, 0)
     except libvirt.libvirtError as exc:
-        log.warning("cannot delete the saved appliance %s: %s", saved.name, libvirt_message(exc))
+        log.warning("cannot delete %s from pool %s: %s", ", ".join(names), pool_name, libvirt_message(exc))
 
 
 def _volume_or_none(pool: libvirt.virStoragePool, name: str) -> libvirt.virStorageVol | None:

@@ -233,6 +233,7 @@ class GuestAppliance:
         self._generation = 0
         self._boot_scope: trio.CancelScope | None = None
         self._devices_lock = trio.Lock()
+        self._mounting_devices = False
         # Called after a running appliance is discarded: the disks may change before the next boot,
         # so what the kernel still caches of this guest's files must go.
         self.on_discard: Callable[[], None] | None = None
@@ -271,11 +272,15 @@ class GuestAppliance:
         if with_devices and not layout.devices_mounted:
             async with self._devices_lock:
                 if not layout.devices_mounted:
+                    self._mounting_devices = True  # takes seconds: not idle meanwhile
                     try:
                         await mount_devices(layout, self.guest_name)
                     except GuestfsClientError as exc:
                         log.error("%s: cannot list or mount the filesystems: %s", self.guest_name, exc)
                         raise GuestUnavailableError(f"cannot list or mount the filesystems: {exc}") from None
+                    finally:
+                        self._mounting_devices = False
+                        self.touch()
         return layout
 
     async def _booted_layout(self) -> GuestLayout:
@@ -334,8 +339,9 @@ class GuestAppliance:
         return layout
 
     def idle_for(self) -> float:
-        """Seconds since the last access, or 0 while files are open or a boot is under way."""
-        if self._open_handles > 0 or self._booting is not None:
+        """Seconds since the last access, or 0 while files are open, a boot is under way or the
+        devices/ views are being mounted."""
+        if self._open_handles > 0 or self._booting is not None or self._mounting_devices:
             return 0.0
         return time.monotonic() - self._last_used
 

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+import trio
+import trio.testing
 
 from virtmount.guestfs.client import GuestfsClient
 from virtmount.guestfs.errors import GuestfsError
@@ -258,3 +260,25 @@ async def test_discarding_a_running_appliance_tells_the_tree() -> None:
     guest._appliance = cast(Any, booted)
     await guest.release()
     assert booted.shut_down and told == ["discarded"]
+
+
+async def test_an_appliance_mounting_its_devices_is_not_idle() -> None:
+    class SlowDaemon(FakeDaemon):
+        closed = False
+        release = trio.Event()
+
+        async def list_filesystems(self) -> dict[str, str]:
+            await self.release.wait()
+            return await super().list_filesystems()
+
+    daemon = SlowDaemon(roots=["/dev/vg0/root"])
+    guest = GuestAppliance(cast(Any, None), "guest", cast(Any, None), cast(Any, None), cast(Any, None))
+    guest._appliance = cast(Any, object())
+    guest._layout = await lay_out_os(cast(GuestfsClient, daemon), "guest", 1)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: guest.layout(with_devices=True))
+        await trio.testing.wait_all_tasks_blocked()
+        guest._last_used -= 3600  # an hour without access, as far as the clock goes
+        assert guest.idle_for() == 0.0
+        daemon.release.set()
+    assert guest._layout.devices_mounted and guest.idle_for() < 60

@@ -38,6 +38,7 @@ from .virt.domainxml import (
 )
 from .virt.provision import HostAppliance
 from .virt.stream import LibvirtByteStream
+from .watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,7 @@ class Appliance:
         self.boot_seconds = 0.0
         self.disks_key = ""  # identifies the guest's disk set (inspection_cache.disks_identity)
         self.naming = COLD_BOOTED  # how its daemon names the guest's disks (devicenames.py)
+        self.watchdog: Watchdog | None = None  # ends it if virtmount dies (restored appliances only)
 
     async def shutdown(self) -> None:
         """Sync and unmount inside the appliance, then destroy its domain; never raises."""
@@ -141,6 +143,8 @@ class Appliance:
                     log.warning("appliance for %s: final sync failed: %s", self.guest_name, exc)
             await self.client.aclose()
             await _destroy_quietly(self.domain)
+            if self.watchdog is not None:
+                self.watchdog.unwatch(await run_blocking(self.domain.name))
 
 
 async def _destroy_quietly(domain: libvirt.virDomain) -> None:
@@ -157,11 +161,13 @@ async def boot_appliance(
     host_appliance: HostAppliance,
     settings: ApplianceSettings,
     nursery: trio.Nursery,
+    watchdog: Watchdog | None = None,
 ) -> Appliance:
     """Boot an appliance holding ``guest_name``'s disks and wait until its daemon answers.
 
     Background tasks (the daemon client's reader, the console reader) run in
-    ``nursery``; ``Appliance.shutdown`` ends them.
+    ``nursery``; ``Appliance.shutdown`` ends them. Only with a ``watchdog`` (which ends
+    restored appliances if this process dies) may it be restored rather than booted cold.
     """
     guest = await _lookup_guest(conn, guest_name)
     definition = read_guest_definition(await run_blocking(guest.XMLDesc, 0))
@@ -171,9 +177,9 @@ async def boot_appliance(
     )
     domain_types = _domain_types_to_try(uri, settings.accelerator, await run_blocking(_host_has_kvm, conn))
     # A guest's own security labels apply to the whole appliance domain, which a restore cannot change.
-    if settings.fast_start and not _uses_embedded_driver(conn) and not definition.seclabels:
+    if watchdog is not None and settings.fast_start and not _uses_embedded_driver(conn) and not definition.seclabels:
         try:
-            appliance = await _fast_boot(conn, definition, host_appliance, settings, domain_types, nursery)
+            appliance = await _fast_boot(conn, definition, host_appliance, settings, domain_types, nursery, watchdog)
         except FastStartUnavailable as exc:
             log.info("appliance for %s: no fast start (%s); booting it cold", guest_name, exc)
         else:
@@ -224,6 +230,7 @@ async def _fast_boot(
     settings: ApplianceSettings,
     domain_types: list[str],
     nursery: trio.Nursery,
+    watchdog: Watchdog,
 ) -> Appliance:
     """Restore the saved appliance for these settings (saving one first if there is none yet, with
     the first accelerator that boots), then plug the guest's disks in.
@@ -240,9 +247,11 @@ async def _fast_boot(
         try:
             xml = restore_xml(saved_xml, saved.path(host, saved.root_volume), saved.path(host, saved.run_volume),
                               definition.name, str(os.getpid()))
+            watchdog.watch(saved.name)
             await run_blocking(conn.restoreFlags, saved.state_path(host), xml, libvirt.VIR_DOMAIN_SAVE_PAUSED)
             domain = await run_blocking(conn.lookupByName, saved.name)
         except libvirt.libvirtError as exc:
+            watchdog.unwatch(saved.name)
             if await _domain_exists(conn, saved.name):
                 raise FastStartUnavailable("the saved appliance is in use") from None
             await _forget_saved_appliance(conn, saved, host, settings)  # stale (e.g. QEMU upgraded)
@@ -253,9 +262,11 @@ async def _fast_boot(
     try:
         appliance = await _attach_and_resume(conn, domain, definition.name, what, settings, nursery, restored=True)
     except BootFailed as exc:
+        watchdog.unwatch(saved.name)
         await _forget_saved_appliance(conn, saved, host, settings)
         raise FastStartUnavailable(str(exc)) from None
     appliance.naming = RESTORED
+    appliance.watchdog = watchdog
     try:
         await _plug_in_guest_disks(appliance, definition, settings)
     except (libvirt.libvirtError, GuestfsClientError, FastStartUnavailable) as exc:

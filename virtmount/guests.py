@@ -27,6 +27,7 @@ from .guestfs.client import GuestfsClient
 from .guestfs.errors import GuestfsClientError, GuestfsError
 from .inspection_cache import FstabFingerprint, InspectionCache, RememberedLayout
 from .virt.provision import HostAppliance, provision
+from .watchdog import WatchdogSource
 
 log = logging.getLogger(__name__)
 
@@ -217,9 +218,11 @@ class GuestAppliance:
         host_appliance: "HostApplianceSource",
         nursery: trio.Nursery,
         inspection_cache: InspectionCache | None = None,
+        watchdogs: WatchdogSource | None = None,
     ) -> None:
         self.guest_name = guest_name
         self._inspection_cache = inspection_cache
+        self._watchdogs = watchdogs  # None: appliances are never restored, always booted cold
         self._conn = conn
         self._settings = settings
         self._host_appliance = host_appliance
@@ -306,7 +309,9 @@ class GuestAppliance:
             with trio.CancelScope() as self._boot_scope:
                 host = await self._host_appliance.get()
                 # the appliance's background tasks outlive this task: they run in the mount's nursery
-                appliance = await boot_appliance(self._conn, self.guest_name, host, self._settings, self._nursery)
+                watchdog = await self._watchdogs.get() if self._watchdogs and self._settings.fast_start else None
+                appliance = await boot_appliance(
+                    self._conn, self.guest_name, host, self._settings, self._nursery, watchdog)
                 self._generation += 1
                 try:
                     layout = await self._lay_out(appliance)

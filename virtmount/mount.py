@@ -24,6 +24,7 @@ from .fs.model import ConnectionTree
 from .fs.operations import Operations
 from .guests import GuestAppliance, HostApplianceSource
 from .inspection_cache import InspectionCache
+from .watchdog import WatchdogSource
 from .virt.connection import close_connection, libvirt_message, open_connection, run_blocking
 from .virt.domainxml import APPLIANCE_NAME_PREFIX
 
@@ -120,9 +121,10 @@ async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[]
         async with trio.open_nursery() as nursery:
             host_appliance = HostApplianceSource(conn, config.appliance.pool)
             inspection_cache = None if config.inspection_cache is None else InspectionCache(config.inspection_cache)
+            watchdogs = WatchdogSource(uri)
 
             def make_appliance(name: str, settings: ApplianceSettings = config.appliance) -> GuestAppliance:
-                return GuestAppliance(conn, name, settings, host_appliance, nursery, inspection_cache)
+                return GuestAppliance(conn, name, settings, host_appliance, nursery, inspection_cache, watchdogs)
 
             serving = False
 
@@ -149,6 +151,7 @@ async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[]
                     async with trio.open_nursery() as shutdowns:
                         for entry in tree.domain_entries():
                             shutdowns.start_soon(entry.appliance.release)
+                    watchdogs.close()
                     pyfuse3.close(unmount=is_mounted_here(mountpoint))
                 log.info("%s", tree.prefetch_summary())
                 nursery.cancel_scope.cancel()

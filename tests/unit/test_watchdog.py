@@ -1,0 +1,52 @@
+"""The watchdog's side of the pipe (virtmount.watchdog): what it destroys when its owner dies."""
+
+from __future__ import annotations
+
+import io
+from typing import Any, cast
+
+import libvirt
+
+from virtmount.virt.domainxml import METADATA_NAMESPACE
+from virtmount.watchdog import _watch
+
+
+class FakeDomain:
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+        self.destroyed = False
+
+    def XMLDesc(self, flags: int) -> str:
+        return (f"<domain><metadata><virtmount:appliance xmlns:virtmount='{METADATA_NAMESPACE}' "
+                f"guest='g' owner='{self.owner}'/></metadata></domain>")
+
+    def destroy(self) -> None:
+        self.destroyed = True
+
+
+class FakeConnection:
+    def __init__(self, **domains: FakeDomain) -> None:
+        self.domains = domains
+
+    def lookupByName(self, name: str) -> FakeDomain:
+        if name not in self.domains:
+            raise libvirt.libvirtError("Domain not found")
+        return self.domains[name]
+
+
+def run(commands: str, conn: FakeConnection) -> None:
+    _watch(io.StringIO(commands), cast(Any, conn), "100")
+
+
+def test_when_the_owner_dies_its_running_restored_appliances_are_destroyed() -> None:
+    conn = FakeConnection(a=FakeDomain("100"), b=FakeDomain("100"), c=FakeDomain("200"))
+    run("+a\n+b\n-b\n+c\n+gone\n", conn)  # no goodbye: the pipe ended with the process
+    assert conn.domains["a"].destroyed
+    assert not conn.domains["b"].destroyed  # shut down before
+    assert not conn.domains["c"].destroyed  # restored again since, by another virtmount
+
+
+def test_a_goodbye_destroys_nothing() -> None:
+    conn = FakeConnection(a=FakeDomain("100"))
+    run("+a\nbye\n", conn)
+    assert not conn.domains["a"].destroyed

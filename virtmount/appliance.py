@@ -36,7 +36,7 @@ from .virt.domainxml import (
     build_appliance_xml,
     read_guest_definition,
 )
-from .virt.provision import HostAppliance
+from .virt.provision import HostAppliance, lookup_volume
 from .virt.stream import LibvirtByteStream
 from .watchdog import Watchdog
 
@@ -155,6 +155,26 @@ async def _destroy_quietly(domain: libvirt.virDomain) -> None:
             log.warning("could not destroy appliance domain: %s", libvirt_message(exc))
 
 
+def _spec(name: str, guest: GuestDefinition, host: HostAppliance, settings: ApplianceSettings, domain_type: str,
+          root_overlay: str = "") -> ApplianceSpec:
+    return ApplianceSpec(
+        name=name,
+        guest=guest,
+        kernel_path=host.kernel_path,
+        initrd_path=host.initrd_path,
+        root_path=host.root_path,
+        root_uuid=host.root_uuid,
+        domain_type=domain_type,
+        memory_mib=settings.memory_mib,
+        vcpus=settings.vcpus,
+        writable=settings.writable,
+        verbose=settings.verbose,
+        extra_kernel_args=settings.extra_kernel_args,
+        owner=str(os.getpid()),
+        root_overlay=root_overlay,
+    )
+
+
 async def boot_appliance(
     conn: libvirt.virConnect,
     guest_name: str,
@@ -187,21 +207,7 @@ async def boot_appliance(
             return appliance
     failure: BootFailed | None = None
     for attempt, domain_type in enumerate(domain_types):
-        spec = ApplianceSpec(
-            name=_appliance_name(guest_name),
-            guest=definition,
-            kernel_path=host_appliance.kernel_path,
-            initrd_path=host_appliance.initrd_path,
-            root_path=host_appliance.root_path,
-            root_uuid=host_appliance.root_uuid,
-            domain_type=domain_type,
-            memory_mib=settings.memory_mib,
-            vcpus=settings.vcpus,
-            writable=settings.writable,
-            verbose=settings.verbose,
-            extra_kernel_args=settings.extra_kernel_args,
-            owner=str(os.getpid()),
-        )
+        spec = _spec(_appliance_name(guest_name), definition, host_appliance, settings, domain_type)
         try:
             appliance = await _boot_once(conn, spec, settings, nursery)
         except BootFailed as exc:
@@ -338,21 +344,8 @@ async def _save_appliance(
 ) -> None:
     """Boot an appliance with its root disk only, on a root overlay of its own, and save it."""
     await _replace_overlay(conn, settings.pool, saved.root_volume, host.root_path)
-    spec = ApplianceSpec(
-        name=saved.name,
-        guest=GuestDefinition(name="(saved appliance)", disks=()),
-        kernel_path=host.kernel_path,
-        initrd_path=host.initrd_path,
-        root_path=host.root_path,
-        root_uuid=host.root_uuid,
-        domain_type=domain_type,
-        memory_mib=settings.memory_mib,
-        vcpus=settings.vcpus,
-        verbose=settings.verbose,
-        extra_kernel_args=settings.extra_kernel_args,
-        owner=str(os.getpid()),
-        root_overlay=saved.path(host, saved.root_volume),
-    )
+    spec = _spec(saved.name, GuestDefinition(name="(saved appliance)", disks=()), host, settings, domain_type,
+                 root_overlay=saved.path(host, saved.root_volume))
     try:
         appliance = await _boot_once(conn, spec, settings, nursery)
     except BootFailed as exc:
@@ -374,7 +367,7 @@ async def _replace_overlay(conn: libvirt.virConnect, pool_name: str, name: str, 
     try:
         pool = await run_blocking(conn.storagePoolLookupByName, pool_name)
         await run_blocking(pool.refresh, 0)
-        stale = await run_blocking(_volume_or_none, pool, name)
+        stale = await run_blocking(lookup_volume, pool, name)
         if stale is not None:
             await run_blocking(stale.delete, 0)
         backing = await run_blocking(conn.storageVolLookupByPath, backing_path)
@@ -398,20 +391,11 @@ async def _delete_volumes(conn: libvirt.virConnect, pool_name: str, names: list[
         pool = await run_blocking(conn.storagePoolLookupByName, pool_name)
         await run_blocking(pool.refresh, 0)
         for name in names:
-            volume = await run_blocking(_volume_or_none, pool, name)
+            volume = await run_blocking(lookup_volume, pool, name)
             if volume is not None:
                 await run_blocking(volume.delete, 0)
     except libvirt.libvirtError as exc:
         log.warning("cannot delete %s from pool %s: %s", ", ".join(names), pool_name, libvirt_message(exc))
-
-
-def _volume_or_none(pool: libvirt.virStoragePool, name: str) -> libvirt.virStorageVol | None:
-    try:
-        return pool.storageVolLookupByName(name)
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_VOL:
-            return None
-        raise
 
 
 async def _plug_in_guest_disks(appliance: Appliance, definition: GuestDefinition, settings: ApplianceSettings) -> None:

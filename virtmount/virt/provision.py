@@ -277,7 +277,8 @@ def ensure_pool(conn: libvirt.virConnect, name: str) -> libvirt.virStoragePool:
     return pool
 
 
-def _lookup_volume(pool: libvirt.virStoragePool, name: str) -> libvirt.virStorageVol | None:
+def lookup_volume(pool: libvirt.virStoragePool, name: str) -> libvirt.virStorageVol | None:
+    """The named volume of ``pool``, or None (blocking)."""
     try:
         return pool.storageVolLookupByName(name)
     except libvirt.libvirtError as exc:
@@ -332,13 +333,13 @@ async def provision(conn: libvirt.virConnect, pool_name: str) -> HostAppliance:
     names = volume_names(local.content_hash)
     try:
         pool = await run_blocking(ensure_pool, conn, pool_name)
-        marker = await run_blocking(_lookup_volume, pool, names["marker"])
+        marker = await run_blocking(lookup_volume, pool, names["marker"])
         sources = {"kernel": local.kernel, "initrd": local.initrd, "root": local.root_qcow2}
         if marker is None:
             started = time.monotonic()
             total = 0
             for role, path in sources.items():
-                stale = await run_blocking(_lookup_volume, pool, names[role])
+                stale = await run_blocking(lookup_volume, pool, names[role])
                 if stale is not None:
                     await run_blocking(stale.delete, 0)
                 volume = await run_blocking(_create_raw_volume, pool, names[role], path.stat().st_size)
@@ -348,7 +349,7 @@ async def provision(conn: libvirt.virConnect, pool_name: str) -> HostAppliance:
             log.info("uploaded the appliance (%d MB) to pool %s in %.1f s", total >> 20, pool_name, time.monotonic() - started)
         paths = {}
         for role in sources:
-            volume = await run_blocking(_lookup_volume, pool, names[role])
+            volume = await run_blocking(lookup_volume, pool, names[role])
             if volume is None:
                 raise ProvisionError(f"appliance volume {names[role]} vanished from pool {pool_name}")
             paths[role] = await run_blocking(volume.path)

@@ -474,8 +474,13 @@ class Tool:
         return mnt
 
     def appliance_pid(self) -> int | None:
+        # virtmount's appliance is named after the guest when booted cold, after its saved state
+        # when restored (the bench runs one appliance at a time, so either name is ours)
         from benchimage import DOMAIN_NAME
-        return qemu_pid(self.image, f"virtmount-appliance-{DOMAIN_NAME}-" if self.is_virtmount else None)
+        if not self.is_virtmount:
+            return qemu_pid(self.image, None)
+        return (qemu_pid(self.image, f"virtmount-appliance-{DOMAIN_NAME}-")
+                or qemu_pid(self.image, "virtmount-appliance-saved-"))
 
 
 @dataclass

@@ -25,7 +25,7 @@ from .guestfs.client import GuestfsClient
 from .guestfs.errors import ConnectionLost, GuestfsClientError, GuestfsTimeout
 from .faststart import FastStartUnavailable, SavedAppliance, overlay_volume_xml, restore_xml
 from .inspection_cache import disks_identity
-from .virt.connection import libvirt_message, run_blocking
+from .virt.connection import libvirt_message, run_blocking, uses_embedded_driver
 from .virt.console import ConsoleLog
 from .virt.domainxml import (
     APPLIANCE_NAME_PREFIX,
@@ -100,10 +100,6 @@ def _host_has_kvm(conn: libvirt.virConnect) -> bool:
 
 def _appliance_name(guest_name: str) -> str:
     return f"{APPLIANCE_NAME_PREFIX}{guest_name}-{os.getpid()}-{secrets.token_hex(3)}"
-
-
-def _uses_embedded_driver(conn: libvirt.virConnect) -> bool:
-    return conn.getURI().startswith("qemu:///embed")
 
 
 async def _lookup_guest(conn: libvirt.virConnect, guest_name: str) -> libvirt.virDomain:
@@ -187,7 +183,8 @@ async def boot_appliance(
 
     Background tasks (the daemon client's reader, the console reader) run in
     ``nursery``; ``Appliance.shutdown`` ends them. Only with a ``watchdog`` (which ends
-    restored appliances if this process dies) may it be restored rather than booted cold.
+    restored appliances if this process dies; mount.py makes one where fast start is wanted and
+    possible) may it be restored rather than booted cold.
     """
     guest = await _lookup_guest(conn, guest_name)
     definition = read_guest_definition(await run_blocking(guest.XMLDesc, 0))
@@ -197,7 +194,7 @@ async def boot_appliance(
     )
     domain_types = _domain_types_to_try(uri, settings.accelerator, await run_blocking(_host_has_kvm, conn))
     # A guest's own security labels apply to the whole appliance domain, which a restore cannot change.
-    if watchdog is not None and settings.fast_start and not _uses_embedded_driver(conn) and not definition.seclabels:
+    if watchdog is not None and not definition.seclabels:
         try:
             appliance = await _fast_boot(conn, definition, host_appliance, settings, domain_types, nursery, watchdog)
         except FastStartUnavailable as exc:
@@ -364,12 +361,9 @@ async def _save_appliance(
 
 async def _replace_overlay(conn: libvirt.virConnect, pool_name: str, name: str, backing_path: str) -> None:
     """(Re)create the volume ``name`` in the pool as an empty qcow2 overlay of ``backing_path``."""
+    await _delete_volumes(conn, pool_name, [name])
     try:
         pool = await run_blocking(conn.storagePoolLookupByName, pool_name)
-        await run_blocking(pool.refresh, 0)
-        stale = await run_blocking(lookup_volume, pool, name)
-        if stale is not None:
-            await run_blocking(stale.delete, 0)
         backing = await run_blocking(conn.storageVolLookupByPath, backing_path)
         capacity = (await run_blocking(backing.info))[1]
         await run_blocking(pool.createXML, overlay_volume_xml(name, backing_path, capacity), 0)
@@ -439,7 +433,7 @@ async def _boot_once(
     accel = "KVM" if spec.domain_type == "kvm" else "TCG"
     what = f"appliance for {spec.guest.name} ({accel})"
     flags = libvirt.VIR_DOMAIN_START_PAUSED
-    if not _uses_embedded_driver(conn):
+    if not uses_embedded_driver(conn):
         flags |= libvirt.VIR_DOMAIN_START_AUTODESTROY
     started = time.monotonic()
     try:

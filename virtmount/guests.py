@@ -309,7 +309,7 @@ class GuestAppliance:
             with trio.CancelScope() as self._boot_scope:
                 host = await self._host_appliance.get()
                 # the appliance's background tasks outlive this task: they run in the mount's nursery
-                watchdog = await self._watchdogs.get() if self._watchdogs and self._settings.fast_start else None
+                watchdog = await self._watchdogs.get() if self._watchdogs is not None else None
                 appliance = await boot_appliance(
                     self._conn, self.guest_name, host, self._settings, self._nursery, watchdog)
                 self._generation += 1

@@ -25,7 +25,7 @@ from .fs.operations import Operations
 from .guests import GuestAppliance, HostApplianceSource
 from .inspection_cache import InspectionCache
 from .watchdog import WatchdogSource
-from .virt.connection import close_connection, libvirt_message, open_connection, run_blocking
+from .virt.connection import close_connection, libvirt_message, open_connection, run_blocking, uses_embedded_driver
 from .virt.domainxml import APPLIANCE_NAME_PREFIX
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,7 @@ def check_mountpoint(path: str) -> str:
 
 async def _remove_leftover_appliances(conn: libvirt.virConnect) -> None:
     """Without auto-destroy (embedded driver) a killed virtmount leaves appliances running: end them."""
-    uri = await run_blocking(conn.getURI)
-    if not uri.startswith("qemu:///embed"):
+    if not await run_blocking(uses_embedded_driver, conn):
         return  # auto-destroy ended them with their client's connection
     for domain in await run_blocking(conn.listAllDomains, libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
         name = await run_blocking(domain.name)
@@ -121,7 +120,9 @@ async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[]
         async with trio.open_nursery() as nursery:
             host_appliance = HostApplianceSource(conn, config.appliance.pool)
             inspection_cache = None if config.inspection_cache is None else InspectionCache(config.inspection_cache)
-            watchdogs = WatchdogSource(uri)
+            # restores need a watchdog, which needs a client of its own: the embedded driver has none
+            restores = config.appliance.fast_start and not await run_blocking(uses_embedded_driver, conn)
+            watchdogs = WatchdogSource(uri) if restores else None
 
             def make_appliance(name: str, settings: ApplianceSettings = config.appliance) -> GuestAppliance:
                 return GuestAppliance(conn, name, settings, host_appliance, nursery, inspection_cache, watchdogs)
@@ -151,7 +152,8 @@ async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[]
                     async with trio.open_nursery() as shutdowns:
                         for entry in tree.domain_entries():
                             shutdowns.start_soon(entry.appliance.release)
-                    watchdogs.close()
+                    if watchdogs is not None:
+                        watchdogs.close()
                     pyfuse3.close(unmount=is_mounted_here(mountpoint))
                 log.info("%s", tree.prefetch_summary())
                 nursery.cancel_scope.cancel()

@@ -59,6 +59,11 @@ def _open(uri: str) -> libvirt.virConnect:
     return libvirt.openAuth(uri, auth, 0)
 
 
+def uses_embedded_driver(conn: libvirt.virConnect) -> bool:
+    """qemu:///embed: QEMU driven in this process, without auto-destroy or a second client (blocking)."""
+    return str(conn.getURI()).startswith("qemu:///embed")
+
+
 async def open_connection(uri: str, timeout: float = 60.0) -> libvirt.virConnect:
     """Open ``uri`` with keep-alives so a dead host is noticed; one-line errors on failure."""
     check_uri(uri)

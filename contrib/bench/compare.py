@@ -14,6 +14,8 @@ domain ``virtmount-bench`` on qemu:///system, then, one tool after the other
 2. virtmount   (qemu:///system, root MNT/domains/virtmount-bench/fs)
 3. virtmount   over qemu+tcp://127.0.0.1:PORT/system through a loopback proxy
                adding --tcp-delay-ms in each direction (unless --skip-tcp/--quick)
+4. a no-op pyfuse3 mirror of the tree virtmount showed (contrib/bench/noop_mirror.py),
+   for find, ls -lR and the warm lstat only: what pyfuse3 + trio alone cost for them
 
 and for each runs the same phases in the same order:
 
@@ -62,6 +64,8 @@ REPO = Path(__file__).resolve().parents[2]
 BENCH_DIR = REPO / "contrib" / "bench"
 sys.path.insert(0, str(BENCH_DIR))
 
+import noop_mirror  # noqa: E402
+
 VIRTMOUNT = REPO / ".venv" / "bin" / "virtmount"
 START_LIBVIRTD = REPO / "contrib" / "start-libvirtd.sh"
 TCP_CONF = REPO / "tests" / "libvirtd-tcp.conf"
@@ -74,6 +78,9 @@ DEFAULT_VIRTMOUNT_OPTS = "idle=600,accel=tcg"  # guestmount is forced to TCG too
 PHASE_TIMEOUT_S = 1800
 MOUNT_TIMEOUT_S = 600
 UNMOUNT_WAIT_S = 180
+
+MIRROR_TITLE = "no-op pyfuse3 mirror"
+MIRROR_ROWS = ("find", "ls_lR", "lstat_warm")  # the walks the mirror can answer: no contents, no appliance
 
 _start = time.monotonic()
 
@@ -557,6 +564,7 @@ class Bench:
         self.big = big_file_content()
         self.big_sha = hashlib.sha256(self.big).hexdigest()
         self.mounted: list[tuple[Path, Tool]] = []
+        self.mirror_snapshot = workdir / "tree.json"
         self.load = LoadSampler()
 
     def drop(self) -> None:
@@ -620,6 +628,46 @@ class Bench:
             _, problems = unmount(mnt, fuse_pid(mnt), tool.appliance_pid)
             result.notes += [f"second unmount: {p}" for p in problems]
 
+    def _walks(self, title: str, root: Path, result: Result) -> list[bytes]:
+        """find, ls -lR and a warm lstat of every path: the phases that only read metadata."""
+        v = result.values
+        # find
+        self.drop()
+        started = time.monotonic()
+        proc = run_cmd(["find", str(root), "-print0"], capture_output=True)
+        v["find"] = time.monotonic() - started
+        paths = [p for p in proc.stdout.split(b"\0") if p]
+        result.count = len(paths)
+        if proc.returncode != 0:
+            result.notes.append(f"find exited with {proc.returncode}: "
+                                f"{proc.stderr.decode(errors='replace').strip()[-300:]}")
+        say(f"{title}: find: {len(paths)} paths in {v['find']:.2f} s")
+
+        # ls -lR
+        self.drop()
+        started = time.monotonic()
+        proc = run_cmd(["ls", "-lR", str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        v["ls_lR"] = time.monotonic() - started
+        if proc.returncode != 0:
+            result.notes.append(f"ls -lR exited with {proc.returncode}: "
+                                f"{proc.stderr.decode(errors='replace').strip()[-300:]}")
+        say(f"{title}: ls -lR in {v['ls_lR']:.2f} s")
+
+        # lstat, warm
+        errors = 0
+        started = time.monotonic()
+        for p in paths:
+            try:
+                os.lstat(p)
+            except OSError:
+                errors += 1
+        v["lstat_warm"] = time.monotonic() - started
+        if errors:
+            result.notes.append(f"lstat failed on {errors} of {len(paths)} paths")
+        say(f"{title}: warm lstat of {len(paths)} paths in {v['lstat_warm']:.2f} s")
+
+        return paths
+
     def _phases(self, tool: Tool, mnt: Path, result: Result) -> int | None:
         v = result.values
         argv, env = tool.mount_argv(mnt)
@@ -639,40 +687,7 @@ class Bench:
         say(f"{tool.title}: command returned after {v['mount_return']:.2f} s, first listing after "
             f"{v['first_listing']:.2f} s ({len(names)} names), FUSE pid {pid}")
 
-        # find
-        self.drop()
-        started = time.monotonic()
-        proc = run_cmd(["find", str(root), "-print0"], capture_output=True)
-        v["find"] = time.monotonic() - started
-        paths = [p for p in proc.stdout.split(b"\0") if p]
-        result.count = len(paths)
-        if proc.returncode != 0:
-            result.notes.append(f"find exited with {proc.returncode}: "
-                                f"{proc.stderr.decode(errors='replace').strip()[-300:]}")
-        say(f"{tool.title}: find: {len(paths)} paths in {v['find']:.2f} s")
-
-        # ls -lR
-        self.drop()
-        started = time.monotonic()
-        proc = run_cmd(["ls", "-lR", str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        v["ls_lR"] = time.monotonic() - started
-        if proc.returncode != 0:
-            result.notes.append(f"ls -lR exited with {proc.returncode}: "
-                                f"{proc.stderr.decode(errors='replace').strip()[-300:]}")
-        say(f"{tool.title}: ls -lR in {v['ls_lR']:.2f} s")
-
-        # lstat, warm
-        errors = 0
-        started = time.monotonic()
-        for p in paths:
-            try:
-                os.lstat(p)
-            except OSError:
-                errors += 1
-        v["lstat_warm"] = time.monotonic() - started
-        if errors:
-            result.notes.append(f"lstat failed on {errors} of {len(paths)} paths")
-        say(f"{tool.title}: warm lstat of {len(paths)} paths in {v['lstat_warm']:.2f} s")
+        paths = self._walks(tool.title, root, result)
 
         # sequential read
         big = root / self.big_file_rel
@@ -749,7 +764,41 @@ class Bench:
         else:
             result.notes.append("appliance QEMU process not found for memory/CPU")
         say(f"{tool.title}: FUSE pid {pid} {fuse}, appliance QEMU {qemu}")
+        if tool.key == "virtmount":  # after the CPU and memory rows: recording walks the tree once more
+            count = noop_mirror.record(root, self.mirror_snapshot)
+            say(f"{tool.title}: recorded the shape of {count} paths for the no-op mirror")
         return pid
+
+    def run_mirror(self) -> Result:
+        """The metadata walks over the no-op pyfuse3 mirror of the tree virtmount showed."""
+        result = Result()
+        if not self.mirror_snapshot.exists():
+            result.error = "no tree recorded (the virtmount column did not run or failed)"
+            return result
+        mnt = self.workdir / "mnt-mirror"
+        mnt.mkdir()
+        server = subprocess.Popen([sys.executable, str(BENCH_DIR / "noop_mirror.py"), "serve",
+                                   str(self.mirror_snapshot), str(mnt)])
+        started = time.monotonic()
+        try:
+            while not is_mounted(mnt):
+                if server.poll() is not None or time.monotonic() - started > 60:
+                    raise RuntimeError(f"the mirror did not mount (exit status {server.poll()})")
+                time.sleep(0.1)
+            self._walks(MIRROR_TITLE, mnt, result)
+        except Exception as exc:  # noqa: BLE001 - recorded in the table's checks
+            result.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            if is_mounted(mnt):
+                run_cmd(["fusermount3", "-u", str(mnt)])
+            try:
+                server.wait(timeout=UNMOUNT_WAIT_S)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+            with _ignore_errors():
+                mnt.rmdir()
+        return result
 
 
 # ================================================================ report
@@ -802,9 +851,12 @@ def _ratio(a: float | None, b: float | None) -> str:
 def build_table(results: dict[str, Result], tools: list[Tool], delay_ms: float) -> list[list[str]]:
     keys = [t.key for t in tools]
     has_proxy = "proxy" in keys
+    has_mirror = "mirror" in results
     header = ["workload", "unit", "guestmount", "virtmount", "virtmount ÷ guestmount"]
     if has_proxy:
         header += [f"virtmount, {delay_ms:g} ms proxy", "proxy ÷ local"]
+    if has_mirror:
+        header += [MIRROR_TITLE, "mirror ÷ guestmount"]
     rows = [header]
 
     def val(key: str, row: str) -> float | None:
@@ -818,6 +870,9 @@ def build_table(results: dict[str, Result], tools: list[Tool], delay_ms: float) 
         if has_proxy:
             p = val("proxy", row)
             line += [_fmt(p, unit), _ratio(p, vm)]
+        if has_mirror:
+            m = val("mirror", row) if row in MIRROR_ROWS else None
+            line += [_fmt(m, unit), _ratio(m, g)]
         rows.append(line)
     return rows
 
@@ -842,7 +897,9 @@ def render_markdown(rows: list[list[str]]) -> str:
 RATIO_NOTE = ("Ratios divide the values in the row's unit: for seconds, ms and MiB a ratio below 1 "
               "means virtmount is faster/smaller; for MB/s and reads/s a ratio above 1 means "
               "virtmount is faster.  \"proxy ÷ local\" compares virtmount over the delaying "
-              "proxy with virtmount on qemu:///system the same way.")
+              "proxy with virtmount on qemu:///system the same way.  The no-op pyfuse3 mirror "
+              "(contrib/bench/noop_mirror.py) serves the tree virtmount showed from memory, with "
+              "nothing behind it: its time is the floor for any pyfuse3 + trio filesystem doing that walk.")
 
 
 def report(results: dict[str, Result], tools: list[Tool], args: argparse.Namespace, info: list[tuple[str, str]],
@@ -856,9 +913,13 @@ def report(results: dict[str, Result], tools: list[Tool], args: argparse.Namespa
         status = f"FAILED: {r.error}" if r.error else "ok"
         checks.append(f"{tool.title}: {status}; find counted {r.count} paths"
                       + ("".join(f"; {n}" for n in r.notes)) + f"; during its run: {r.load}")
+    mirror = results.get("mirror")
+    if mirror is not None:
+        checks.append(f"{MIRROR_TITLE}: " + (f"FAILED: {mirror.error}" if mirror.error else "ok")
+                      + f"; find counted {mirror.count} paths" + "".join(f"; {n}" for n in mirror.notes))
     counts: set[int] = set()
-    for t in tools:
-        count = results[t.key].count if t.key in results else None
+    for key in [t.key for t in tools] + ["mirror"]:
+        count = results[key].count if key in results else None
         if count is not None:
             counts.add(count)
     if len(counts) > 1:
@@ -932,7 +993,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--random-reads", type=int, default=None, help="number of random 4 KiB reads (default 2000)")
     parser.add_argument("--virtmount-opts", default=DEFAULT_VIRTMOUNT_OPTS,
                         help=f"virtmount -o options (default {DEFAULT_VIRTMOUNT_OPTS})")
-    parser.add_argument("--only", choices=("guestmount", "virtmount", "proxy"), action="append",
+    parser.add_argument("--only", choices=("guestmount", "virtmount", "proxy", "mirror"), action="append",
                         help="run only these (repeatable; for debugging, the table has gaps)")
     parser.add_argument("--no-results-md", action="store_true", help="do not write contrib/bench/results.md")
     parser.add_argument("--serve-proxy", type=float, metavar="DELAY_MS", help=argparse.SUPPRESS)
@@ -1007,6 +1068,8 @@ def main(argv: list[str]) -> int:
             if tool.key == "proxy" and proxy is not None:
                 proxy.close()
                 proxy = None
+        if not args.only or "mirror" in args.only:
+            results["mirror"] = bench.run_mirror()
     finally:
         bench.cleanup()
         bench.load.stop()

@@ -19,6 +19,7 @@ import pytest
 import trio
 
 from virtmount.fs.model import (
+    READ_CALL_MAX,
     RELEASE_XATTR,
     Attributes,
     ConnectionTree,
@@ -761,17 +762,17 @@ async def test_readlink_of_non_links_is_einval(world: World) -> None:
 # --- reading ------------------------------------------------------------------------------
 
 
-async def test_read_longer_than_pread_max_is_split(world: World) -> None:
+async def test_read_longer_than_the_largest_read_call_is_split(world: World) -> None:
     tree = world.tree
     big = await guest(world, b"fs", b"big")
     assert (await tree.getattr(big.inode)).size == BIG_SIZE
     handle = await tree.open(big.inode, os.O_RDONLY)
-    data = await tree.read(handle, 100, 2 * PREAD_MAX + 500)
-    assert data == big_content()[100:100 + 2 * PREAD_MAX + 500]
+    data = await tree.read(handle, 100, 2 * READ_CALL_MAX + 500)
+    assert data == big_content()[100:100 + 2 * READ_CALL_MAX + 500]
     assert world.client.args_of("pread") == [
-        (b"/fs/big", PREAD_MAX, 100),
-        (b"/fs/big", PREAD_MAX, 100 + PREAD_MAX),
-        (b"/fs/big", 500, 100 + 2 * PREAD_MAX),
+        (b"/fs/big", READ_CALL_MAX, 100),
+        (b"/fs/big", READ_CALL_MAX, 100 + READ_CALL_MAX),
+        (b"/fs/big", 500, 100 + 2 * READ_CALL_MAX),
     ]
 
 
@@ -779,8 +780,8 @@ async def test_read_stops_at_end_of_file(world: World) -> None:
     tree = world.tree
     big = await guest(world, b"fs", b"big")
     handle = await tree.open(big.inode, os.O_RDONLY)
-    assert await tree.read(handle, BIG_SIZE - 10, 2 * PREAD_MAX) == big_content()[-10:]
-    assert world.client.args_of("pread") == [(b"/fs/big", PREAD_MAX, BIG_SIZE - 10)]
+    assert await tree.read(handle, BIG_SIZE - 10, 2 * READ_CALL_MAX) == big_content()[-10:]
+    assert world.client.args_of("pread") == [(b"/fs/big", READ_CALL_MAX, BIG_SIZE - 10)]
     assert await tree.read(handle, BIG_SIZE + 5, 100) == b""
 
 

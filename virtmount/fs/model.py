@@ -35,7 +35,7 @@ from ..virt.domainxml import APPLIANCE_NAME_PREFIX
 from .inodes import InodeNumbers
 from .listings import ListingCache
 from .prefetch import Prefetcher
-from .readahead import ReadAhead
+from .readahead import LARGEST_WINDOW, ReadAhead
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,8 @@ CONTENTS_AHEAD_BYTES = 16 * 1024 * 1024
 CONTENT_CALLS_AHEAD = 8
 # Listings fetched ahead bring their entries' xattrs too while a walker is reading xattrs.
 XATTR_DEMAND_S = 10.0
+# The largest pread a file read sends (read-ahead windows grow up to it): see readahead.LARGEST_WINDOW.
+READ_CALL_MAX = min(LARGEST_WINDOW, PREAD_MAX)
 # Entries of directory listings kept for the life of their appliance (see listings.py).
 DEFAULT_CACHED_ENTRIES = 100_000
 
@@ -680,7 +682,7 @@ class ConnectionTree:
             layout = await self._layout(entry)
             return await self._guest_call(entry, lambda: layout.client.pread(node.path, size, offset))
 
-        return ReadAhead(fetch, PREAD_MAX, self._nursery)
+        return ReadAhead(fetch, READ_CALL_MAX, self._nursery)
 
     def _read_siblings_ahead(self, node: GuestNode) -> None:
         """On the second file opened in a listing, wish for the contents of its other small files."""

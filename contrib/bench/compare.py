@@ -579,6 +579,14 @@ class Bench:
             if is_mounted(mnt) or fuse_pid(mnt) is not None:
                 say(f"cleanup: unmounting {mnt}")
                 unmount(mnt, fuse_pid(mnt), tool.appliance_pid)
+            # guestmount killed while it launched leaves its QEMU behind (virtmount's appliances end
+            # with their connection or through the watchdog)
+            orphan = None if tool.is_virtmount else tool.appliance_pid()
+            if orphan is not None:
+                say(f"cleanup: stopping guestmount's appliance QEMU {orphan}")
+                with _ignore_errors():
+                    os.kill(orphan, signal.SIGTERM)
+                    _wait_gone(orphan, 30)
         self.mounted.clear()
 
     def run(self, tool: Tool) -> Result:
@@ -593,21 +601,21 @@ class Bench:
         except Exception as exc:  # noqa: BLE001 - recorded, the next tool still runs
             result.error = f"{type(exc).__name__}: {exc}"
             say(f"{tool.title}: FAILED: {result.error}")
-        finally:
-            if is_mounted(mnt) or fuse_pid(mnt) is not None:
-                pid = pid or fuse_pid(mnt)
-                seconds, problems = unmount(mnt, pid, tool.appliance_pid)
-                result.notes += [f"unmount: {p}" for p in problems]
-                if result.error is None:
-                    result.values["unmount"] = seconds
-                    say(f"{tool.title}: unmounted in {seconds:.2f} s")
+        # A stop (SIGTERM, ^C) passes by here, leaving the mount to cleanup().
+        if is_mounted(mnt) or fuse_pid(mnt) is not None:
+            pid = pid or fuse_pid(mnt)
+            seconds, problems = unmount(mnt, pid, tool.appliance_pid)
+            result.notes += [f"unmount: {p}" for p in problems]
             if result.error is None:
-                self._mount_again(tool, mnt, result)
-            self.mounted.remove((mnt, tool))
-            with _ignore_errors():
-                mnt.rmdir()
-            # while mounted, one QEMU process (the appliance) is ours
-            result.load = self.load.summary(started, time.monotonic(), own_qemus=1)
+                result.values["unmount"] = seconds
+                say(f"{tool.title}: unmounted in {seconds:.2f} s")
+        if result.error is None:
+            self._mount_again(tool, mnt, result)
+        self.mounted.remove((mnt, tool))
+        with _ignore_errors():
+            mnt.rmdir()
+        # while mounted, one QEMU process (the appliance) is ours
+        result.load = self.load.summary(started, time.monotonic(), own_qemus=1)
         return result
 
     def _mount_again(self, tool: Tool, mnt: Path, result: Result) -> None:

@@ -36,7 +36,7 @@ from .virt.domainxml import (
     build_appliance_xml,
     read_guest_definition,
 )
-from .virt.provision import HostAppliance, lookup_volume
+from .virt.provision import HostAppliance, delete_volume
 from .virt.stream import LibvirtByteStream
 from .watchdog import Watchdog
 
@@ -385,9 +385,7 @@ async def _delete_volumes(conn: libvirt.virConnect, pool_name: str, names: list[
         pool = await run_blocking(conn.storagePoolLookupByName, pool_name)
         await run_blocking(pool.refresh, 0)
         for name in names:
-            volume = await run_blocking(lookup_volume, pool, name)
-            if volume is not None:
-                await run_blocking(volume.delete, 0)
+            await run_blocking(delete_volume, pool, name)
     except libvirt.libvirtError as exc:
         log.warning("cannot delete %s from pool %s: %s", ", ".join(names), pool_name, libvirt_message(exc))
 

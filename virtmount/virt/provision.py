@@ -287,6 +287,13 @@ def lookup_volume(pool: libvirt.virStoragePool, name: str) -> libvirt.virStorage
         raise
 
 
+def delete_volume(pool: libvirt.virStoragePool, name: str) -> None:
+    """Delete the named volume of ``pool`` if there is one (blocking)."""
+    volume = lookup_volume(pool, name)
+    if volume is not None:
+        volume.delete(0)
+
+
 def _create_raw_volume(pool: libvirt.virStoragePool, name: str, size: int) -> libvirt.virStorageVol:
     volume = ET.Element("volume")
     ET.SubElement(volume, "name").text = name
@@ -339,9 +346,7 @@ async def provision(conn: libvirt.virConnect, pool_name: str) -> HostAppliance:
             started = time.monotonic()
             total = 0
             for role, path in sources.items():
-                stale = await run_blocking(lookup_volume, pool, names[role])
-                if stale is not None:
-                    await run_blocking(stale.delete, 0)
+                await run_blocking(delete_volume, pool, names[role])  # left by an upload that did not finish
                 volume = await run_blocking(_create_raw_volume, pool, names[role], path.stat().st_size)
                 await _upload_sparse(conn, volume, path)
                 total += path.stat().st_size

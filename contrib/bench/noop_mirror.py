@@ -5,8 +5,8 @@ The bench walks the same tree through guestmount, through virtmount, and then
 through this mirror. The mirror answers every request from memory: names, modes,
 sizes and link targets recorded from virtmount's mount; no xattrs (getxattr is
 ENODATA, as for the guest's unlabelled files); no file contents. It is mounted
-like virtmount (``default_permissions``, POSIX ACLs handled by the kernel, 60 s
-kernel cache timeouts) and serves requests the same way: pyfuse3's request loop
+like virtmount (``default_permissions``, POSIX ACLs handled by the kernel, its
+kernel cache timeouts for guest files) and serves requests the same way: pyfuse3's request loop
 in trio. So its time for ``find`` or ``ls -lR`` is what pyfuse3 and trio cost
 for that walk's requests with nothing behind them, and any pyfuse3 filesystem,
 virtmount included, needs at least that long.
@@ -24,24 +24,20 @@ import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import pyfuse3
 import trio
 
-CACHE_TIMEOUT_S = 60.0  # as virtmount's for guest files
+from virtmount.fs.model import Attributes
+from virtmount.fs.operations import GUEST_CACHE_TIMEOUT_S, Operations, entry_attributes
 
 
 @dataclass
 class Entry:
-    """One recorded path: its lstat fields, link target and (directories) children by name."""
+    """One recorded path: what lstat showed, its link target and (directories) children by name."""
 
-    inode: int
-    mode: int
-    size: int
-    nlink: int
-    uid: int
-    gid: int
-    mtime_ns: int
+    attributes: Attributes
     target: bytes | None = None
     children: dict[bytes, int] = field(default_factory=dict)
 
@@ -71,8 +67,9 @@ def load(snapshot: Path) -> dict[int, Entry]:
     for relative, mode, size, nlink, uid, gid, mtime_ns, target in json.loads(snapshot.read_text()):
         path = os.fsencode(relative)
         inode = pyfuse3.ROOT_INODE if path == b"." else len(entries) + 2
-        entries[inode] = Entry(inode, mode, size, nlink, uid, gid, mtime_ns,
-                               None if target is None else os.fsencode(target))
+        attributes = Attributes(inode, mode, nlink=nlink, uid=uid, gid=gid, size=size, blocks=(size + 511) // 512,
+                                atime_ns=mtime_ns, mtime_ns=mtime_ns, ctime_ns=mtime_ns)
+        entries[inode] = Entry(attributes, None if target is None else os.fsencode(target))
         by_path[path] = inode
         if path != b".":
             parent, _, name = path.rpartition(b"/")
@@ -83,7 +80,7 @@ def load(snapshot: Path) -> dict[int, Entry]:
 class MirrorOperations(pyfuse3.Operations):
     """Read-only answers from the recorded tree; every request is served without waiting for anything."""
 
-    enable_acl = True  # as virtmount: the kernel asks for ACLs through getxattr
+    enable_acl = Operations.enable_acl  # as virtmount: the kernel asks for ACLs through getxattr
 
     def __init__(self, entries: dict[int, Entry]) -> None:
         super().__init__()
@@ -98,18 +95,7 @@ class MirrorOperations(pyfuse3.Operations):
         return entry
 
     def _attributes(self, entry: Entry) -> pyfuse3.EntryAttributes:
-        attributes = pyfuse3.EntryAttributes()
-        attributes.st_ino = entry.inode
-        attributes.entry_timeout = attributes.attr_timeout = CACHE_TIMEOUT_S
-        attributes.st_mode = entry.mode
-        attributes.st_nlink = entry.nlink
-        attributes.st_uid = entry.uid
-        attributes.st_gid = entry.gid
-        attributes.st_size = entry.size
-        attributes.st_blksize = 4096
-        attributes.st_blocks = (entry.size + 511) // 512
-        attributes.st_atime_ns = attributes.st_mtime_ns = attributes.st_ctime_ns = entry.mtime_ns
-        return attributes
+        return entry_attributes(entry.attributes, GUEST_CACHE_TIMEOUT_S)  # as virtmount's guest files
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         inode = self._entry(parent_inode).children.get(name)
@@ -148,7 +134,7 @@ class MirrorOperations(pyfuse3.Operations):
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         return []
 
-    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         pass  # every inode lives as long as the mount
 
 

@@ -24,7 +24,8 @@ GUEST_CACHE_TIMEOUT_S = 60.0  # guest files do not change while an appliance hol
 VIRTUAL_CACHE_TIMEOUT_S = 1.0  # domains come and go
 
 
-def _entry_attributes(attributes: Attributes, timeout: float) -> pyfuse3.EntryAttributes:
+def entry_attributes(attributes: Attributes, timeout: float) -> pyfuse3.EntryAttributes:
+    """What lookup, getattr and readdir tell the kernel about a node (also used by the bench's mirror)."""
     entry = pyfuse3.EntryAttributes()
     entry.st_ino = attributes.inode
     entry.generation = 0
@@ -79,7 +80,7 @@ class Operations(pyfuse3.Operations):
 
     async def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
         """Attributes for lookup and getattr: view roots boot their appliance to show the real ones."""
-        return _entry_attributes(await self._tree.getattr(node.inode), self._timeout(node))
+        return entry_attributes(await self._tree.getattr(node.inode), self._timeout(node))
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         async def run() -> pyfuse3.EntryAttributes:
@@ -120,7 +121,7 @@ class Operations(pyfuse3.Operations):
                 raise FsError(errno.EBADF)
             for index in range(start_id, len(listing)):
                 name, node = listing[index]
-                entry = _entry_attributes(await self._tree.attributes(node), self._timeout(node))
+                entry = entry_attributes(await self._tree.attributes(node), self._timeout(node))
                 if not pyfuse3.readdir_reply(token, name, entry, index + 1):
                     break
                 self._tree.count_lookup(node)

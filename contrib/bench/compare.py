@@ -800,13 +800,9 @@ class Bench:
         except Exception as exc:  # noqa: BLE001 - recorded in the table's checks
             result.error = f"{type(exc).__name__}: {exc}"
         finally:
-            if is_mounted(mnt):
-                run_cmd(["fusermount3", "-u", str(mnt)])
-            try:
-                server.wait(timeout=UNMOUNT_WAIT_S)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+            _, problems = unmount(mnt, server.pid)
+            result.notes += [f"unmount: {p}" for p in problems]
+            server.wait()
             with _ignore_errors():
                 mnt.rmdir()
         return result

@@ -10,7 +10,7 @@ from typing import Callable
 
 from .appliance import ACCELERATORS, ApplianceSettings
 from .errors import UsageError
-from .fs.model import DEFAULT_CACHED_ENTRIES
+from .fs.guestview import DEFAULT_CACHED_ENTRIES
 from .inspection_cache import default_directory
 
 

@@ -15,11 +15,15 @@ from virtmount.guestfs.client import GuestfsClient
 from virtmount.guestfs.errors import GuestfsError
 from virtmount.guestfs.procs import Statns
 from virtmount.devicenames import COLD_BOOTED, RESTORED
-from virtmount.guests import GuestAppliance, lay_out_os, mount_devices
+from virtmount.guestlayout import lay_out_os, mount_devices
+from virtmount.lifecycle import SourceAppliance
+from virtmount.sources.domain import DomainRef
 from virtmount.inspection_cache import FstabFingerprint, InspectionCache, RememberedLayout
 
 FILESYSTEMS = {"/dev/sda1": "ext4", "/dev/vg0/root": "ext4", "/dev/vg0/data": "xfs", "/dev/sda2": "swap"}
 DEV_OF = {"/dev/sda1": 2049, "/dev/vg0/root": 64768, "/dev/vg0/data": 64769}
+
+GUEST = DomainRef("guest", "6f1c2a3b-4d5e-4f60-8a71-92b3c4d5e6f7")
 
 
 MOUNTPOINTS = {"/srv/data": "/dev/vg0/data", "/": "/dev/vg0/root", "/boot": "/dev/sda1"}
@@ -213,7 +217,7 @@ async def test_layouts_are_remembered_in_the_guest_disk_order_whichever_way_the_
 
 async def test_the_appliance_stores_and_forgets_remembered_layouts(tmp_path: Path) -> None:
     cache = InspectionCache(tmp_path / "layouts")
-    guest = GuestAppliance(cast(Any, None), "guest", cast(Any, None), cast(Any, None), cast(Any, None), cache)
+    guest = SourceAppliance(cast(Any, None), GUEST, cast(Any, None), cast(Any, None), cast(Any, None), cache)
     key = "k" * 64
     await guest._lay_out(cast(Any, FakeAppliance(FakeDaemon(roots=["/dev/vg0/root"]))))
     assert cache.load(key) == RememberedLayout(mountpoints=MOUNTPOINTS, fstab=FSTAB)
@@ -251,7 +255,7 @@ async def test_discarding_a_running_appliance_tells_the_tree() -> None:
         async def shutdown(self) -> None:
             self.shut_down = True
 
-    guest = GuestAppliance(cast(Any, None), "guest", cast(Any, None), cast(Any, None), cast(Any, None))
+    guest = SourceAppliance(cast(Any, None), GUEST, cast(Any, None), cast(Any, None), cast(Any, None))
     told: list[str] = []
     guest.on_discard = lambda: told.append("discarded")
     await guest.release()
@@ -272,7 +276,7 @@ async def test_an_appliance_mounting_its_devices_is_not_idle() -> None:
             return await super().list_filesystems()
 
     daemon = SlowDaemon(roots=["/dev/vg0/root"])
-    guest = GuestAppliance(cast(Any, None), "guest", cast(Any, None), cast(Any, None), cast(Any, None))
+    guest = SourceAppliance(cast(Any, None), GUEST, cast(Any, None), cast(Any, None), cast(Any, None))
     guest._appliance = cast(Any, object())
     guest._layout = await lay_out_os(cast(GuestfsClient, daemon), "guest", 1)
     async with trio.open_nursery() as nursery:

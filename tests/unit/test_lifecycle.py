@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 from pathlib import Path
 from typing import Any, cast
 
@@ -123,6 +124,27 @@ async def test_devices_are_mounted_later_and_keep_the_names_already_given() -> N
     assert layout.devices == {"sda1": "/dev/sda1", "vg0-data": "/dev/vg0/data", "vg0-root": "/dev/vg0/root"}
     assert layout.fs_by_dev[2049] == "named-first"
     assert (b"/d/vg0-data") in daemon.mounted and b"/d/sda2" not in daemon.mounted  # swap skipped
+
+
+async def test_what_is_not_a_filesystem_is_logged_not_shown(caplog: pytest.LogCaptureFixture) -> None:
+    daemon = FakeDaemon(roots=[])
+    layout = await lay_out_os(cast(GuestfsClient, daemon), "guest", 1)
+    with caplog.at_level(logging.INFO, logger="virtmount.guestlayout"):
+        await mount_devices(layout, "guest")
+    assert "sda2" not in layout.devices
+    assert "guest: /dev/sda2 (swap) is not a mountable filesystem; not shown" in caplog.messages
+
+
+async def test_disks_without_any_filesystem_leave_devices_empty_and_say_why(caplog: pytest.LogCaptureFixture) -> None:
+    class RandomBytes(FakeDaemon):
+        async def list_filesystems(self) -> dict[str, str]:
+            return {"/dev/sda": "unknown"}
+
+    layout = await lay_out_os(cast(GuestfsClient, RandomBytes(roots=[])), "volume", 1)
+    with caplog.at_level(logging.INFO, logger="virtmount.guestlayout"):
+        await mount_devices(layout, "volume")
+    assert layout.devices == {} and layout.devices_mounted
+    assert "volume: no filesystem found on the disks (/dev/sda: unknown); devices/ is empty" in caplog.messages
 
 
 async def test_a_dirty_journal_is_not_replayed() -> None:

@@ -145,14 +145,9 @@ class ConnectionTree:
         return sorted(n for n in names if not n.startswith(APPLIANCE_NAME_PREFIX))
 
     async def _domain_dirs(self) -> list[tuple[bytes, Node]]:
-        entries: list[tuple[bytes, Node]] = []
-        for name in await self._domain_names.names():
-            try:
-                source = await self._domain_source(name)
-            except FsError:
-                continue  # vanished between listing and lookup
-            entries.append((name.encode(), source.directory))
-        return entries
+        async def directory(name: str) -> Node:
+            return (await self._domain_source(name)).directory
+        return await _directories(await self._domain_names.names(), directory)
 
     async def _domain_dir(self, name: bytes) -> Node:
         return (await self._domain_source(name.decode("utf-8", "surrogateescape"))).directory
@@ -196,14 +191,9 @@ class ConnectionTree:
         return sorted(names)
 
     async def _pool_dirs(self) -> list[tuple[bytes, Node]]:
-        entries: list[tuple[bytes, Node]] = []
-        for name in await self._pool_names.names():
-            try:
-                pool = await self._pool_entry(name)
-            except FsError:
-                continue  # stopped between listing and lookup
-            entries.append((name.encode(), pool.directory))
-        return entries
+        async def directory(name: str) -> Node:
+            return (await self._pool_entry(name)).directory
+        return await _directories(await self._pool_names.names(), directory)
 
     async def _pool_dir(self, name: bytes) -> Node:
         return (await self._pool_entry(name.decode("utf-8", "surrogateescape"))).directory
@@ -251,14 +241,10 @@ class ConnectionTree:
 
         async def volume_dirs() -> list[tuple[bytes, Node]]:
             await self._pool_entry(name)  # ENOENT once stopped
-            entries: list[tuple[bytes, Node]] = []
-            for volume in await listed.names():
-                try:
-                    source = await self._volume_source(entry, volume)
-                except FsError:
-                    continue  # deleted between listing and lookup
-                entries.append((volume.encode(), source.directory))
-            return entries
+
+            async def directory(volume: str) -> Node:
+                return (await self._volume_source(entry, volume)).directory
+            return await _directories(await listed.names(), directory)
 
         async def volume_dir(child: bytes) -> Node:
             await self._pool_entry(name)
@@ -414,3 +400,14 @@ class ConnectionTree:
 
     def prefetch_summary(self) -> str:
         return self.guests.prefetch_summary()
+
+
+async def _directories(names: list[str], directory: Callable[[str], Awaitable[Node]]) -> list[tuple[bytes, Node]]:
+    """The directories of the names libvirt listed, without those gone by the time they are looked up."""
+    entries: list[tuple[bytes, Node]] = []
+    for name in names:
+        try:
+            entries.append((name.encode(), await directory(name)))
+        except FsError:
+            continue
+    return entries

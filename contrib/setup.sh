@@ -26,6 +26,9 @@ PACKAGES=(
     fuse3 libfuse3-dev pkg-config
     python3-venv python3-dev gcc
     lvm2 xfsprogs e2fsprogs rsync acl attr procps
+    # What the appliance needs for btrfs, vfat, ntfs and LUKS (libguestfs0 depends on them; named
+    # here because the volume tests build and read such filesystems).
+    btrfs-progs dosfstools ntfs-3g cryptsetup-bin
 )
 
 missing=()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import Callable
 
 from tests import images
 
@@ -26,11 +27,12 @@ def virsh(uri: str, *args: str, check: bool = True) -> subprocess.CompletedProce
 
 
 def start_dir_pool(uri: str, name: str) -> None:
-    """A running transient dir pool ``name`` (started afresh if it runs already), in a directory of its own."""
-    directory = POOL_PARENT / name
-    directory.mkdir(mode=0o755, exist_ok=True)
+    """A running, empty, transient dir pool ``name`` (started afresh if it runs already), in a directory
+    of its own that libvirt makes."""
     virsh(uri, "pool-destroy", name, check=False)
-    virsh(uri, "pool-create-as", name, "dir", "--target", str(directory))
+    virsh(uri, "pool-create-as", name, "dir", "--target", str(POOL_PARENT / name), "--build")
+    for line in virsh(uri, "vol-list", "--pool", name).stdout.splitlines():  # "NAME PATH" (test names: no spaces)
+        virsh(uri, "vol-delete", "--pool", name, line.split()[0])
 
 
 def stop_pool(uri: str, name: str) -> None:
@@ -58,26 +60,25 @@ def overlay_volume(uri: str, pool: str, name: str, backing: str, capacity: int) 
           "--backing-vol", backing, "--backing-vol-format", volume_format(uri, pool, backing))
 
 
-def converted(image: Path, fmt: str, *options: str) -> Path:
+def converted(image: Path, fmt: str) -> Path:
     """``image`` converted with qemu-img to ``fmt``, cached beside it."""
-    target = image.with_name(f"{image.stem}.{fmt}{''.join(options).replace('=', '-')}")
-    if target.exists():
-        return target
-    with images.locked():
-        if not target.exists():
-            images.write_atomically(
-                target.name, target,
-                lambda tmp: subprocess.run(["qemu-img", "convert", "-O", fmt, *(["-o", *options] if options else []),
-                                            str(image), str(tmp)], check=True, capture_output=True))
-    return target
+    target = image.with_name(f"{image.stem}.{fmt}")
+
+    def convert(tmp: Path) -> None:
+        subprocess.run(["qemu-img", "convert", "-O", fmt, str(image), str(tmp)], check=True, capture_output=True)
+    return _cached(target, convert)
 
 
 def random_bytes_image(size: int) -> Path:
     """A file of pseudo-random bytes (no partition table, no filesystem), cached."""
-    target = images.IMAGE_DIR / f"random-{size}.img"
+    def fill(tmp: Path) -> None:
+        tmp.write_bytes(images.pseudo_random("random volume", size))
+    return _cached(images.IMAGE_DIR / f"random-{size}.img", fill)
+
+
+def _cached(target: Path, fill: Callable[[Path], None]) -> Path:
     if not target.exists():
         with images.locked():
             if not target.exists():
-                images.write_atomically(target.name, target,
-                                        lambda tmp: tmp.write_bytes(images.pseudo_random("random volume", size)))
+                images.write_atomically(target.name, target, fill)
     return target

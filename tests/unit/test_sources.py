@@ -104,8 +104,7 @@ async def test_a_domain_is_resolved_by_its_uuid_with_its_disks_as_they_are_and_n
     conn = Connection(Domain(GUEST_XML))
     source = await DomainRef("web1", UUID).resolve(cast(Any, conn), Attach.READ_ONLY_OVERLAY)
     assert conn.looked_up == [UUID]
-    assert (source.kind, source.identity, source.name, source.attach) == (
-        "domain", UUID, "web1", Attach.READ_ONLY_OVERLAY)
+    assert (source.identity, source.name, source.attach) == (UUID, "web1", Attach.READ_ONLY_OVERLAY)
     assert [disk.get("type") for disk in source.disks] == ["file", "block", "network"]
     assert source.disks[2].find("./source/host").get("port") == "10809"  # type: ignore[union-attr]
 
@@ -154,7 +153,7 @@ class VolumeConnection:
 async def test_a_volume_is_resolved_by_its_key_into_one_disk() -> None:
     ref = VolumeRef("images", "a.qcow2", "/pool/a.qcow2")
     source = await ref.resolve(cast(Any, VolumeConnection(Volume(Pool(True)))), Attach.READ_ONLY_OVERLAY)
-    assert (source.kind, source.identity, source.name) == ("volume", "volume:/pool/a.qcow2", "images/a.qcow2")
+    assert (source.identity, source.name) == ( "volume:/pool/a.qcow2", "images/a.qcow2")
     assert [disk.find("source").get("file") for disk in source.disks] == ["/pool/a.qcow2"]  # type: ignore[union-attr]
 
 
@@ -164,3 +163,60 @@ async def test_a_deleted_volume_or_stopped_pool_is_gone(volume: Volume | None) -
         await VolumeRef("images", "a.qcow2", "/pool/a.qcow2").resolve(cast(Any, VolumeConnection(volume)),
                                                                        Attach.READ_ONLY_OVERLAY)
     assert gone.value.errno == errno.ENOENT
+
+
+class PoolVolume:
+    def __init__(self, kind: int, path: str) -> None:
+        self.kind, self._path = kind, path
+
+    def info(self) -> list[int]:
+        return [self.kind, 1 << 30, 1 << 20]
+
+    def path(self) -> str:
+        return self._path
+
+
+class StoragePool:
+    def __init__(self, volumes: dict[str, PoolVolume]) -> None:
+        self.volumes = volumes
+
+    def storageVolLookupByName(self, name: str) -> PoolVolume:
+        return self.volumes[name]
+
+
+class PoolsConnection(Connection):
+    def __init__(self, domain: Domain, pools: dict[str, StoragePool]) -> None:
+        super().__init__(domain)
+        self.pools = pools
+
+    def storagePoolLookupByName(self, name: str) -> StoragePool:
+        if name not in self.pools:
+            raise libvirt_error(libvirt.VIR_ERR_NO_STORAGE_POOL, "Storage pool not found")
+        return self.pools[name]
+
+
+VOLUME_DISKS_XML = f"""<domain type='kvm'><name>web1</name><uuid>{UUID}</uuid><devices>
+  <disk type='volume' device='disk'><driver name='qemu' type='qcow2'/><source pool='p' volume='f'/>
+    <target dev='vda'/></disk>
+  <disk type='volume' device='disk'><source pool='lvm' volume='lv' mode='host'/><target dev='vdb'/></disk>
+  <disk type='volume' device='disk'><source pool='ceph' volume='rbd'/><target dev='vdc'/></disk>
+</devices></domain>"""
+
+
+async def test_disks_naming_pool_volumes_become_the_file_or_block_device_libvirt_resolves_them_to() -> None:
+    conn = PoolsConnection(Domain(VOLUME_DISKS_XML), {
+        "p": StoragePool({"f": PoolVolume(libvirt.VIR_STORAGE_VOL_FILE, "/pool/f.qcow2")}),
+        "lvm": StoragePool({"lv": PoolVolume(libvirt.VIR_STORAGE_VOL_BLOCK, "/dev/vg/lv")}),
+        "ceph": StoragePool({"rbd": PoolVolume(libvirt.VIR_STORAGE_VOL_NETWORK, "rbd/rbd")}),
+    })
+    source = await DomainRef("web1", UUID).resolve(cast(Any, conn), Attach.READ_ONLY_OVERLAY)
+    assert [disk.find("source").attrib for disk in source.disks] == [  # type: ignore[union-attr]
+        {"file": "/pool/f.qcow2"}, {"dev": "/dev/vg/lv"}, {"pool": "ceph", "volume": "rbd"}]
+    assert [disk.get("type") for disk in source.disks] == ["file", "block", "volume"]
+    assert source.disks[0].find("driver").get("type") == "qcow2"  # type: ignore[union-attr]
+
+
+async def test_a_disk_naming_a_missing_pool_cannot_be_served() -> None:
+    with pytest.raises(SourceUnavailable, match="cannot find volume f of pool p"):
+        await DomainRef("web1", UUID).resolve(cast(Any, PoolsConnection(Domain(VOLUME_DISKS_XML), {})),
+                                              Attach.READ_ONLY_OVERLAY)

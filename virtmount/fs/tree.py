@@ -95,8 +95,8 @@ class ConnectionTree:
         self._next_handle = 1
         self._started_ns = time.time_ns()
         self.root = self._table.virtual_dir(children=self._root_children, child=self._root_child, inode=1)
-        self.domains_dir = self._table.virtual_dir(children=self._domain_dirs, child=self._domain_dir)
-        self.volumes_dir = self._table.virtual_dir(children=self._pool_dirs, child=self._pool_dir)
+        self.domains_dir = self._named_dirs(self._domain_names.names, self._domain_dir)
+        self.volumes_dir = self._named_dirs(self._pool_names.names, self._pool_dir)
 
     # --- node table ------------------------------------------------------------
 
@@ -144,13 +144,8 @@ class ConnectionTree:
         names = await self._libvirt("list domains", lambda: [d.name() for d in self._conn.listAllDomains(0)])
         return sorted(n for n in names if not n.startswith(APPLIANCE_NAME_PREFIX))
 
-    async def _domain_dirs(self) -> list[tuple[bytes, Node]]:
-        async def directory(name: str) -> Node:
-            return (await self._domain_source(name)).directory
-        return await _directories(await self._domain_names.names(), directory)
-
-    async def _domain_dir(self, name: bytes) -> Node:
-        return (await self._domain_source(name.decode("utf-8", "surrogateescape"))).directory
+    async def _domain_dir(self, name: str) -> Node:
+        return (await self._domain_source(name)).directory
 
     async def _domain_source(self, name: str) -> ServedSource:
         """The source of a domain that exists now, by its UUID; ENOENT otherwise."""
@@ -176,6 +171,24 @@ class ConnectionTree:
             return str(self._conn.lookupByUUIDString(ref.uuid).XMLDesc(0))
         return (await self._libvirt(f"read the XML of domain {ref.name}", xml, (libvirt.VIR_ERR_NO_DOMAIN,))).encode()
 
+    def _named_dirs(self, names: Callable[[], Awaitable[list[str]]],
+                    directory: Callable[[str], Awaitable[Node]]) -> VirtualDir:
+        """A directory of the ``names`` libvirt lists, each a ``directory(name)``; a name gone by the
+        time it is looked up is left out of the listing."""
+        async def children() -> list[tuple[bytes, Node]]:
+            entries: list[tuple[bytes, Node]] = []
+            for name in await names():
+                try:
+                    entries.append((name.encode(), await directory(name)))
+                except FsError:
+                    continue
+            return entries
+
+        async def child(name: bytes) -> Node:
+            return await directory(name.decode("utf-8", "surrogateescape"))
+
+        return self._table.virtual_dir(children=children, child=child)
+
     def _serve(self, ref: SourceRef, description: bytes, content: Callable[[], Awaitable[bytes]]) -> ServedSource:
         return self.guests.serve(ref.name, ref.identity, self._make_appliance(ref),
                                  (description, self._table.virtual_file(content)))
@@ -190,13 +203,8 @@ class ConnectionTree:
             await self._drop_pool(gone)
         return sorted(names)
 
-    async def _pool_dirs(self) -> list[tuple[bytes, Node]]:
-        async def directory(name: str) -> Node:
-            return (await self._pool_entry(name)).directory
-        return await _directories(await self._pool_names.names(), directory)
-
-    async def _pool_dir(self, name: bytes) -> Node:
-        return (await self._pool_entry(name.decode("utf-8", "surrogateescape"))).directory
+    async def _pool_dir(self, name: str) -> Node:
+        return (await self._pool_entry(name)).directory
 
     async def _pool_entry(self, name: str) -> PoolEntry:
         """An active pool's entry; ENOENT (and its volumes' appliances released) if it is not active."""
@@ -239,19 +247,16 @@ class ConnectionTree:
                 await entry.volumes.pop(gone).appliance.release()
             return sorted(names)
 
-        async def volume_dirs() -> list[tuple[bytes, Node]]:
+        async def volume_names() -> list[str]:
             await self._pool_entry(name)  # ENOENT once stopped
+            return await listed.names()
 
-            async def directory(volume: str) -> Node:
-                return (await self._volume_source(entry, volume)).directory
-            return await _directories(await listed.names(), directory)
-
-        async def volume_dir(child: bytes) -> Node:
+        async def volume_dir(volume: str) -> Node:
             await self._pool_entry(name)
-            return (await self._volume_source(entry, child.decode("utf-8", "surrogateescape"))).directory
+            return (await self._volume_source(entry, volume)).directory
 
         listed = self._volume_names[name] = _Listed(list_volume_names)
-        entry = PoolEntry(name, uuid, self._table.virtual_dir(children=volume_dirs, child=volume_dir))
+        entry = PoolEntry(name, uuid, self._named_dirs(volume_names, volume_dir))
         return entry
 
     async def _volume_source(self, pool: PoolEntry, volume: str) -> ServedSource:
@@ -260,12 +265,12 @@ class ConnectionTree:
             return str(self._conn.storagePoolLookupByName(pool.name).storageVolLookupByName(volume).key())
         vol_key = await self._libvirt(f"look up volume {pool.name}/{volume}", key,
                                       (libvirt.VIR_ERR_NO_STORAGE_VOL, libvirt.VIR_ERR_NO_STORAGE_POOL))
+        ref = VolumeRef(pool.name, volume, vol_key)
         known = pool.volumes.get(volume)
-        if known is not None and known.identity == VolumeRef(pool.name, volume, vol_key).identity:
+        if known is not None and known.identity == ref.identity:
             return known
         if known is not None:  # same name, new volume
             await known.appliance.release()
-        ref = VolumeRef(pool.name, volume, vol_key)
         source = self._serve(ref, b"volume.xml", lambda: self._volume_xml(ref))
         pool.volumes[volume] = source
         return source
@@ -401,13 +406,3 @@ class ConnectionTree:
     def prefetch_summary(self) -> str:
         return self.guests.prefetch_summary()
 
-
-async def _directories(names: list[str], directory: Callable[[str], Awaitable[Node]]) -> list[tuple[bytes, Node]]:
-    """The directories of the names libvirt listed, without those gone by the time they are looked up."""
-    entries: list[tuple[bytes, Node]] = []
-    for name in names:
-        try:
-            entries.append((name.encode(), await directory(name)))
-        except FsError:
-            continue
-    return entries

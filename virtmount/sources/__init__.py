@@ -8,7 +8,7 @@ auto-destroyed, and libvirt deletes the throw-away overlays with it.
 
 Each kind of source is one module: ``domain.py`` (a shut-off domain's disks),
 ``volume.py`` (one storage volume). The mount knows a source by a
-``SourceRef`` (kind, identity and display name, cheap to make from a
+``SourceRef`` (identity and display name, cheap to make from a
 listing) and resolves it into a ``Source`` at each boot of its appliance.
 """
 
@@ -43,7 +43,6 @@ def attach_mode(writable: bool) -> Attach:
 class Source:
     """The disks one appliance serves, as resolved for one boot."""
 
-    kind: str  # "domain", "volume"
     identity: str  # stable across remounts: the domain's UUID, "volume:" + the volume's key
     name: str  # for logs and the appliance's metadata, e.g. "web1" or "default/disk.qcow2"
     disks: tuple[ET.Element, ...]
@@ -61,9 +60,6 @@ class SourceUnavailable(VirtmountError):
 
 class SourceRef(Protocol):
     """A source as the mount knows it before any boot."""
-
-    @property
-    def kind(self) -> str: ...
 
     @property
     def identity(self) -> str: ...

@@ -34,7 +34,6 @@ class VolumeRef:
     pool: str
     volume: str
     key: str
-    kind: str = "volume"
 
     @property
     def identity(self) -> str:
@@ -58,7 +57,7 @@ class VolumeRef:
         if not active:
             raise SourceUnavailable(f"the pool of volume {self.name} is not active", errno.ENOENT)
         disk = volume_disk(xml, pool_name)
-        return Source(kind=self.kind, identity=self.identity, name=self.name, disks=(disk,), attach=attach)
+        return Source(identity=self.identity, name=self.name, disks=(disk,), attach=attach)
 
 
 def volume_disk(volume_xml: str, pool_name: str) -> ET.Element:

@@ -22,7 +22,7 @@ import uuid
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import libvirt
 import trio
@@ -197,8 +197,9 @@ def _write_atomically(path: Path, data: bytes) -> None:
     os.replace(tmp.name, path)
 
 
-def _compressed_root(root: Path, digest: str) -> Path:
-    """The appliance root as a compressed qcow2 in the cache (made once per appliance version)."""
+def _compressed_root(root: Path, digest: str, unchanged: Callable[[], bool]) -> Path | None:
+    """The appliance root as a compressed qcow2 in the cache (made once per appliance version);
+    None if ``unchanged()`` says the appliance was replaced while it was being compressed."""
     target = cache_dir() / "appliances" / digest[:16] / "root.qcow2"
     if target.exists():
         return target
@@ -212,23 +213,42 @@ def _compressed_root(root: Path, digest: str) -> Path:
     if result.returncode != 0:
         partial.unlink(missing_ok=True)
         raise ProvisionError(f"qemu-img could not compress the appliance root: {result.stderr.strip()}")
+    if not unchanged():
+        partial.unlink(missing_ok=True)
+        return None
     os.replace(partial, target)
     log.info("compressed the appliance root to %d MB in %.1f s", target.stat().st_size >> 20, time.monotonic() - started)
     return target
 
 
+_PREPARE_ATTEMPTS = 3
+
+
 def prepare_local_appliance() -> LocalAppliance:
-    """Find or build the appliance and its compressed root (blocking; run in a thread)."""
-    directory = find_appliance_dir()
-    files = [directory / name for name in APPLIANCE_FILES]
-    digest = _memoized_hash(files)
-    return LocalAppliance(
-        kernel=files[0],
-        initrd=files[1],
-        root_qcow2=_compressed_root(files[2], digest),
-        root_uuid=ext2_uuid(files[2]),
-        content_hash=digest,
-    )
+    """Find or build the appliance and its compressed root (blocking; run in a thread).
+
+    Another libguestfs user may have supermin rebuild the appliance meanwhile (it renames a new
+    directory into place): hash, root UUID and compressed root are taken again until they all come
+    from one version, else the appliance would wait forever for a root UUID that is not there.
+    """
+    for _ in range(_PREPARE_ATTEMPTS):
+        directory = find_appliance_dir()
+        files = [directory / name for name in APPLIANCE_FILES]
+        identity = _identity(files)
+
+        def unchanged() -> bool:
+            try:
+                return _identity(files) == identity
+            except OSError:  # between the old directory going and the new one coming
+                return False
+        digest = _memoized_hash(files)
+        root_uuid = ext2_uuid(files[2])
+        root_qcow2 = _compressed_root(files[2], digest, unchanged)
+        if root_qcow2 is not None and unchanged():
+            return LocalAppliance(kernel=files[0], initrd=files[1], root_qcow2=root_qcow2, root_uuid=root_uuid,
+                                  content_hash=digest)
+        log.info("the libguestfs appliance was rebuilt while it was being prepared; preparing it again")
+    raise ProvisionError(f"the libguestfs appliance kept changing while it was being prepared ({_PREPARE_ATTEMPTS} tries)")
 
 
 # --- the host side -----------------------------------------------------------------

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from .appliance import ACCELERATORS, ApplianceSettings
+from .accelerator import ACCELERATORS
+from .appliance import ApplianceSettings
 from .errors import UsageError
 from .fs.model import DEFAULT_CACHED_ENTRIES
 from .inspection_cache import default_directory
@@ -48,6 +49,12 @@ def _accelerator(text: str) -> str:
     return text
 
 
+def _emulator(text: str) -> str:
+    if not text.startswith("/"):
+        raise UsageError(f"option emulator needs an absolute path on the libvirt host, not {text!r}")
+    return text
+
+
 def _inspection_cache(text: str) -> Path | None:
     if not text:
         raise UsageError("option inspection_cache needs a directory or off")
@@ -67,7 +74,8 @@ def _with_appliance(config: Config, **changes: object) -> Config:
 # name -> (takes a value, apply(config, value) -> config, help text)
 _OPTIONS: dict[str, tuple[bool, Callable[[Config, str], Config], str]] = {
     "accel": (True, lambda c, v: _with_appliance(c, accelerator=_accelerator(v)),
-              "appliance accelerator: auto (KVM where it works, else TCG), kvm or tcg"),
+              "appliance accelerator: auto (default: KVM where it boots appliances, else TCG; the verdict is "
+              "remembered per host), kvm or tcg"),
     "memory": (True, lambda c, v: _with_appliance(c, memory_mib=int(_positive_number("memory", v, integer=True))),
                "appliance memory in MiB (default 1024)"),
     "cpus": (True, lambda c, v: _with_appliance(c, vcpus=int(_positive_number("cpus", v, integer=True))),
@@ -78,6 +86,8 @@ _OPTIONS: dict[str, tuple[bool, Callable[[Config, str], Config], str]] = {
                      "seconds one daemon call may take before the appliance is given up (default 120)"),
     "pool": (True, lambda c, v: _with_appliance(c, pool=_pool_name(v)),
              "storage pool on the host for the appliance files (default virtmount)"),
+    "emulator": (True, lambda c, v: _with_appliance(c, emulator=_emulator(v)),
+                 "QEMU binary on the libvirt host to run appliances with (default: libvirt's choice)"),
     "kernel_args": (True, lambda c, v: _with_appliance(c, extra_kernel_args=v),
                     "extra appliance kernel arguments, space-separated"),
     "fast_start": (True, lambda c, v: _with_appliance(c, fast_start=_on_off("fast_start", v)),

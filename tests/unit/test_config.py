@@ -10,7 +10,7 @@ from virtmount.appliance import ApplianceSettings
 from virtmount.config import Config, options_help, parse_options
 from virtmount.errors import UsageError
 
-ALL_OPTIONS = ("accel", "memory", "cpus", "boot_timeout", "call_timeout", "pool", "kernel_args", "fast_start", "idle",
+ALL_OPTIONS = ("accel", "memory", "cpus", "boot_timeout", "call_timeout", "pool", "emulator", "kernel_args", "fast_start", "idle",
                "cache_entries", "inspection_cache", "allow_other", "debug")
 
 
@@ -171,6 +171,14 @@ def test_empty_pool_is_rejected() -> None:
     usage_error("pool=")
 
 
+def test_emulator_is_an_absolute_path_on_the_host() -> None:
+    assert parse_options(["emulator=/usr/local/bin/qemu-system-x86_64"]).appliance.emulator == \
+        "/usr/local/bin/qemu-system-x86_64"
+    assert parse_options([]).appliance.emulator == ""
+    assert usage_error("emulator=qemu-kvm") == \
+        "option emulator needs an absolute path on the libvirt host, not 'qemu-kvm'"
+
+
 def test_error_stops_at_the_first_bad_option() -> None:
     assert usage_error("memory=512", "bogus,cpus=0") == "unknown option 'bogus' (see virtmount --help)"
 
@@ -180,7 +188,7 @@ def test_options_help_lists_every_option() -> None:
     names = [line.strip().split(":")[0] for line in lines]
     assert names == [
         "accel=VALUE", "memory=VALUE", "cpus=VALUE", "boot_timeout=VALUE", "call_timeout=VALUE",
-        "pool=VALUE", "kernel_args=VALUE", "fast_start=VALUE", "idle=VALUE", "cache_entries=VALUE", "inspection_cache=VALUE",
+        "pool=VALUE", "emulator=VALUE", "kernel_args=VALUE", "fast_start=VALUE", "idle=VALUE", "cache_entries=VALUE", "inspection_cache=VALUE",
         "allow_other", "debug",
     ]
     assert [name.partition("=")[0] for name in names] == list(ALL_OPTIONS)

@@ -3,8 +3,10 @@
 #   1. Debian packages (only the missing ones; apt-get update only then),
 #   2. .venv (system site packages, for the `guestfs` module) with
 #      `pip install -e '.[test]'` when pyproject.toml changed,
-#   3. virtlogd + libvirtd running,
-#   4. the libguestfs appliance built once into /var/tmp/.guestfs-0.
+#   3. virtmount on PATH (/usr/local/bin, where mount.fuse3 finds it for
+#      `mount -t fuse.virtmount` and fstab) and its man page,
+#   4. virtlogd + libvirtd running,
+#   5. the libguestfs appliance built once into /var/tmp/.guestfs-0.
 # Idempotent: a second run only checks, in a few seconds.
 set -euo pipefail
 
@@ -26,6 +28,8 @@ PACKAGES=(
     fuse3 libfuse3-dev pkg-config
     python3-venv python3-dev gcc
     lvm2 xfsprogs e2fsprogs rsync acl attr procps
+    # `man virtmount`
+    man-db
 )
 
 missing=()
@@ -66,6 +70,19 @@ if [[ ! -e $STAMP || pyproject.toml -nt $STAMP ]] || ! check_imports; then
     rm -f "$log"
     check_imports || die ".venv cannot import guestfs, libvirt, pyfuse3 and trio"
     touch "$STAMP"
+fi
+
+# ---------------------------------------------------------------- command and man page
+# A link to the venv's entry point: mount(8) runs helpers with a PATH of its own that includes
+# /usr/local/bin, and mount.fuse3 runs `virtmount SOURCE DIR -o OPTS` found there.
+if [[ $(readlink /usr/local/bin/virtmount 2>/dev/null) != "$VENV/bin/virtmount" ]]; then
+    step "linking /usr/local/bin/virtmount"
+    ln -sfn "$VENV/bin/virtmount" /usr/local/bin/virtmount
+fi
+MAN_PAGE=/usr/local/share/man/man1/virtmount.1
+if ! cmp -s docs/virtmount.1 "$MAN_PAGE"; then
+    step "installing $MAN_PAGE"
+    install -D -m 0644 docs/virtmount.1 "$MAN_PAGE"
 fi
 
 # ---------------------------------------------------------------- services

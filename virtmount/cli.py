@@ -19,6 +19,7 @@ from .daemonize import run_in_background
 from .fs.model import RELEASE_XATTR
 from .inspection import format_report, inspect_domain
 from .mount import check_mountpoint, serve
+from .systemd import notify
 from .virt.connection import check_uri
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,8 @@ Browse the filesystems of the guests on a libvirt connection.
 
   virtmount [-f] [-o OPTS] URI MOUNTPOINT
       mount the connection: MOUNTPOINT/domains/<name>/{domain.xml,fs/,devices/}.
-      Unmount with: fusermount3 -u MOUNTPOINT
+      Unmount with: fusermount3 -u MOUNTPOINT (or umount MOUNTPOINT).
+      Also: mount -t fuse.virtmount -o ro URI MOUNTPOINT, and fstab (see virtmount(1)).
   virtmount inspect [-o OPTS] URI DOMAIN
       boot an appliance for the shut-off DOMAIN, print its operating system
       and filesystems, and shut the appliance down.
@@ -149,7 +151,9 @@ def _run(argv: Sequence[str]) -> int:
         mountpoint = check_mountpoint(args.mountpoint)
         if args.foreground:
             _configure_logging(args.verbose, config.debug)
-            trio.run(serve, args.uri, mountpoint, config, lambda: None)
+            # under systemd (Type=notify) the service counts as started once the mount is up
+            trio.run(serve, args.uri, mountpoint, config,
+                     lambda: notify(f"READY=1\nSTATUS=mounted {args.uri} on {mountpoint}"))
         else:
             return run_in_background(lambda on_ready: _serve_logged(args, mountpoint, config, on_ready))
     return 0

@@ -1,4 +1,9 @@
-"""`-o opt,opt=value` mount options -> a frozen configuration; anything unknown is a usage error."""
+"""`-o opt,opt=value` mount options -> a frozen configuration; anything unknown is a usage error.
+
+Two kinds of options: virtmount's own (``_OPTIONS``), and the standard ones that mount(8),
+mount.fuse3, fstab and systemd pass to every filesystem (``_STANDARD_OPTIONS``), which are accepted
+and either handed to the kernel through FUSE or dropped, since libfuse refuses what it does not know.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ class Config:
     inspection_cache: Path | None = field(default_factory=default_directory)  # None: always inspect
     allow_other: bool = False
     debug: bool = False
+    kernel_flags: tuple[str, ...] = ()  # standard mount options handed to the kernel (ro, noexec, …)
 
 
 def _positive_number(name: str, text: str, *, integer: bool = False) -> float:
@@ -107,10 +113,54 @@ _OPTIONS: dict[str, tuple[bool, Callable[[Config, str], Config], str]] = {
 }
 
 
+# Standard mount options that virtmount gives the kernel (libfuse knows these as mount flags).
+_KERNEL_FLAGS = ("ro", "exec", "noexec", "sync", "async", "dirsync", "atime", "noatime")
+_OPPOSITE_FLAGS = {"exec": "noexec", "noexec": "exec", "sync": "async", "async": "sync",
+                   "atime": "noatime", "noatime": "atime"}
+# Standard mount options accepted and not passed on, with why.
+_DROPPED = {
+    "defaults": "means the defaults",
+    "_netdev": "for mount(8) and systemd: needs the network",
+    "nofail": "for mount(8) and systemd", "auto": "for mount -a", "noauto": "for mount -a",
+    "user": "for mount(8)", "users": "for mount(8)", "nouser": "for mount(8)", "owner": "for mount(8)",
+    "group": "for mount(8)",
+    # appliances never write access times, so the atime policies have nothing to act on
+    "relatime": "", "norelatime": "", "strictatime": "", "nostrictatime": "", "lazytime": "",
+    "nolazytime": "", "diratime": "", "nodiratime": "",
+    # guest disks are not trusted: their device nodes and set-user-ID files never act on this host,
+    # so the mount is always nodev,nosuid (mount.fuse3 adds dev,suid unless told otherwise)
+    "dev": "", "nodev": "", "suid": "", "nosuid": "",
+}
+_DROPPED_PREFIXES = ("x-", "comment=")
+_WRITING_REFUSED = ("option rw: virtmount does not write to guests yet; mount with -o ro "
+                    "(mount(8) passes rw unless ro is given)")
+
+
+def _standard_option(config: Config, item: str) -> Config | None:
+    """``config`` with the standard mount option ``item`` applied, or None if it is not one."""
+    if item == "rw":
+        raise UsageError(_WRITING_REFUSED)
+    if item in _KERNEL_FLAGS:
+        # the last of two opposites wins, as with mount(8)
+        kept = (flag for flag in config.kernel_flags if flag not in (item, _OPPOSITE_FLAGS.get(item)))
+        return replace(config, kernel_flags=(*kept, item))
+    if item in _DROPPED or item.startswith(_DROPPED_PREFIXES):
+        return config
+    return None
+
+
+def option_names() -> list[str]:
+    """virtmount's own ``-o`` options (the man page describes each)."""
+    return list(_OPTIONS)
+
+
 def options_help() -> str:
-    return "\n".join(
-        f"  {name}{'=VALUE' if takes_value else ''}: {text}" for name, (takes_value, _, text) in _OPTIONS.items()
-    )
+    own = [f"  {name}{'=VALUE' if takes_value else ''}: {text}" for name, (takes_value, _, text) in _OPTIONS.items()]
+    standard = ("  standard mount options: ro, noexec, sync, dirsync and noatime go to the kernel; "
+                "defaults, _netdev, nofail, auto, noauto, user, users, the atime policies, dev, suid, nodev, "
+                "nosuid, x-* and comment= are accepted (the mount is always nodev,nosuid); "
+                "rw is refused until virtmount can write")
+    return "\n".join([*own, standard])
 
 
 def parse_options(option_strings: list[str], config: Config | None = None) -> Config:
@@ -119,6 +169,9 @@ def parse_options(option_strings: list[str], config: Config | None = None) -> Co
     for option_string in option_strings:
         for item in option_string.split(","):
             if not item:
+                continue
+            if (standard := _standard_option(config, item)) is not None:
+                config = standard
                 continue
             name, has_value, value = item.partition("=")
             if name not in _OPTIONS:

@@ -97,19 +97,24 @@ async def _terminate_when_unmounted(mountpoint: str) -> None:
     pyfuse3.terminate()
 
 
-async def _terminate_on_signal() -> None:
+async def _terminate_on_signal(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        task_status.started()  # from now on a signal unmounts cleanly
         async for signum in signals:
             log.info("received %s: unmounting", signal.Signals(signum).name)
             pyfuse3.terminate()
             return
 
 
-def _fuse_options(config: Config) -> set[str]:
-    options = {"fsname=virtmount", "subtype=virtmount", "default_permissions"}
+def _fuse_options(uri: str, config: Config) -> set[str]:
+    """What libfuse is told: the URI as the source (as mount(8) and df show it), the type
+    fuse.virtmount, the kernel's own permission checks, and the standard flags given.
+    Guest disks are not trusted: their device nodes and set-user-ID files never act here."""
+    source = uri.replace("\\", "\\\\").replace(",", "\\,")  # libfuse splits options at unescaped commas
+    options = {f"fsname={source}", "subtype=virtmount", "default_permissions", "nodev", "nosuid"}
     if config.allow_other:
         options.add("allow_other")
-    return options
+    return options | set(config.kernel_flags)
 
 
 async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[], None]) -> None:
@@ -135,11 +140,11 @@ async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[]
 
             tree = ConnectionTree(conn, make_appliance, nursery, config.cached_entries, forget_kernel_entry)
             try:
-                pyfuse3.init(Operations(tree), mountpoint, _fuse_options(config))
+                pyfuse3.init(Operations(tree), mountpoint, _fuse_options(uri, config))
             except RuntimeError as exc:
                 raise VirtmountError(f"cannot mount on {mountpoint}: {exc}") from None
             try:
-                nursery.start_soon(_terminate_on_signal)
+                await nursery.start(_terminate_on_signal)  # before readiness: systemd may stop us at once
                 nursery.start_soon(_terminate_when_unmounted, mountpoint)
                 nursery.start_soon(_shut_down_idle_appliances, tree, config.idle_seconds)
                 on_ready()

@@ -1,0 +1,150 @@
+"""Issue 11: virtmount fits the system: mount(8) and fstab through mount.fuse3, the standard mount
+options, umount, systemd's readiness protocol, the command on PATH and its man page.
+
+Real mount(8), mount.fuse3, libvirtd and FUSE; none of these tests needs an appliance.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.acceptance.helpers import VIRTMOUNT, assert_one_line_error
+from virtmount.config import option_names
+
+pytestmark = pytest.mark.acceptance
+
+INSTALLED = Path("/usr/local/bin/virtmount")
+
+
+def mount_info(mountpoint: Path) -> tuple[str, str, set[str]] | None:
+    """(source, type, options) of the mount at ``mountpoint`` in this namespace, or None."""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split(" ")
+        separator = fields.index("-")
+        if fields[4] == str(mountpoint):
+            unescape = lambda s: re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)  # noqa: E731
+            options = set(fields[5].split(",")) | set(fields[separator + 3].split(","))
+            return unescape(fields[separator + 2]), fields[separator + 1], options
+    return None
+
+
+def virtmount_processes(mountpoint: Path) -> list[str]:
+    found = subprocess.run(["pgrep", "-f", f"virtmount .*{mountpoint}"], capture_output=True, text=True)
+    return found.stdout.split()
+
+
+def wait_until_gone(mountpoint: Path, timeout: float = 60) -> bool:
+    deadline = time.monotonic() + timeout
+    while virtmount_processes(mountpoint) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not virtmount_processes(mountpoint)
+
+
+@pytest.fixture
+def mountpoint(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "mnt"
+    path.mkdir()
+    yield path
+    if mount_info(path) is not None:
+        subprocess.run(["umount", str(path)], check=False)
+        wait_until_gone(path)
+
+
+def test_make_setup_put_virtmount_on_path_for_mount_fuse3() -> None:
+    assert INSTALLED.resolve() == Path(VIRTMOUNT).resolve(), "run make setup"
+
+
+def run_mount(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["mount", *args], capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+
+
+def test_mount_t_fuse_virtmount_with_fstab_options_then_umount(libvirtd: str, mountpoint: Path) -> None:
+    result = run_mount("-t", "fuse.virtmount", "-o",
+                       "ro,noatime,_netdev,nofail,x-systemd.automount,x-gvfs-hide,comment=backup,idle=30",
+                       libvirtd, str(mountpoint))
+    assert result.returncode == 0, result.stderr
+    info = mount_info(mountpoint)  # there as soon as mount(8) returned: systemd checks exactly that
+    assert info is not None
+    source, fstype, options = info
+    assert (source, fstype) == (libvirtd, "fuse.virtmount")
+    # ro and noatime reached the kernel; mount.fuse3 added dev,suid, which virtmount never honours
+    assert {"ro", "noatime", "nodev", "nosuid"} <= options, options
+    assert "domains" in os.listdir(mountpoint)
+    [pid] = virtmount_processes(mountpoint)
+    assert subprocess.run(["umount", str(mountpoint)], capture_output=True).returncode == 0
+    assert wait_until_gone(mountpoint), f"virtmount {pid} still running after umount"
+    assert mount_info(mountpoint) is None
+
+
+def test_an_fstab_line_whose_uri_holds_separators(tcp_uri: str, mountpoint: Path, tmp_path: Path) -> None:
+    uri = f"{tcp_uri}?no_tty=1&keyfile=/nonexistent,key"
+    fstab = tmp_path / "fstab"
+    fstab.write_text(f"{uri}  {mountpoint}  fuse.virtmount  ro,_netdev,nofail,noauto,x-systemd.automount,idle=30  0 0\n")
+    result = run_mount("-T", str(fstab), str(mountpoint))
+    assert result.returncode == 0, result.stderr
+    info = mount_info(mountpoint)
+    assert info is not None and info[0] == uri, info
+    assert "domains" in os.listdir(mountpoint)
+    subprocess.run(["umount", str(mountpoint)], check=True)
+    assert wait_until_gone(mountpoint)
+
+
+@pytest.mark.parametrize(("options", "fragment"), [
+    (None, "option rw: virtmount does not write to guests yet; mount with -o ro"),  # mount(8) adds rw
+    ("ro,idle=30,bogus", "unknown option 'bogus'"),
+    ("ro,idle=soon", "option idle needs a number"),
+])
+def test_mount_errors_are_one_line_and_leave_nothing(
+    libvirtd: str, mountpoint: Path, options: str | None, fragment: str
+) -> None:
+    result = run_mount("-t", "fuse.virtmount", *(["-o", options] if options else []), libvirtd, str(mountpoint))
+    assert_one_line_error(result, fragment)
+    assert mount_info(mountpoint) is None
+    assert virtmount_processes(mountpoint) == []
+
+
+def test_a_foreground_service_tells_systemd_when_it_is_mounted(
+    libvirtd: str, mountpoint: Path, tmp_path: Path
+) -> None:
+    notify_path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify_socket:
+        notify_socket.bind(str(notify_path))
+        notify_socket.settimeout(60)
+        process = subprocess.Popen([VIRTMOUNT, "-f", "-o", "ro", libvirtd, str(mountpoint)],
+                                   env={**os.environ, "NOTIFY_SOCKET": str(notify_path)},
+                                   stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            message = notify_socket.recv(4096).decode()
+            assert mount_info(mountpoint) is not None, "READY=1 came before the mount was up"
+            assert message.splitlines()[0] == "READY=1"
+            assert f"mounted {libvirtd} on {mountpoint}" in message
+        finally:
+            process.send_signal(signal.SIGTERM)  # how systemd stops a service
+            _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert mount_info(mountpoint) is None
+    assert "Traceback" not in stderr
+
+
+def test_the_man_page_is_installed_and_agrees_with_help() -> None:
+    assert subprocess.run(["man", "-w", "virtmount"], capture_output=True).returncode == 0, "run make setup"
+    page = subprocess.run(["man", "virtmount"], capture_output=True, text=True, env={**os.environ, "MANWIDTH": "200"})
+    assert page.returncode == 0, page.stderr
+    text = page.stdout
+    help_text = subprocess.run([VIRTMOUNT, "--help"], capture_output=True, text=True).stdout
+    for name in option_names():
+        assert f"{name}" in help_text
+        assert re.search(rf"^\s+{re.escape(name)}\b", text, re.M), f"-o {name} is not described in virtmount(1)"
+    for subcommand in ("virtmount inspect", "virtmount release", "mount -t fuse.virtmount", "umount"):
+        assert subcommand in text and subcommand.split()[-1] in help_text, subcommand
+    for standard in ("ro", "rw", "_netdev", "nofail", "x-gvfs-hide", "x-gvfs-notrash", "nodev,nosuid"):
+        assert standard in text, standard

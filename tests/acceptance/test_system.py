@@ -6,18 +6,22 @@ Real mount(8), mount.fuse3, libvirtd and FUSE; none of these tests needs an appl
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
+import termios
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from tests.acceptance.helpers import VIRTMOUNT, assert_one_line_error
+from tests.acceptance.helpers import VIRTMOUNT, assert_one_line_error, run_virtmount
 from virtmount.config import option_names
 
 pytestmark = pytest.mark.acceptance
@@ -148,3 +152,111 @@ def test_the_man_page_is_installed_and_agrees_with_help() -> None:
         assert subcommand in text and subcommand.split()[-1] in help_text, subcommand
     for standard in ("ro", "rw", "_netdev", "nofail", "x-gvfs-hide", "x-gvfs-notrash", "nodev,nosuid"):
         assert standard in text, standard
+
+
+# --- credentials: ssh never prompts, and a refusal says what to configure ------------------------
+
+@dataclass(frozen=True)
+class SshHost:
+    port: int
+    key: Path  # a client key that the sshd accepts for root
+
+    def uri(self, **params: str) -> str:
+        query = "&".join(f"{name}={value}" for name, value in params.items())
+        return f"qemu+ssh://root@127.0.0.1:{self.port}/system" + (f"?{query}" if query else "")
+
+
+@pytest.fixture(scope="module")
+def ssh_host(libvirtd: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshHost]:
+    """An sshd of the test's own on loopback, key login for root only; its host key is in root's
+    known_hosts while the tests run."""
+    directory = tmp_path_factory.mktemp("sshd")
+    for key in ("host_key", "client_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(directory / key)], check=True)
+    (directory / "authorized_keys").write_text((directory / "client_key.pub").read_text())
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (directory / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {directory / 'host_key'}\n"
+        f"AuthorizedKeysFile {directory / 'authorized_keys'}\nPasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\n")
+    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
+    sshd = subprocess.Popen(["/usr/sbin/sshd", "-D", "-f", str(directory / "sshd_config"),
+                             "-E", str(directory / "sshd.log")])
+    known_hosts = Path.home() / ".ssh" / "known_hosts"
+    known_hosts.parent.mkdir(mode=0o700, exist_ok=True)
+    host_key = (directory / "host_key.pub").read_text().split()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        with known_hosts.open("a") as hosts:
+            hosts.write(f"[127.0.0.1]:{port} {host_key[0]} {host_key[1]}\n")
+        yield SshHost(port=port, key=directory / "client_key")
+    finally:
+        sshd.terminate()
+        sshd.wait(timeout=30)
+        subprocess.run(["ssh-keygen", "-R", f"[127.0.0.1]:{port}"], capture_output=True)
+
+
+def test_a_mount_over_ssh_with_a_key_file(ssh_host: SshHost, mountpoint: Path) -> None:
+    result = run_virtmount("-o", "ro", ssh_host.uri(keyfile=str(ssh_host.key)), str(mountpoint))
+    assert result.returncode == 0, result.stderr
+    assert "domains" in os.listdir(mountpoint)
+    subprocess.run(["umount", str(mountpoint)], check=True)
+    assert wait_until_gone(mountpoint)
+
+
+def run_on_a_terminal(args: list[str], timeout: float) -> tuple[int | None, str]:
+    """Run ``args`` with a terminal of its own as its controlling terminal and standard streams, as
+    from an interactive shell: ssh would prompt there. (exit status or None if still running at
+    ``timeout``, everything it printed)."""
+    controller, terminal = os.openpty()
+
+    def take_the_terminal() -> None:
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    process = subprocess.Popen(args, stdin=terminal, stdout=terminal, stderr=terminal, start_new_session=True,
+                               preexec_fn=take_the_terminal)
+    os.close(terminal)
+    output = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if select.select([controller], [], [], 0.2)[0]:
+                try:
+                    output += os.read(controller, 4096)
+                except OSError:  # the terminal closed: the process is exiting
+                    break
+            elif process.poll() is not None:
+                break
+        try:
+            return process.wait(timeout=max(0.0, deadline - time.monotonic())), output.decode(errors="replace")
+        except subprocess.TimeoutExpired:
+            return None, output.decode(errors="replace")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        os.close(controller)
+
+
+@pytest.mark.parametrize(("with_key", "host", "fragments"), [
+    (False, "127.0.0.1", ("Permission denied", "keyfile=PATH")),  # no key: ssh would ask for a password
+    (True, "localhost", ("Host key verification failed", "known_hosts")),  # ssh would ask to accept the key
+])
+def test_ssh_refusals_never_prompt_and_say_what_to_configure(
+    ssh_host: SshHost, mountpoint: Path, with_key: bool, host: str, fragments: tuple[str, ...]
+) -> None:
+    uri = ssh_host.uri(**({"keyfile": str(ssh_host.key)} if with_key else {})).replace("127.0.0.1", host)
+    status, output = run_on_a_terminal([VIRTMOUNT, "-f", uri, str(mountpoint)], timeout=60)
+    assert status == 1, f"virtmount did not fail by itself (a prompt?): {output!r}"
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"virtmount: cannot connect to {uri}: "), output
+    for fragment in fragments:
+        assert fragment in lines[0]
+    assert mount_info(mountpoint) is None

@@ -12,7 +12,7 @@ import logging
 import os
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from xml.etree import ElementTree as ET
 
 import libvirt
@@ -25,6 +25,7 @@ from .guestfs.client import GuestfsClient
 from .guestfs.errors import ConnectionLost, GuestfsClientError, GuestfsTimeout
 from .faststart import FastStartUnavailable, SavedAppliance, overlay_volume_xml, restore_xml
 from .inspection_cache import disks_identity
+from .sources import Attach, Source
 from .virt.connection import libvirt_message, run_blocking, uses_embedded_driver
 from .virt.console import ConsoleLog
 from .virt.domainxml import (
@@ -34,7 +35,6 @@ from .virt.domainxml import (
     GuestDefinition,
     appliance_disk,
     build_appliance_xml,
-    read_guest_definition,
 )
 from .virt.provision import HostAppliance, delete_volume
 from .virt.stream import LibvirtByteStream
@@ -62,14 +62,6 @@ class ApplianceSettings:
     fast_start: bool = True  # restore a saved appliance and plug the disks in (faststart.py)
 
 
-class GuestNotFound(VirtmountError):
-    """No domain of that name on the connection."""
-
-
-class GuestUnavailable(VirtmountError):
-    """The guest cannot be read now (e.g. it is running)."""
-
-
 class BootFailed(VirtmountError):
     """The appliance domain could not be created or its daemon never answered; ``reason`` says why
     in a few words (the message also says which appliance and what its console showed)."""
@@ -81,20 +73,6 @@ class BootFailed(VirtmountError):
 
 def _appliance_name(guest_name: str) -> str:
     return f"{APPLIANCE_NAME_PREFIX}{guest_name}-{os.getpid()}-{secrets.token_hex(3)}"
-
-
-async def _lookup_guest(conn: libvirt.virConnect, guest_name: str) -> libvirt.virDomain:
-    try:
-        domain = await run_blocking(conn.lookupByName, guest_name)
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-            raise GuestNotFound(f"no domain named {guest_name!r} on {conn.getURI()}") from None
-        raise VirtmountError(f"cannot look up domain {guest_name!r}: {libvirt_message(exc)}") from None
-    if await run_blocking(domain.isActive):
-        raise GuestUnavailable(
-            f"domain {guest_name!r} is running; virtmount reads shut-off domains only for now"
-        )
-    return domain
 
 
 class Appliance:
@@ -155,25 +133,24 @@ def _spec(name: str, guest: GuestDefinition, host: HostAppliance, settings: Appl
 
 async def boot_appliance(
     conn: libvirt.virConnect,
-    guest_name: str,
+    source: Source,
     host_appliance: HostAppliance,
     settings: ApplianceSettings,
     nursery: trio.Nursery,
     watchdog: Watchdog | None = None,
 ) -> Appliance:
-    """Boot an appliance holding ``guest_name``'s disks and wait until its daemon answers.
+    """Boot an appliance holding ``source``'s disks and wait until its daemon answers.
 
     Background tasks (the daemon client's reader, the console reader) run in
     ``nursery``; ``Appliance.shutdown`` ends them. Only with a ``watchdog`` (which ends
     restored appliances if this process dies; mount.py makes one where fast start is wanted and
     possible) may it be restored rather than booted cold.
     """
-    guest = await _lookup_guest(conn, guest_name)
-    definition = read_guest_definition(await run_blocking(guest.XMLDesc, 0))
+    guest_name = source.name
+    definition = GuestDefinition(name=source.name, disks=source.disks, seclabels=source.seclabels)
+    settings = replace(settings, writable=source.attach is Attach.READ_WRITE)  # the source says how
     uri = await run_blocking(conn.getURI)
-    disks_key = disks_identity(
-        uri, await run_blocking(guest.UUIDString), [ET.tostring(disk, encoding="unicode") for disk in definition.disks]
-    )
+    disks_key = disks_identity(uri, source.identity, [ET.tostring(disk, encoding="unicode") for disk in source.disks])
     plan = await plan_accelerators(conn, settings.accelerator, settings.emulator)
     # A guest's own security labels apply to the whole appliance domain, which a restore cannot change.
     if watchdog is not None and not definition.seclabels:
@@ -186,7 +163,7 @@ async def boot_appliance(
             return appliance
     failure: BootFailed | None = None
     for attempt, domain_type in enumerate(plan.domain_types):
-        spec = _spec(_appliance_name(guest_name), definition, host_appliance, settings, domain_type)
+        spec = _spec(_appliance_name(guest_name.replace("/", "_")), definition, host_appliance, settings, domain_type)
         try:
             appliance = await _boot_once(conn, spec, settings, nursery, plan.first_output_window(domain_type))
         except BootFailed as exc:

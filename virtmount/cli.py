@@ -16,7 +16,7 @@ from .config import Config, options_help, parse_options
 from .errors import UsageError, VirtmountError, sole_error
 from .guestfs.errors import GuestfsClientError
 from .daemonize import run_in_background
-from .fs.model import RELEASE_XATTR
+from .fs.tree import RELEASE_XATTR
 from .inspection import format_report, inspect_domain
 from .mount import check_mountpoint, serve
 from .systemd import notify

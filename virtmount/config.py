@@ -16,7 +16,7 @@ from typing import Callable
 from .accelerator import ACCELERATORS
 from .appliance import ApplianceSettings
 from .errors import UsageError
-from .fs.model import DEFAULT_CACHED_ENTRIES
+from .fs.guestview import DEFAULT_CACHED_ENTRIES
 from .inspection_cache import default_directory
 
 

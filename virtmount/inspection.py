@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import trio
 
 from .appliance import ApplianceSettings, boot_appliance
+from .sources.domain import domain_source
 from .devicenames import COLD_BOOTED, DiskNaming
 from .guestfs.client import GuestfsClient
 from .guestfs.errors import GuestfsError
@@ -112,7 +113,8 @@ async def inspect_domain(uri: str, guest_name: str, settings: ApplianceSettings)
     try:
         host_appliance = await provision(conn, settings.pool)
         async with trio.open_nursery() as nursery:
-            appliance = await boot_appliance(conn, guest_name, host_appliance, settings, nursery)
+            source = await domain_source(conn, guest_name, settings.writable)
+            appliance = await boot_appliance(conn, source, host_appliance, settings, nursery)
             try:
                 return await inspect_guest(appliance.client, guest_name, appliance.naming)
             finally:

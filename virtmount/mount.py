@@ -20,9 +20,10 @@ import trio
 from .appliance import ApplianceSettings
 from .config import Config
 from .errors import UsageError, VirtmountError
-from .fs.model import ConnectionTree
+from .fs.tree import ConnectionTree
 from .fs.operations import Operations
-from .guests import GuestAppliance, HostApplianceSource
+from .lifecycle import HostApplianceSource, SourceAppliance
+from .sources import SourceRef
 from .inspection_cache import InspectionCache
 from .watchdog import WatchdogSource
 from .virt.connection import close_connection, libvirt_message, open_connection, run_blocking, uses_embedded_driver
@@ -65,10 +66,10 @@ async def _remove_leftover_appliances(conn: libvirt.virConnect) -> None:
 async def _shut_down_idle_appliances(tree: ConnectionTree, idle_seconds: float) -> None:
     while True:
         await trio.sleep(IDLE_CHECK_INTERVAL_S)
-        for entry in tree.domain_entries():
-            if entry.appliance.running and entry.appliance.idle_for() >= idle_seconds:
-                log.info("%s: idle for %.0f s", entry.name, idle_seconds)
-                await entry.appliance.release()
+        for source in tree.served_sources():
+            if source.appliance.running and source.appliance.idle_for() >= idle_seconds:
+                log.info("%s: idle for %.0f s", source.name, idle_seconds)
+                await source.appliance.release()
 
 
 def _mountinfo_path(path: str) -> str:
@@ -129,8 +130,8 @@ async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[]
             restores = config.appliance.fast_start and not await run_blocking(uses_embedded_driver, conn)
             watchdogs = WatchdogSource(uri) if restores else None
 
-            def make_appliance(name: str, settings: ApplianceSettings = config.appliance) -> GuestAppliance:
-                return GuestAppliance(conn, name, settings, host_appliance, nursery, inspection_cache, watchdogs)
+            def make_appliance(source: SourceRef, settings: ApplianceSettings = config.appliance) -> SourceAppliance:
+                return SourceAppliance(conn, source, settings, host_appliance, nursery, inspection_cache, watchdogs)
 
             serving = False
 
@@ -155,8 +156,8 @@ async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[]
                 serving = False
                 with trio.CancelScope(shield=True):
                     async with trio.open_nursery() as shutdowns:
-                        for entry in tree.domain_entries():
-                            shutdowns.start_soon(entry.appliance.release)
+                        for source in tree.served_sources():
+                            shutdowns.start_soon(source.appliance.release)
                     if watchdogs is not None:
                         watchdogs.close()
                     pyfuse3.close(unmount=is_mounted_here(mountpoint))

@@ -20,6 +20,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from virtmount.appliance import ApplianceSettings, boot_appliance  # noqa: E402
+from virtmount.sources.domain import domain_source  # noqa: E402
 from virtmount.virt.connection import close_connection, open_connection, run_blocking  # noqa: E402
 from virtmount.virt.provision import prepare_local_appliance, provision, volume_names  # noqa: E402
 
@@ -51,7 +52,8 @@ async def main(uri: str, domain: str, fresh_upload: bool, calls: int) -> None:
         host = await provision(conn, settings.pool)
         async with trio.open_nursery() as nursery:
             started = time.monotonic()
-            appliance = await boot_appliance(conn, domain, host, settings, nursery)
+            source = await domain_source(conn, domain, settings.writable)
+            appliance = await boot_appliance(conn, source, host, settings, nursery)
             print(f"boot until the daemon answered: {time.monotonic() - started:.2f} s "
                   f"(of which this domain: {appliance.boot_seconds:.2f} s)")
             client = appliance.client

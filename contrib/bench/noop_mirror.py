@@ -29,7 +29,7 @@ from typing import Sequence
 import pyfuse3
 import trio
 
-from virtmount.fs.model import Attributes
+from virtmount.fs.nodes import Attributes
 from virtmount.fs.operations import GUEST_CACHE_TIMEOUT_S, Operations, entry_attributes
 
 

@@ -1,4 +1,4 @@
-"""Fixtures for tests that use a real virtmount mount of qemu:///system."""
+"""Fixtures for tests that use a real virtmount mount of qemu:///system or qemu+tcp://127.0.0.1/system."""
 
 from __future__ import annotations
 
@@ -35,6 +35,18 @@ def mounted(libvirtd: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     result = run_virtmount("-o", "idle=600", libvirtd, str(mountpoint))
     assert result.returncode == 0, result.stderr
     assert os.path.ismount(mountpoint)
+    try:
+        yield mountpoint
+    finally:
+        unmount(mountpoint)
+
+
+@pytest.fixture(scope="session")
+def tcp_mounted(tcp_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """qemu+tcp://127.0.0.1/system mounted for the whole session (appliances idle for up to 10 minutes)."""
+    mountpoint = tmp_path_factory.mktemp("virtmount-tcp")
+    result = run_virtmount("-o", "idle=600", tcp_uri, str(mountpoint))
+    assert result.returncode == 0, result.stderr
     try:
         yield mountpoint
     finally:

@@ -25,6 +25,7 @@ from tests.acceptance.helpers import (
     wait_for_no_appliances,
 )
 from virtmount.appliance import ApplianceSettings, boot_appliance
+from virtmount.sources.domain import domain_source
 from virtmount.inspection import inspect_guest
 from virtmount.virt.connection import close_connection, open_connection
 from virtmount.virt.provision import provision, volume_names
@@ -65,7 +66,8 @@ async def test_client_over_tcp_reads_what_was_written(test_guest: images.Guest, 
     try:
         host_appliance = await provision(conn, "virtmount")
         async with trio.open_nursery() as nursery:
-            appliance = await boot_appliance(conn, test_guest.name, host_appliance, ApplianceSettings(), nursery)
+            source = await domain_source(conn, test_guest.name)
+            appliance = await boot_appliance(conn, source, host_appliance, ApplianceSettings(), nursery)
             try:
                 client = appliance.client
                 report = await inspect_guest(client, test_guest.name, appliance.naming)
@@ -129,6 +131,7 @@ def test_sigkill_of_the_client_leaves_no_appliance(nos_guest: images.Guest) -> N
         f"""
         import sys, trio
         from virtmount.appliance import ApplianceSettings, boot_appliance
+        from virtmount.sources.domain import domain_source
         from virtmount.virt.connection import open_connection
         from virtmount.virt.provision import provision
 
@@ -136,7 +139,8 @@ def test_sigkill_of_the_client_leaves_no_appliance(nos_guest: images.Guest) -> N
             conn = await open_connection({nos_guest.uri!r})
             host = await provision(conn, "virtmount")
             async with trio.open_nursery() as nursery:
-                await boot_appliance(conn, {nos_guest.name!r}, host, ApplianceSettings(), nursery)
+                source = await domain_source(conn, {nos_guest.name!r})
+                await boot_appliance(conn, source, host, ApplianceSettings(), nursery)
                 print("booted", flush=True)
                 await trio.sleep_forever()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from virtmount.devicenames import COLD_BOOTED, RESTORED
-from virtmount.guests import GuestLayout
+from virtmount.guestlayout import GuestLayout
 
 # (restored appliance's name, the guest's own name)
 PAIRS = [

@@ -8,7 +8,7 @@ from typing import cast
 import pyfuse3
 import pytest
 
-from virtmount.fs.model import ConnectionTree
+from virtmount.fs.tree import ConnectionTree
 from virtmount.fs.operations import Operations
 
 

@@ -14,7 +14,8 @@ from typing import Any, Awaitable, Callable, NoReturn, Sequence, TypeVar
 
 import pyfuse3
 
-from .model import Attributes, ConnectionTree, FsError, GuestNode, Node
+from .nodes import Attributes, FsError, GuestNode, Node
+from .tree import ConnectionTree
 
 log = logging.getLogger(__name__)
 

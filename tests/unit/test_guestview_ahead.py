@@ -14,9 +14,10 @@ import pytest
 import trio
 import trio.testing
 
-from virtmount.fs.model import ConnectionTree, GuestNode
+from virtmount.fs.nodes import GuestNode
+from virtmount.fs.tree import ConnectionTree
 
-from .test_model import World, file_inode, fs_error, guest, make_world, read_dir
+from .test_tree import World, file_inode, fs_error, guest, make_world, read_dir
 
 
 @pytest.fixture

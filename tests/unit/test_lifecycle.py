@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 from pathlib import Path
 from typing import Any, cast
 
@@ -15,11 +16,15 @@ from virtmount.guestfs.client import GuestfsClient
 from virtmount.guestfs.errors import GuestfsError
 from virtmount.guestfs.procs import Statns
 from virtmount.devicenames import COLD_BOOTED, RESTORED
-from virtmount.guests import GuestAppliance, lay_out_os, mount_devices
+from virtmount.guestlayout import lay_out_os, mount_devices
+from virtmount.lifecycle import SourceAppliance
+from virtmount.sources.domain import DomainRef
 from virtmount.inspection_cache import FstabFingerprint, InspectionCache, RememberedLayout
 
 FILESYSTEMS = {"/dev/sda1": "ext4", "/dev/vg0/root": "ext4", "/dev/vg0/data": "xfs", "/dev/sda2": "swap"}
 DEV_OF = {"/dev/sda1": 2049, "/dev/vg0/root": 64768, "/dev/vg0/data": 64769}
+
+GUEST = DomainRef("guest", "6f1c2a3b-4d5e-4f60-8a71-92b3c4d5e6f7")
 
 
 MOUNTPOINTS = {"/srv/data": "/dev/vg0/data", "/": "/dev/vg0/root", "/boot": "/dev/sda1"}
@@ -121,6 +126,27 @@ async def test_devices_are_mounted_later_and_keep_the_names_already_given() -> N
     assert (b"/d/vg0-data") in daemon.mounted and b"/d/sda2" not in daemon.mounted  # swap skipped
 
 
+async def test_what_is_not_a_filesystem_is_logged_not_shown(caplog: pytest.LogCaptureFixture) -> None:
+    daemon = FakeDaemon(roots=[])
+    layout = await lay_out_os(cast(GuestfsClient, daemon), "guest", 1)
+    with caplog.at_level(logging.INFO, logger="virtmount.guestlayout"):
+        await mount_devices(layout, "guest")
+    assert "sda2" not in layout.devices
+    assert "guest: /dev/sda2 (swap) is not a mountable filesystem; not shown" in caplog.messages
+
+
+async def test_disks_without_any_filesystem_leave_devices_empty_and_say_why(caplog: pytest.LogCaptureFixture) -> None:
+    class RandomBytes(FakeDaemon):
+        async def list_filesystems(self) -> dict[str, str]:
+            return {"/dev/sda": "unknown"}
+
+    layout = await lay_out_os(cast(GuestfsClient, RandomBytes(roots=[])), "volume", 1)
+    with caplog.at_level(logging.INFO, logger="virtmount.guestlayout"):
+        await mount_devices(layout, "volume")
+    assert layout.devices == {} and layout.devices_mounted
+    assert "volume: no filesystem found on the disks (/dev/sda: unknown); devices/ is empty" in caplog.messages
+
+
 async def test_a_dirty_journal_is_not_replayed() -> None:
     daemon = FakeDaemon(roots=["/dev/vg0/root"], dirty=frozenset({"/dev/vg0/data"}))
     layout = await lay_out_os(cast(GuestfsClient, daemon), "guest", 1)
@@ -213,7 +239,7 @@ async def test_layouts_are_remembered_in_the_guest_disk_order_whichever_way_the_
 
 async def test_the_appliance_stores_and_forgets_remembered_layouts(tmp_path: Path) -> None:
     cache = InspectionCache(tmp_path / "layouts")
-    guest = GuestAppliance(cast(Any, None), "guest", cast(Any, None), cast(Any, None), cast(Any, None), cache)
+    guest = SourceAppliance(cast(Any, None), GUEST, cast(Any, None), cast(Any, None), cast(Any, None), cache)
     key = "k" * 64
     await guest._lay_out(cast(Any, FakeAppliance(FakeDaemon(roots=["/dev/vg0/root"]))))
     assert cache.load(key) == RememberedLayout(mountpoints=MOUNTPOINTS, fstab=FSTAB)
@@ -251,7 +277,7 @@ async def test_discarding_a_running_appliance_tells_the_tree() -> None:
         async def shutdown(self) -> None:
             self.shut_down = True
 
-    guest = GuestAppliance(cast(Any, None), "guest", cast(Any, None), cast(Any, None), cast(Any, None))
+    guest = SourceAppliance(cast(Any, None), GUEST, cast(Any, None), cast(Any, None), cast(Any, None))
     told: list[str] = []
     guest.on_discard = lambda: told.append("discarded")
     await guest.release()
@@ -272,7 +298,7 @@ async def test_an_appliance_mounting_its_devices_is_not_idle() -> None:
             return await super().list_filesystems()
 
     daemon = SlowDaemon(roots=["/dev/vg0/root"])
-    guest = GuestAppliance(cast(Any, None), "guest", cast(Any, None), cast(Any, None), cast(Any, None))
+    guest = SourceAppliance(cast(Any, None), GUEST, cast(Any, None), cast(Any, None), cast(Any, None))
     guest._appliance = cast(Any, object())
     guest._layout = await lay_out_os(cast(GuestfsClient, daemon), "guest", 1)
     async with trio.open_nursery() as nursery:

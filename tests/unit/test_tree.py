@@ -1,4 +1,4 @@
-"""The filesystem model (virtmount.fs.model.ConnectionTree) over a fake libvirt connection and a fake appliance.
+"""The virtual tree (virtmount.fs.tree) and the guest view behind it over a fake libvirt connection and fake appliances.
 
 The fake guest has two filesystems: sda1 (the root, st_dev 2049) and sda2
 (/boot, st_dev 2050). Inside the appliance they appear as the OS view
@@ -18,21 +18,15 @@ import libvirt
 import pytest
 import trio
 
-from virtmount.fs.model import (
-    READ_CALL_MAX,
-    RELEASE_XATTR,
-    Attributes,
-    ConnectionTree,
-    DomainXmlFile,
-    FsError,
-    GuestNode,
-    Node,
-    VirtualDir,
-)
+from virtmount.fs.guestview import READ_CALL_MAX
+from virtmount.fs.nodes import Attributes, FsError, GuestNode, Node, VirtualDir, VirtualFile
+from virtmount.fs.tree import RELEASE_XATTR, ConnectionTree
 from virtmount.guestfs.client import GuestfsClient
 from virtmount.guestfs.errors import ConnectionLost, GuestfsError, GuestfsTimeout
 from virtmount.guestfs.procs import PREAD_MAX, Dirent, Statns, Statvfs, Xattr
-from virtmount.guests import GuestAppliance, GuestLayout, GuestUnavailableError
+from virtmount.guestlayout import GuestLayout
+from virtmount.lifecycle import GuestUnavailableError, SourceAppliance
+from virtmount.sources import SourceRef
 
 SDA1_DEV = 2049
 SDA2_DEV = 2050
@@ -257,7 +251,7 @@ def make_layout(client: FakeGuestClient, *, has_os: bool = True, generation: int
 
 
 class FakeAppliance:
-    """What ConnectionTree uses of a GuestAppliance; ``result`` is what the next layout() gives."""
+    """What ConnectionTree uses of a SourceAppliance; ``result`` is what the next layout() gives."""
 
     def __init__(self, guest_name: str, result: GuestLayout | GuestUnavailableError) -> None:
         self.guest_name = guest_name
@@ -378,10 +372,10 @@ def make_world(conn: FakeConnection | None = None, nursery: trio.Nursery | None 
     }
     made: list[FakeAppliance] = []
 
-    def make_appliance(name: str) -> GuestAppliance:
-        appliance = FakeAppliance(name, results[name])
+    def make_appliance(source: SourceRef) -> SourceAppliance:
+        appliance = FakeAppliance(source.name, results[source.name])
         made.append(appliance)
-        return cast(GuestAppliance, appliance)
+        return cast(SourceAppliance, appliance)
 
     tree = ConnectionTree(cast(libvirt.virConnect, conn), make_appliance, nursery,
                           forget_kernel_entry=forget_kernel_entry)
@@ -427,10 +421,11 @@ async def fs_error(awaitable: Any) -> int:
 # --- the virtual part ---------------------------------------------------------------
 
 
-async def test_root_holds_domains_only(world: World) -> None:
+async def test_root_holds_domains_and_volumes(world: World) -> None:
     tree = world.tree
     assert tree.root.inode == 1
-    assert await tree.list_directory(1) == [(b"domains", tree.domains_dir)]
+    assert await tree.list_directory(1) == [(b"domains", tree.domains_dir), (b"volumes", tree.volumes_dir)]
+    assert await tree.lookup(1, b"volumes") is tree.volumes_dir
     assert await tree.lookup(1, b"domains") is tree.domains_dir
     assert await tree.lookup(1, b".") is tree.root
     assert await fs_error(tree.lookup(1, b"nothing")) == errno.ENOENT
@@ -540,7 +535,7 @@ async def test_domain_xml_file(world: World) -> None:
     tree = world.tree
     xml = FakeDomain("alpha", ALPHA_UUID).XMLDesc().encode()
     node = await walk(tree, b"domains", b"alpha", b"domain.xml")
-    assert isinstance(node, DomainXmlFile)
+    assert isinstance(node, VirtualFile)
     attributes = await tree.getattr(node.inode)
     assert (attributes.mode, attributes.size, attributes.nlink) == (stat.S_IFREG | 0o444, len(xml), 1)
     handle = await tree.open(node.inode, os.O_RDONLY)

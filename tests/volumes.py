@@ -1,0 +1,83 @@
+"""Storage pools and volumes for the volume tests, made through libvirt only (virsh over the URI given).
+
+Test pools are dir pools named ``virtmount-test-vol-*`` in directories under
+/var/lib/libvirt/images; volumes are uploaded with ``virsh vol-upload`` from
+the cached test images (tests/images.py) or from conversions of them, which
+are cached beside them under the same lock.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from tests import images
+
+POOL = "virtmount-test-vol-pool"
+POOL_PARENT = Path("/var/lib/libvirt/images")
+
+
+def virsh(uri: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(["virsh", "-q", "-c", uri, *args], capture_output=True, text=True, timeout=300,
+                            stdin=subprocess.DEVNULL)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"virsh {' '.join(args)}: {result.stderr.strip()}")
+    return result
+
+
+def start_dir_pool(uri: str, name: str) -> None:
+    """A running transient dir pool ``name`` (started afresh if it runs already), in a directory of its own."""
+    directory = POOL_PARENT / name
+    directory.mkdir(mode=0o755, exist_ok=True)
+    virsh(uri, "pool-destroy", name, check=False)
+    virsh(uri, "pool-create-as", name, "dir", "--target", str(directory))
+
+
+def stop_pool(uri: str, name: str) -> None:
+    virsh(uri, "pool-destroy", name, check=False)
+
+
+def put_volume(uri: str, pool: str, name: str, image: Path) -> str:
+    """Upload ``image`` as volume ``name`` (replacing one of that name); libvirt's format for it."""
+    virsh(uri, "vol-delete", "--pool", pool, name, check=False)
+    virsh(uri, "vol-create-as", pool, name, str(image.stat().st_size), "--format", "raw")
+    virsh(uri, "vol-upload", "--pool", pool, name, str(image))
+    virsh(uri, "pool-refresh", pool)
+    return volume_format(uri, pool, name)
+
+
+def volume_format(uri: str, pool: str, name: str) -> str:
+    xml = virsh(uri, "vol-dumpxml", "--pool", pool, name).stdout
+    return xml.split("<format type='", 1)[1].split("'", 1)[0]
+
+
+def overlay_volume(uri: str, pool: str, name: str, backing: str, capacity: int) -> None:
+    """A qcow2 volume ``name`` over the volume ``backing`` of the same pool (libvirt makes it)."""
+    virsh(uri, "vol-delete", "--pool", pool, name, check=False)
+    virsh(uri, "vol-create-as", pool, name, str(capacity), "--format", "qcow2",
+          "--backing-vol", backing, "--backing-vol-format", volume_format(uri, pool, backing))
+
+
+def converted(image: Path, fmt: str, *options: str) -> Path:
+    """``image`` converted with qemu-img to ``fmt``, cached beside it."""
+    target = image.with_name(f"{image.stem}.{fmt}{''.join(options).replace('=', '-')}")
+    if target.exists():
+        return target
+    with images.locked():
+        if not target.exists():
+            images.write_atomically(
+                target.name, target,
+                lambda tmp: subprocess.run(["qemu-img", "convert", "-O", fmt, *(["-o", *options] if options else []),
+                                            str(image), str(tmp)], check=True, capture_output=True))
+    return target
+
+
+def random_bytes_image(size: int) -> Path:
+    """A file of pseudo-random bytes (no partition table, no filesystem), cached."""
+    target = images.IMAGE_DIR / f"random-{size}.img"
+    if not target.exists():
+        with images.locked():
+            if not target.exists():
+                images.write_atomically(target.name, target,
+                                        lambda tmp: tmp.write_bytes(images.pseudo_random("random volume", size)))
+    return target

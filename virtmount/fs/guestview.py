@@ -1,0 +1,500 @@
+"""The guest view: what every source's fs/ and devices/ show, served from its appliance.
+
+One piece of code for all kinds of source (sources/): guest nodes addressed by
+their path inside the appliance, with stable inode numbers (inodes.py);
+directory listings fetched with their entries' attributes and link targets
+in batches and kept while the appliance runs (listings.py); subdirectories
+listed ahead of a walker, small files' contents read ahead once two files of
+a directory were opened, xattrs fetched for whole listings (prefetch.py);
+large files read in growing windows (readahead.py). Errors become
+``FsError(errno)``.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import stat
+import time
+from typing import Awaitable, Callable, Hashable, Iterable, TypeVar
+
+import trio
+
+from ..concurrency import gather
+from ..guestfs.errors import ConnectionLost, GuestfsClientError, GuestfsError, GuestfsTimeout
+from ..guestfs.procs import PREAD_MAX, Statns, Statvfs, Xattr
+from ..guestlayout import OS_VIEW, GuestLayout
+from ..lifecycle import GuestUnavailableError, SourceAppliance
+from .listings import ListingCache
+from .nodes import Attributes, FileHandle, FsError, GuestNode, Node, NodeTable, ServedSource, Siblings
+from .prefetch import Prefetcher
+from .readahead import LARGEST_WINDOW, ReadAhead
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# XFS keeps POSIX ACLs under these names and lists them to root beside system.posix_acl_*;
+# they are the same ACLs in XFS's on-disk form, so they are not shown a second time.
+XFS_INTERNAL_ACL_XATTRS = frozenset({b"trusted.SGI_ACL_FILE", b"trusted.SGI_ACL_DEFAULT"})
+OS_VIEW_NAME = "fs"
+
+# Walk-ahead: how many directories may be listed before anyone asked (they go into the listing
+# cache at once; this bounds the speculative daemon work), and how many calls at once.
+LISTINGS_AHEAD = 512
+LISTING_CALLS_AHEAD = 6
+# Read-ahead across files: once two files of a directory were opened, the contents of its other
+# small files are fetched too (one pread each), up to this many bytes held at a time.
+SMALL_FILE_MAX = 256 * 1024
+CONTENTS_AHEAD_BYTES = 16 * 1024 * 1024
+CONTENT_CALLS_AHEAD = 8
+# Listings fetched ahead bring their entries' xattrs too while a walker is reading xattrs.
+XATTR_DEMAND_S = 10.0
+# The largest pread a file read sends (read-ahead windows grow up to it): see readahead.LARGEST_WINDOW.
+READ_CALL_MAX = min(LARGEST_WINDOW, PREAD_MAX)
+# Entries of directory listings kept for the life of their appliance (see listings.py).
+DEFAULT_CACHED_ENTRIES = 100_000
+
+
+class GuestView:
+    """Serves the fs/ and devices/ views of every source in the mount."""
+
+    def __init__(
+        self,
+        table: NodeTable,
+        nursery: trio.Nursery | None = None,
+        cached_entries: int = DEFAULT_CACHED_ENTRIES,
+        forget_kernel_entry: Callable[[int, bytes], None] | None = None,
+    ) -> None:
+        """``nursery`` runs the speculative fetches; without one, nothing is fetched ahead.
+        ``cached_entries`` bounds the directory entries kept in the listing cache.
+        ``forget_kernel_entry(parent inode, name)`` drops what the kernel caches of an entry and
+        everything below it; it is called for a source's views when its appliance goes away."""
+        self._table = table
+        self._forget_kernel_entry = forget_kernel_entry
+        self._xattrs_wanted_at = -XATTR_DEMAND_S
+        self._nursery = nursery
+        self._listings: ListingCache[Siblings] = ListingCache(cached_entries)
+        self._listings_ahead: Prefetcher[Siblings] | None = None
+        self._contents_ahead: Prefetcher[bytes] | None = None
+        if nursery is not None:
+            self._listings_ahead = Prefetcher(
+                nursery, concurrency=LISTING_CALLS_AHEAD, budget=LISTINGS_AHEAD, name="listing ahead")
+            self._contents_ahead = Prefetcher(
+                nursery, concurrency=CONTENT_CALLS_AHEAD, budget=CONTENTS_AHEAD_BYTES, name="content ahead")
+
+    def serve(self, name: str, identity: str, appliance: SourceAppliance,
+              description: tuple[bytes, Node]) -> ServedSource:
+        """The directory of a source: ``description`` (e.g. domain.xml and its file node), fs/ (unless
+        a boot found no OS) and devices/."""
+        box: list[ServedSource] = []
+
+        async def source_children() -> list[tuple[bytes, Node]]:
+            source = box[0]
+            children: list[tuple[bytes, Node]] = [description]
+            if source.appliance.known_has_os is not False:
+                children.append((b"fs", self._view_root_node(source, OS_VIEW_NAME)))
+            children.append((b"devices", source.devices_dir))
+            return children
+
+        async def source_child(child: bytes) -> Node:
+            source = box[0]
+            if child == description[0]:
+                return description[1]
+            if child == b"devices":
+                return source.devices_dir
+            if child == b"fs":
+                return await self._view_root(source, OS_VIEW_NAME)
+            raise FsError(errno.ENOENT)
+
+        async def device_children() -> list[tuple[bytes, Node]]:
+            layout = await self._layout(box[0], with_devices=True)
+            return [(view.encode(), await self._view_root(box[0], view)) for view in sorted(layout.devices)]
+
+        async def device_child(child: bytes) -> Node:
+            layout = await self._layout(box[0], with_devices=True)
+            view = child.decode("utf-8", "surrogateescape")
+            if view not in layout.devices:
+                raise FsError(errno.ENOENT)
+            return await self._view_root(box[0], view)
+
+        source = ServedSource(
+            name=name,
+            identity=identity,
+            appliance=appliance,
+            directory=self._table.virtual_dir(children=source_children, child=source_child),
+            devices_dir=self._table.virtual_dir(children=device_children, child=device_child),
+        )
+        box.append(source)
+        appliance.on_discard = lambda: self._forget_views_in_kernel(source)
+        return source
+
+    def _forget_views_in_kernel(self, source: ServedSource) -> None:
+        """The next appliance may see other disk contents: the kernel must ask again, not within
+        its cache timeout answer from what the last appliance showed."""
+        if self._forget_kernel_entry is not None:
+            for view in (b"fs", b"devices"):
+                self._forget_kernel_entry(source.directory.inode, view)
+
+    async def _layout(self, source: ServedSource, *, with_devices: bool = False) -> GuestLayout:
+        try:
+            return await source.appliance.layout(with_devices=with_devices)
+        except GuestUnavailableError as exc:
+            raise FsError(exc.errno, str(exc)) from None
+
+    def _view_path(self, layout: GuestLayout, view: str) -> bytes:
+        return OS_VIEW if view == OS_VIEW_NAME else layout.device_path(view)
+
+    def _view_root_node(self, source: ServedSource, view: str) -> GuestNode:
+        """The root directory of a view (fs/ or one device), without booting anything.
+
+        View roots get virtual inode numbers (the kernel may see them before
+        any appliance runs); their attributes are the guest directory's once booted.
+        """
+        root = source.view_roots.get(view)
+        if root is None:
+            root = GuestNode(self._table.numbers.new_virtual(), lookups=1, source=source, view=view)
+            source.view_roots[view] = root
+            self._table.add(root)
+        return root
+
+    async def _view_root(self, source: ServedSource, view: str) -> GuestNode:
+        """The root directory node of a view with its attributes, booting the appliance if needed."""
+        root = self._view_root_node(source, view)
+        layout = await self._layout(source, with_devices=view != OS_VIEW_NAME)
+        if root.stat is not None and root.generation == layout.generation:
+            return root
+        if view == OS_VIEW_NAME and not layout.has_os:
+            raise FsError(errno.ENOENT)
+        if view != OS_VIEW_NAME and view not in layout.devices:
+            raise FsError(errno.ENOENT)
+        path = self._view_path(layout, view)
+        root.stat = await self._guest_call(source, lambda: layout.client.lstatns(path))
+        root.path = path
+        root.generation = layout.generation
+        return root
+
+    def _guest_node(self, source: ServedSource, view: str, layout: GuestLayout, path: bytes, st: Statns) -> GuestNode:
+        """The node for a guest file, reusing the existing one (hard links share it)."""
+        filesystem = layout.fs_by_dev.get(st.st_dev, f"dev{st.st_dev}")
+        prefix = self._table.numbers.filesystem_prefix(source.identity, view, filesystem)
+        inode = self._table.numbers.guest_inode(prefix, st.st_ino)
+        node = self._table.get(inode)
+        if isinstance(node, GuestNode):
+            node.path = path if stat.S_ISDIR(st.st_mode) or node.path == b"" else node.path
+            if node.generation != layout.generation:  # a new boot: the guest may have run since
+                node.xattrs = node.link_target = node.siblings = None
+        else:
+            node = GuestNode(inode, source=source, view=view, path=path)
+        node.stat = st
+        node.generation = layout.generation
+        return node
+
+    async def _guest_call(self, source: ServedSource, call: Callable[[], Awaitable[T]]) -> T:
+        source.appliance.touch()
+        try:
+            return await call()
+        except GuestfsError as exc:
+            raise FsError(_guest_errno(exc), str(exc)) from None
+        except (ConnectionLost, GuestfsTimeout) as exc:
+            log.error("%s: appliance stopped answering: %s", source.name, exc)
+            raise FsError(errno.EIO) from None
+
+    async def _guest_layout_for(self, node: GuestNode) -> GuestLayout:
+        assert node.source is not None
+        return await self._layout(node.source)
+
+    async def _list_guest_dir(self, node: GuestNode) -> list[tuple[bytes, Node]]:
+        """All entries of a guest directory with attributes and link targets (cached, fetched
+        ahead or fetched now); its subdirectories are then listed ahead of the walker."""
+        assert node.source is not None
+        layout = await self._guest_layout_for(node)
+        siblings = await self._listing(node.source, node.view, layout, node.path, node.inode)
+        self._list_ahead(node.source, node.view, layout, siblings)
+        return list(siblings.members)
+
+    async def _listing(self, source: ServedSource, view: str, layout: GuestLayout,
+                       path: bytes, inode: int) -> Siblings:
+        """The listing of one directory of this boot: fetched ahead (maybe still on its way), cached,
+        or fetched now; kept in the listing cache as the most recently used."""
+        key = (inode, layout.generation)
+        siblings = None
+        if self._listings_ahead is not None:  # claimed even when cached, to free its place ahead
+            siblings = await self._listings_ahead.claim(key)
+        if siblings is None:
+            siblings = self._listings.get(key)
+        if siblings is None:
+            siblings = await self._fetch_listing(source, view, layout, path)
+        self._listings.put(key, siblings)
+        return siblings
+
+    def _list_ahead(self, source: ServedSource, view: str, layout: GuestLayout, siblings: Siblings) -> None:
+        """Wish for the listings of the subdirectories in ``siblings`` not cached yet, first ones
+        first; for cached ones, their xattrs while a walker reads xattrs."""
+        if self._listings_ahead is None:
+            return
+        xattrs_wanted = self._xattrs_in_demand()
+        wishes: list[tuple[Hashable, Callable[[], Awaitable[Siblings]], int]] = []
+        for _, child in siblings.members:
+            if child.stat is None or not stat.S_ISDIR(child.stat.st_mode):
+                continue
+            key = (child.inode, layout.generation)
+            cached = self._listings.get(key)
+            if cached is None:
+                fetch = functools.partial(self._listing_ahead, source, view, layout, child.path, child.inode)
+                wishes.append((key, fetch, 1))
+            elif xattrs_wanted and any(member.xattrs is None for _, member in cached.members):
+                wishes.append((_xattrs_key(cached),
+                               functools.partial(self._xattrs_ahead, source, layout, cached), 1))
+        self._listings_ahead.want(wishes)
+
+    def _xattrs_in_demand(self) -> bool:
+        return time.monotonic() - self._xattrs_wanted_at < XATTR_DEMAND_S
+
+    async def _xattrs_ahead(self, source: ServedSource, layout: GuestLayout, siblings: Siblings) -> Siblings:
+        """The xattrs of a cached listing's entries, fetched before anyone asked."""
+        _still_running(layout)
+        await self._fetch_sibling_xattrs(source, layout, siblings)
+        return siblings
+
+    async def _listing_ahead(self, source: ServedSource, view: str, layout: GuestLayout,
+                             path: bytes, inode: int) -> Siblings:
+        """A listing fetched before anyone asked (with xattrs while they are in demand);
+        its own subdirectories are wished for in turn, so the walk runs ahead depth first."""
+        _still_running(layout)
+        siblings = await self._fetch_listing(source, view, layout, path)
+        self._listings.put((inode, layout.generation), siblings)
+        if self._xattrs_in_demand():
+            await self._fetch_sibling_xattrs(source, layout, siblings)
+        self._list_ahead(source, view, layout, siblings)
+        return siblings
+
+    async def _fetch_listing(self, source: ServedSource, view: str, layout: GuestLayout, path: bytes) -> Siblings:
+        """Entries of the guest directory ``path`` with attributes and link targets: three daemon
+        calls (readdir, then lstatnslist and readlinklist sent together) per thousand entries."""
+        client = layout.client
+        dirents = await self._guest_call(source, lambda: client.readdir(path))
+        names = [d.name for d in dirents if d.name not in (b".", b"..")]
+        links = [d.name for d in dirents if d.ftyp == "l"]
+        stats, targets = await gather(
+            lambda: self._guest_call(source, lambda: client.lstatnslist(path, names)),
+            lambda: self._guest_call(source, lambda: client.readlinklist(path, links)) if links else _no_targets(),
+        )
+        target_of = dict(zip(links, targets))
+        siblings = Siblings(path)
+        by_inode: dict[int, GuestNode] = {}  # hard links within the directory share one node
+        # by name: most walkers (ls, rsync, file browsers) go in that order, and readdir-order
+        # walkers (find, tar) then do too, so the directories listed ahead are the next ones wanted
+        for name, st in sorted(zip(names, stats), key=lambda named: named[0]):
+            if st is None:
+                log.warning("%s: cannot stat %r in %r", source.name, name, path)
+                continue
+            child = self._guest_node(source, view, layout, _join(path, name), st)
+            child = by_inode.setdefault(child.inode, child)
+            if stat.S_ISLNK(st.st_mode) and target_of.get(name):
+                child.link_target = target_of[name]
+            child.siblings = siblings
+            siblings.members.append((name, child))
+        return siblings
+
+    async def _lookup_guest(self, parent: GuestNode, name: bytes) -> GuestNode:
+        """The child ``name``: from the parent's cached listing if there is one, else one lstat."""
+        assert parent.source is not None
+        layout = await self._guest_layout_for(parent)
+        siblings = self._listings.get((parent.inode, layout.generation))
+        if siblings is not None:
+            child = siblings.find(name)
+            if child is None:
+                raise FsError(errno.ENOENT)
+            registered = self._table.get(child.inode)  # a hard link the kernel holds already
+            if isinstance(registered, GuestNode) and registered.generation == child.generation:
+                return registered
+            return child
+        path = _join(parent.path, name)
+        st = await self._guest_call(parent.source, lambda: layout.client.lstatns(path))
+        return self._guest_node(parent.source, parent.view, layout, path, st)
+
+    # --- what the tree asks of guest nodes ------------------------------------------
+
+    async def lookup(self, parent: GuestNode, name: bytes) -> GuestNode:
+        await self.boot_if_needed(parent)
+        assert parent.stat is not None
+        if not stat.S_ISDIR(parent.stat.st_mode):
+            raise FsError(errno.ENOTDIR)
+        if b"/" in name or name == b"..":
+            raise FsError(errno.ENOENT)
+        return await self._lookup_guest(parent, name)
+
+    async def boot_if_needed(self, node: GuestNode) -> None:
+        """A view root's attributes, booting its appliance if none runs."""
+        if node.stat is None:
+            assert node.source is not None
+            await self._view_root(node.source, node.view)
+
+    async def list_directory(self, node: GuestNode) -> list[tuple[bytes, Node]]:
+        await self.boot_if_needed(node)
+        assert node.stat is not None
+        if not stat.S_ISDIR(node.stat.st_mode):
+            raise FsError(errno.ENOTDIR)
+        return await self._list_guest_dir(node)
+
+    async def readlink(self, node: GuestNode) -> bytes:
+        if node.stat is None or not stat.S_ISLNK(node.stat.st_mode):
+            raise FsError(errno.EINVAL)
+        if node.link_target is None:
+            layout = await self._guest_layout_for(node)
+            assert node.source is not None
+            node.link_target = await self._guest_call(node.source, lambda: layout.client.readlink(node.path))
+        assert node.link_target is not None
+        return node.link_target
+
+    async def open(self, node: GuestNode) -> FileHandle:
+        assert node.stat is not None and node.source is not None
+        if stat.S_ISDIR(node.stat.st_mode):
+            raise FsError(errno.EISDIR)
+        handle = FileHandle(node)
+        if stat.S_ISREG(node.stat.st_mode) and node.stat.st_size == 0:
+            handle.data = b""  # nothing to read in an empty file of a guest filesystem
+        elif self._contents_ahead is not None:
+            handle.data = await self._contents_ahead.claim((node.inode, node.generation))
+        if handle.data is None:
+            handle.reader = self._guest_reader(node)
+        node.source.appliance.handle_opened()
+        self._read_siblings_ahead(node)
+        return handle
+
+    def release(self, node: GuestNode) -> None:
+        if node.source is not None:
+            node.source.appliance.handle_closed()
+
+    def _guest_reader(self, node: GuestNode) -> ReadAhead:
+        assert node.source is not None
+        source = node.source
+
+        async def fetch(offset: int, size: int) -> bytes:
+            layout = await self._layout(source)
+            return await self._guest_call(source, lambda: layout.client.pread(node.path, size, offset))
+
+        return ReadAhead(fetch, READ_CALL_MAX, self._nursery)
+
+    def _read_siblings_ahead(self, node: GuestNode) -> None:
+        """On the second file opened in a listing, wish for the contents of its other small files."""
+        siblings = node.siblings
+        if self._contents_ahead is None or siblings is None or siblings.contents_wanted:
+            return
+        siblings.opened.add(node.inode)
+        if len(siblings.opened) < 2:
+            return
+        siblings.contents_wanted = True
+        assert node.source is not None
+        source = node.source
+        wishes = []
+        for _, member in siblings.members:  # by name already
+            st = member.stat
+            if (member.inode not in siblings.opened and st is not None and stat.S_ISREG(st.st_mode)
+                    and 0 < st.st_size <= SMALL_FILE_MAX):
+                fetch = functools.partial(self._content_ahead, source, member.path, st.st_size, member.generation)
+                wishes.append(((member.inode, member.generation), fetch, st.st_size))
+        self._contents_ahead.want(wishes)
+
+    async def _content_ahead(self, source: ServedSource, path: bytes, size: int, generation: int) -> bytes:
+        """The whole content of a small file, if the appliance that listed it still runs."""
+        layout = source.appliance.running_layout
+        if layout is None or layout.generation != generation:
+            raise FsError(errno.EIO, "appliance gone")
+        data = await self._guest_call(source, lambda: layout.client.pread(path, size + 1, 0))
+        if len(data) != size:
+            raise FsError(errno.EIO, f"{path!r} has {len(data)} bytes, not {size}")
+        return data
+
+    async def xattrs(self, node: GuestNode) -> dict[bytes, bytes]:
+        """A node's xattrs; the first asked for in a directory brings those of all its entries."""
+        self._xattrs_wanted_at = time.monotonic()
+        if node.xattrs is None:
+            assert node.source is not None
+            layout = await self._guest_layout_for(node)
+            siblings = node.siblings
+            if siblings is None:
+                found = await self._guest_call(node.source, lambda: layout.client.lgetxattrs(node.path))
+                node.xattrs = _shown_xattrs(found)
+            else:
+                if self._listings_ahead is not None:  # fetched ahead, or on its way
+                    await self._listings_ahead.claim(_xattrs_key(siblings))
+                if node.xattrs is None:
+                    await self._fetch_sibling_xattrs(node.source, layout, siblings)
+                    self._list_ahead(node.source, node.view, layout, siblings)  # xattrs are in demand now
+                if node.xattrs is None:  # not in that listing any more (e.g. a hard link seen elsewhere)
+                    node.siblings = None
+                    return await self.xattrs(node)
+        return node.xattrs
+
+    async def _fetch_sibling_xattrs(self, source: ServedSource, layout: GuestLayout, siblings: Siblings) -> None:
+        """The xattrs of every entry of a listing that has none yet, in one lxattrlist per thousand."""
+        wanted = [(name, member) for name, member in siblings.members if member.xattrs is None]
+        if not wanted:
+            return
+        names = [name for name, _ in wanted]
+        lists = await self._guest_call(source, lambda: layout.client.lxattrlist(siblings.directory, names))
+        for (_, member), xattrs in zip(wanted, lists):
+            if xattrs is not None:  # None: listing failed; the node asks again on its own
+                member.xattrs = _shown_xattrs(xattrs)
+
+    async def statvfs(self, node: GuestNode) -> Statvfs:
+        layout = await self._guest_layout_for(node)
+        assert node.source is not None
+        return await self._guest_call(node.source, lambda: layout.client.statvfs(node.path))
+
+    def prefetch_summary(self) -> str:
+        """How much of the speculative work was used, for the log."""
+        parts = []
+        for name, prefetcher in (("listings", self._listings_ahead), ("file contents", self._contents_ahead)):
+            if prefetcher is not None:
+                parts.append(f"{name} fetched ahead: {prefetcher.fetched}, used: {prefetcher.hits}")
+        return "; ".join(parts) or "nothing fetched ahead"
+
+
+def guest_attributes(inode: int, st: Statns) -> Attributes:
+    return Attributes(
+        inode=inode,
+        mode=st.st_mode,
+        nlink=st.st_nlink,
+        uid=st.st_uid,
+        gid=st.st_gid,
+        rdev=st.st_rdev,
+        size=st.st_size,
+        blksize=st.st_blksize or 4096,
+        blocks=st.st_blocks,
+        atime_ns=st.st_atime_sec * 1_000_000_000 + st.st_atime_nsec,
+        mtime_ns=st.st_mtime_sec * 1_000_000_000 + st.st_mtime_nsec,
+        ctime_ns=st.st_ctime_sec * 1_000_000_000 + st.st_ctime_nsec,
+    )
+
+
+def _guest_errno(exc: GuestfsClientError) -> int:
+    if isinstance(exc, GuestfsError) and exc.errno:
+        return exc.errno
+    return errno.EIO
+
+
+def _shown_xattrs(xattrs: Iterable[Xattr]) -> dict[bytes, bytes]:
+    return {x.name: x.value for x in xattrs if x.name not in XFS_INTERNAL_ACL_XATTRS}
+
+
+def _still_running(layout: GuestLayout) -> None:
+    """Work fetched ahead is for the appliance that listed it; once that one is gone, it is dropped."""
+    if layout.client.closed:
+        raise FsError(errno.EIO, "appliance gone")
+
+
+def _xattrs_key(siblings: Siblings) -> tuple[str, int]:
+    """The prefetch key of fetching the xattrs of a listing's entries."""
+    return ("xattrs", id(siblings))
+
+
+async def _no_targets() -> list[bytes]:
+    return []
+
+
+def _join(directory: bytes, name: bytes) -> bytes:
+    return directory.rstrip(b"/") + b"/" + name

@@ -1,0 +1,413 @@
+"""The virtual tree of one libvirt connection, independent of FUSE.
+
+```
+/domains/<name>/domain.xml              the domain's XML (libvirt only)
+/volumes/<pool>/<volume>/volume.xml     the volume's XML (libvirt only), for every active pool
+/domains/<name>/{fs,devices}/           served by the guest view (guestview.py)
+/volumes/<pool>/<volume>/{fs,devices}/
+```
+Listing ``domains/``, ``volumes/`` and a pool asks libvirt only (kept for a
+second). A name is resolved to its source's identity (domain UUID, volume
+key) when it is looked up; a name that comes back with another identity is
+another source. This class also routes each operation to the virtual nodes or
+to the guest view. Everything here raises ``FsError(errno)``; ``operations``
+turns that into FUSE replies.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Iterable, TypeVar
+
+import libvirt
+import trio
+
+from ..lifecycle import SourceAppliance
+from ..sources import SourceRef, SourceUnavailable
+from ..sources.domain import DomainRef, domain_named
+from ..sources.volume import VolumeRef
+from ..virt.connection import libvirt_message, run_blocking
+from ..virt.domainxml import APPLIANCE_NAME_PREFIX
+from .guestview import DEFAULT_CACHED_ENTRIES, GuestView, guest_attributes
+from .nodes import Attributes, FileHandle, FsError, GuestNode, Node, NodeTable, ServedSource, VirtualDir, VirtualFile
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+RELEASE_XATTR = b"user.virtmount.release"
+LIST_TTL_S = 1.0
+
+
+@dataclass(eq=False)
+class PoolEntry:
+    """One active storage pool: its directory and the volumes looked up in it."""
+
+    name: str
+    uuid: str
+    directory: VirtualDir
+    volumes: dict[str, ServedSource] = field(default_factory=dict)  # volume name -> source
+
+
+class _Listed:
+    """Names listed by libvirt, kept for LIST_TTL_S."""
+
+    def __init__(self, fetch: Callable[[], Awaitable[list[str]]]) -> None:
+        self._fetch = fetch
+        self._names: list[str] = []
+        self._at = -LIST_TTL_S
+
+    async def names(self) -> list[str]:
+        if time.monotonic() - self._at > LIST_TTL_S:
+            self._names = await self._fetch()
+            self._at = time.monotonic()
+        return self._names
+
+
+class ConnectionTree:
+    """The whole tree of one libvirt connection."""
+
+    def __init__(
+        self,
+        conn: libvirt.virConnect,
+        make_appliance: Callable[[SourceRef], SourceAppliance],
+        nursery: trio.Nursery | None = None,
+        cached_entries: int = DEFAULT_CACHED_ENTRIES,
+        forget_kernel_entry: Callable[[int, bytes], None] | None = None,
+    ) -> None:
+        """``make_appliance`` makes the (not yet booted) appliance of a source; for the other
+        arguments see ``GuestView``."""
+        self._conn = conn
+        self._make_appliance = make_appliance
+        self._table = NodeTable()
+        self.guests = GuestView(self._table, nursery, cached_entries, forget_kernel_entry)
+        self._domains: dict[str, tuple[str, ServedSource]] = {}  # name -> (uuid, source)
+        self._pools: dict[str, PoolEntry] = {}
+        self._domain_names = _Listed(self._list_domain_names)
+        self._pool_names = _Listed(self._list_pool_names)
+        self._volume_names: dict[str, _Listed] = {}
+        self._handles: dict[int, FileHandle] = {}
+        self._next_handle = 1
+        self._started_ns = time.time_ns()
+        self.root = self._table.virtual_dir(children=self._root_children, child=self._root_child, inode=1)
+        self.domains_dir = self._table.virtual_dir(children=self._domain_dirs, child=self._domain_dir)
+        self.volumes_dir = self._table.virtual_dir(children=self._pool_dirs, child=self._pool_dir)
+
+    # --- node table ------------------------------------------------------------
+
+    def node(self, inode: int) -> Node:
+        return self._table.node(inode)
+
+    def count_lookup(self, node: Node) -> None:
+        self._table.count_lookup(node)
+
+    def forget(self, inode: int, count: int) -> None:
+        self._table.forget(inode, count)
+
+    def served_sources(self) -> Iterable[ServedSource]:
+        """Every source known to the mount (for idle shutdown and unmount)."""
+        sources = [source for _, source in self._domains.values()]
+        for pool in self._pools.values():
+            sources.extend(pool.volumes.values())
+        return sources
+
+    # --- root --------------------------------------------------------------------
+
+    async def _root_children(self) -> list[tuple[bytes, Node]]:
+        return [(b"domains", self.domains_dir), (b"volumes", self.volumes_dir)]
+
+    async def _root_child(self, name: bytes) -> Node:
+        for child_name, child in await self._root_children():
+            if child_name == name:
+                return child
+        raise FsError(errno.ENOENT)
+
+    async def _libvirt(self, what: str, call: Callable[[], T], gone: tuple[int, ...] = ()) -> T:
+        """A libvirt call in a thread; ENOENT for the error codes in ``gone``, EIO (logged) for others."""
+        try:
+            return await run_blocking(call)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() in gone:
+                raise FsError(errno.ENOENT) from None
+            log.error("cannot %s: %s", what, libvirt_message(exc))
+            raise FsError(errno.EIO) from None
+
+    # --- domains/ -------------------------------------------------------------------
+
+    async def _list_domain_names(self) -> list[str]:
+        """Names of the connection's domains, ours excluded."""
+        names = await self._libvirt("list domains", lambda: [d.name() for d in self._conn.listAllDomains(0)])
+        return sorted(n for n in names if not n.startswith(APPLIANCE_NAME_PREFIX))
+
+    async def _domain_dirs(self) -> list[tuple[bytes, Node]]:
+        async def directory(name: str) -> Node:
+            return (await self._domain_source(name)).directory
+        return await _directories(await self._domain_names.names(), directory)
+
+    async def _domain_dir(self, name: bytes) -> Node:
+        return (await self._domain_source(name.decode("utf-8", "surrogateescape"))).directory
+
+    async def _domain_source(self, name: str) -> ServedSource:
+        """The source of a domain that exists now, by its UUID; ENOENT otherwise."""
+        if name.startswith(APPLIANCE_NAME_PREFIX):
+            raise FsError(errno.ENOENT)
+        try:
+            ref = await domain_named(self._conn, name)
+        except SourceUnavailable as exc:
+            if exc.errno != errno.ENOENT:
+                log.error("%s", exc)
+            raise FsError(exc.errno) from None
+        known = self._domains.get(name)
+        if known is not None and known[0] == ref.uuid:
+            return known[1]
+        if known is not None:  # same name, new domain: start afresh
+            await known[1].appliance.release()
+        source = self._serve(ref, b"domain.xml", lambda: self._domain_xml(ref))
+        self._domains[name] = (ref.uuid, source)
+        return source
+
+    async def _domain_xml(self, ref: DomainRef) -> bytes:
+        def xml() -> str:
+            return str(self._conn.lookupByUUIDString(ref.uuid).XMLDesc(0))
+        return (await self._libvirt(f"read the XML of domain {ref.name}", xml, (libvirt.VIR_ERR_NO_DOMAIN,))).encode()
+
+    def _serve(self, ref: SourceRef, description: bytes, content: Callable[[], Awaitable[bytes]]) -> ServedSource:
+        return self.guests.serve(ref.name, ref.identity, self._make_appliance(ref),
+                                 (description, self._table.virtual_file(content)))
+
+    # --- volumes/ -------------------------------------------------------------------
+
+    async def _list_pool_names(self) -> list[str]:
+        names = await self._libvirt(
+            "list storage pools",
+            lambda: [p.name() for p in self._conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE)])
+        for gone in set(self._pools) - set(names):
+            await self._drop_pool(gone)
+        return sorted(names)
+
+    async def _pool_dirs(self) -> list[tuple[bytes, Node]]:
+        async def directory(name: str) -> Node:
+            return (await self._pool_entry(name)).directory
+        return await _directories(await self._pool_names.names(), directory)
+
+    async def _pool_dir(self, name: bytes) -> Node:
+        return (await self._pool_entry(name.decode("utf-8", "surrogateescape"))).directory
+
+    async def _pool_entry(self, name: str) -> PoolEntry:
+        """An active pool's entry; ENOENT (and its volumes' appliances released) if it is not active."""
+        def lookup() -> tuple[bool, str]:
+            pool = self._conn.storagePoolLookupByName(name)
+            return bool(pool.isActive()), pool.UUIDString()
+        try:
+            active, uuid = await self._libvirt(f"look up pool {name}", lookup, (libvirt.VIR_ERR_NO_STORAGE_POOL,))
+        except FsError as exc:
+            if exc.errno == errno.ENOENT:
+                await self._drop_pool(name)
+            raise
+        known = self._pools.get(name)
+        if not active or (known is not None and known.uuid != uuid):
+            await self._drop_pool(name)
+            if not active:
+                raise FsError(errno.ENOENT)
+            known = None
+        if known is None:
+            known = self._new_pool_entry(name, uuid)
+            self._pools[name] = known
+        return known
+
+    async def _drop_pool(self, name: str) -> None:
+        """A pool stopped or deleted: its volumes' appliances go (accesses below it then find it gone)."""
+        pool = self._pools.pop(name, None)
+        self._volume_names.pop(name, None)
+        if pool is not None:
+            log.info("pool %s is gone", name)
+            for source in pool.volumes.values():
+                await source.appliance.release()
+
+    def _new_pool_entry(self, name: str, uuid: str) -> PoolEntry:
+        async def list_volume_names() -> list[str]:
+            def volume_names() -> list[str]:
+                return [v.name() for v in self._conn.storagePoolLookupByName(name).listAllVolumes(0)]
+            names = await self._libvirt(f"list the volumes of pool {name}", volume_names,
+                                        (libvirt.VIR_ERR_NO_STORAGE_POOL, libvirt.VIR_ERR_OPERATION_INVALID))
+            for gone in set(entry.volumes) - set(names):
+                await entry.volumes.pop(gone).appliance.release()
+            return sorted(names)
+
+        async def volume_dirs() -> list[tuple[bytes, Node]]:
+            await self._pool_entry(name)  # ENOENT once stopped
+
+            async def directory(volume: str) -> Node:
+                return (await self._volume_source(entry, volume)).directory
+            return await _directories(await listed.names(), directory)
+
+        async def volume_dir(child: bytes) -> Node:
+            await self._pool_entry(name)
+            return (await self._volume_source(entry, child.decode("utf-8", "surrogateescape"))).directory
+
+        listed = self._volume_names[name] = _Listed(list_volume_names)
+        entry = PoolEntry(name, uuid, self._table.virtual_dir(children=volume_dirs, child=volume_dir))
+        return entry
+
+    async def _volume_source(self, pool: PoolEntry, volume: str) -> ServedSource:
+        """The source of a volume that exists now, by its key; ENOENT otherwise."""
+        def key() -> str:
+            return str(self._conn.storagePoolLookupByName(pool.name).storageVolLookupByName(volume).key())
+        vol_key = await self._libvirt(f"look up volume {pool.name}/{volume}", key,
+                                      (libvirt.VIR_ERR_NO_STORAGE_VOL, libvirt.VIR_ERR_NO_STORAGE_POOL))
+        known = pool.volumes.get(volume)
+        if known is not None and known.identity == VolumeRef(pool.name, volume, vol_key).identity:
+            return known
+        if known is not None:  # same name, new volume
+            await known.appliance.release()
+        ref = VolumeRef(pool.name, volume, vol_key)
+        source = self._serve(ref, b"volume.xml", lambda: self._volume_xml(ref))
+        pool.volumes[volume] = source
+        return source
+
+    async def _volume_xml(self, ref: VolumeRef) -> bytes:
+        def xml() -> str:
+            return str(self._conn.storageVolLookupByKey(ref.key).XMLDesc(0))
+        return (await self._libvirt(f"read the XML of volume {ref.name}", xml,
+                                    (libvirt.VIR_ERR_NO_STORAGE_VOL,))).encode()
+
+    # --- operations -------------------------------------------------------------
+
+    async def lookup(self, parent_inode: int, name: bytes) -> Node:
+        """Find ``name`` in a directory; counts one kernel reference on success."""
+        parent = self.node(parent_inode)
+        if name == b".":
+            child = parent
+        elif isinstance(parent, VirtualDir):
+            assert parent.child is not None
+            child = await parent.child(name)
+        elif isinstance(parent, GuestNode):
+            child = await self.guests.lookup(parent, name)
+        else:
+            raise FsError(errno.ENOTDIR)
+        self.count_lookup(child)
+        return child
+
+    async def getattr(self, inode: int) -> Attributes:
+        node = self.node(inode)
+        if isinstance(node, GuestNode):
+            await self.guests.boot_if_needed(node)
+        return await self.attributes(node)
+
+    async def attributes(self, node: Node) -> Attributes:
+        """A node's attributes as known now; a view root not booted yet shows as an empty directory."""
+        if isinstance(node, GuestNode):
+            if node.stat is None:
+                return self._virtual_attributes(node.inode, stat.S_IFDIR | 0o555)
+            return guest_attributes(node.inode, node.stat)
+        if isinstance(node, VirtualFile):
+            assert node.content is not None
+            size = len(await node.content())
+            return self._virtual_attributes(node.inode, stat.S_IFREG | 0o444, size)
+        return self._virtual_attributes(node.inode, stat.S_IFDIR | 0o555)
+
+    def _virtual_attributes(self, inode: int, mode: int, size: int = 0) -> Attributes:
+        return Attributes(
+            inode=inode, mode=mode, nlink=2 if stat.S_ISDIR(mode) else 1, uid=os.getuid(), gid=os.getgid(),
+            size=size, blocks=(size + 511) // 512,
+            atime_ns=self._started_ns, mtime_ns=self._started_ns, ctime_ns=self._started_ns,
+        )
+
+    async def list_directory(self, inode: int) -> list[tuple[bytes, Node]]:
+        """A directory's entries (without . and ..), in a stable order."""
+        node = self.node(inode)
+        if isinstance(node, VirtualDir):
+            assert node.children is not None
+            return await node.children()
+        if isinstance(node, GuestNode):
+            return await self.guests.list_directory(node)
+        raise FsError(errno.ENOTDIR)
+
+    async def readlink(self, inode: int) -> bytes:
+        node = self.node(inode)
+        if not isinstance(node, GuestNode):
+            raise FsError(errno.EINVAL)
+        return await self.guests.readlink(node)
+
+    async def open(self, inode: int, flags: int) -> int:
+        node = self.node(inode)
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_CREAT):
+            raise FsError(errno.EROFS)
+        if isinstance(node, VirtualFile):
+            assert node.content is not None
+            handle = FileHandle(node, data=await node.content())
+        elif isinstance(node, GuestNode):
+            handle = await self.guests.open(node)
+        else:
+            raise FsError(errno.EISDIR)
+        number = self._next_handle
+        self._next_handle += 1
+        self._handles[number] = handle
+        return number
+
+    async def read(self, handle_number: int, offset: int, size: int) -> bytes:
+        handle = self._handles.get(handle_number)
+        if handle is None:
+            raise FsError(errno.EBADF)
+        if handle.data is not None:
+            return handle.data[offset:offset + size]
+        assert handle.reader is not None
+        return await handle.reader.read(offset, size)
+
+    def release(self, handle_number: int) -> None:
+        handle = self._handles.pop(handle_number, None)
+        if handle is not None and isinstance(handle.node, GuestNode):
+            self.guests.release(handle.node)
+
+    async def listxattr(self, inode: int) -> list[bytes]:
+        node = self.node(inode)
+        if not isinstance(node, GuestNode):
+            return []
+        return list(await self.guests.xattrs(node))
+
+    async def getxattr(self, inode: int, name: bytes) -> bytes:
+        node = self.node(inode)
+        if not isinstance(node, GuestNode):
+            raise FsError(errno.ENODATA)
+        value = (await self.guests.xattrs(node)).get(name)
+        if value is None:
+            raise FsError(errno.ENODATA)
+        return value
+
+    async def setxattr(self, inode: int, name: bytes) -> None:
+        """Only the release control is writable: `setfattr -n user.virtmount.release domains/NAME`
+        (or volumes/POOL/VOLUME)."""
+        node = self.node(inode)
+        if name == RELEASE_XATTR:
+            for source in self.served_sources():
+                if source.directory is node:
+                    await source.appliance.release()
+                    return
+        raise FsError(errno.EROFS)
+
+    async def statfs(self, inode: int) -> tuple[int, int, int, int, int, int, int, int]:
+        """(bsize, frsize, blocks, bfree, bavail, files, ffree, namemax)."""
+        node = self.node(inode)
+        if isinstance(node, GuestNode):
+            sv = await self.guests.statvfs(node)
+            return (sv.bsize, sv.frsize, sv.blocks, sv.bfree, sv.bavail, sv.files, sv.ffree, sv.namemax)
+        return (4096, 4096, 0, 0, 0, 0, 0, 255)
+
+    def prefetch_summary(self) -> str:
+        return self.guests.prefetch_summary()
+
+
+async def _directories(names: list[str], directory: Callable[[str], Awaitable[Node]]) -> list[tuple[bytes, Node]]:
+    """The directories of the names libvirt listed, without those gone by the time they are looked up."""
+    entries: list[tuple[bytes, Node]] = []
+    for name in names:
+        try:
+            entries.append((name.encode(), await directory(name)))
+        except FsError:
+            continue
+    return entries

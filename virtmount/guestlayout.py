@@ -1,0 +1,194 @@
+"""What one appliance shows of its source's disks, and where it mounts them inside the appliance.
+
+Every guest filesystem is mounted read-only, twice: once in the guest OS's
+own layout under ``/fs`` (root first, then its fstab mountpoints; from the
+inspection cache when the disks still match) and once on its own under
+``/d/<name>`` for the devices/ views. Swap, LVM members, LUKS containers and
+unrecognised content are not filesystems and are not shown.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from .devicenames import COLD_BOOTED, DiskNaming
+from .guestfs.client import GuestfsClient
+from .guestfs.errors import GuestfsError
+from .inspection_cache import FstabFingerprint, RememberedLayout
+
+log = logging.getLogger(__name__)
+
+OS_VIEW = b"/fs"
+DEVICES_DIR = b"/d"
+_SKIPPED_FSTYPES = {"swap", "unknown", "luks", "crypto_LUKS", "LVM2_member"}
+
+
+def device_view_name(device: str) -> str:
+    """The name under devices/ of a guest device (in the guest's disk order): /dev/sda1 -> sda1, /dev/vg0/root -> vg0-root, btrfsvol:/dev/sda2/@ -> sda2-@."""
+    name = device.removeprefix("btrfsvol:")
+    name = name.removeprefix("/dev/mapper/").removeprefix("/dev/")
+    return name.replace("/", "-")
+
+
+@dataclass
+class GuestLayout:
+    """What one boot of a source's appliance shows: its views and where they are mounted inside it."""
+
+    client: GuestfsClient
+    has_os: bool
+    devices: dict[str, str] = field(default_factory=dict)  # view name -> guest device
+    fs_by_dev: dict[int, str] = field(default_factory=dict)  # appliance st_dev -> filesystem name
+    generation: int = 0
+    devices_mounted: bool = False  # ``devices`` is complete (see mount_devices)
+    remembered: RememberedLayout | None = None  # what the next boot may reuse; None: inspect again
+    naming: DiskNaming = COLD_BOOTED  # how this appliance names the guest's disks
+
+    def device_path(self, view_name: str) -> bytes:
+        return DEVICES_DIR + b"/" + view_name.encode()
+
+    def view_name(self, device: str) -> str:
+        """The devices/ name (and filesystem name) of a device as the appliance names it."""
+        return device_view_name(self.naming.to_guest(device))
+
+
+async def _mount_read_only(client: GuestfsClient, device: str, fstype: str | None, mountpoint: bytes) -> None:
+    """Mount ``device`` read-only; a dirty journal is not replayed (the disk is read-only).
+    ``fstype`` None: asked of the appliance only if the plain read-only mount fails."""
+    try:
+        await client.mount_ro(device, mountpoint)
+        return
+    except GuestfsError as first_error:
+        if fstype is None:
+            fstype = await client.vfs_type(device)
+        no_replay = {"ext3": "ro,noload", "ext4": "ro,noload", "xfs": "ro,norecovery"}.get(fstype)
+        if no_replay is None:
+            raise
+        log.info("mounting %s read-only failed (%s); retrying without journal replay", device, first_error.message)
+    await client.mount_options(no_replay, device, mountpoint)
+
+
+async def lay_out_os(
+    client: GuestfsClient,
+    guest_name: str,
+    generation: int,
+    remembered: RememberedLayout | None = None,
+    naming: DiskNaming = COLD_BOOTED,
+) -> GuestLayout:
+    """Mount the guest OS's filesystems in its own layout, from ``remembered`` if the disks still
+    match it, else after inspecting them.
+
+    The per-device views are mounted later, on first use (``mount_devices``):
+    listing every filesystem costs seconds that the first look at fs/ need not wait for.
+    """
+    if remembered is not None:
+        layout = await _lay_out_remembered(client, guest_name, generation, remembered, naming)
+        if layout is not None:
+            log.info("%s: disks unchanged since their last inspection; mounted as remembered", guest_name)
+            return layout
+        log.info("%s: the disks changed since the last inspection; inspecting again", guest_name)
+    roots = await client.inspect_os()
+    layout = GuestLayout(client=client, has_os=bool(roots), generation=generation, naming=naming)
+    if not roots:
+        return layout
+    if len(roots) > 1:
+        log.info("%s: several operating systems found; fs/ shows %s", guest_name, roots[0])
+    mountpoints = await client.inspect_get_mountpoints(roots[0])
+    await client.mkmountpoint(OS_VIEW)
+    if not await _mount_in_os_view(client, guest_name, layout, "/", mountpoints["/"]):
+        layout.has_os = False
+        return layout
+    await _mount_below_root(client, guest_name, layout, mountpoints)
+    fstab = await _fstab_fingerprint(client)
+    if fstab is not None:
+        in_guest_order = {mountpoint: naming.to_guest(device) for mountpoint, device in mountpoints.items()}
+        layout.remembered = RememberedLayout(mountpoints=in_guest_order, fstab=fstab)
+    return layout
+
+
+async def _lay_out_remembered(
+    client: GuestfsClient, guest_name: str, generation: int, remembered: RememberedLayout, naming: DiskNaming
+) -> GuestLayout | None:
+    """The OS view as ``remembered`` says, or None (nothing left mounted) if the root device does not
+    mount or its /etc/fstab is not the very file the inspection saw."""
+    mountpoints = {mountpoint: naming.to_appliance(device) for mountpoint, device in remembered.mountpoints.items()}
+    await client.mkmountpoint(OS_VIEW)
+    root_device = mountpoints["/"]
+    try:
+        await _mount_read_only(client, root_device, None, OS_VIEW)
+    except GuestfsError:
+        await client.rmmountpoint(OS_VIEW)
+        return None
+    if await _fstab_fingerprint(client) != remembered.fstab:
+        await client.umount(OS_VIEW)
+        await client.rmmountpoint(OS_VIEW)
+        return None
+    layout = GuestLayout(client=client, has_os=True, generation=generation, remembered=remembered, naming=naming)
+    layout.fs_by_dev[(await client.lstatns(OS_VIEW)).st_dev] = layout.view_name(root_device)
+    await _mount_below_root(client, guest_name, layout, mountpoints)
+    return layout
+
+
+async def _mount_below_root(
+    client: GuestfsClient, guest_name: str, layout: GuestLayout, mountpoints: dict[str, str]
+) -> None:
+    """The OS's mountpoints other than /, shortest first: /boot before /boot/efi."""
+    for mountpoint in sorted((m for m in mountpoints if m != "/"), key=lambda m: (m.count("/"), m)):
+        await _mount_in_os_view(client, guest_name, layout, mountpoint, mountpoints[mountpoint])
+
+
+async def _mount_in_os_view(
+    client: GuestfsClient, guest_name: str, layout: GuestLayout, mountpoint: str, device: str
+) -> bool:
+    """Mount ``device`` at the OS's ``mountpoint`` under the OS view; a failure is logged, not raised."""
+    target = OS_VIEW if mountpoint == "/" else OS_VIEW + mountpoint.encode("utf-8", "surrogateescape")
+    try:
+        await _mount_read_only(client, device, None, target)
+    except GuestfsError as exc:
+        log.warning("%s: cannot mount %s at %s: %s", guest_name, device, mountpoint, exc.message)
+        return False
+    layout.fs_by_dev.setdefault((await client.lstatns(target)).st_dev, layout.view_name(device))
+    return True
+
+
+async def _fstab_fingerprint(client: GuestfsClient) -> FstabFingerprint | None:
+    """The identity of the mounted OS's /etc/fstab, or None if it has none."""
+    try:
+        st = await client.lstatns(OS_VIEW + b"/etc/fstab")
+    except GuestfsError:
+        return None
+    return FstabFingerprint(
+        inode=st.st_ino,
+        size=st.st_size,
+        mtime_ns=st.st_mtime_sec * 1_000_000_000 + st.st_mtime_nsec,
+        ctime_ns=st.st_ctime_sec * 1_000_000_000 + st.st_ctime_nsec,
+    )
+
+
+async def mount_devices(layout: GuestLayout, guest_name: str) -> None:
+    """Mount every guest filesystem on its own, read-only, for the devices/ views."""
+    client = layout.client
+    found = await client.list_filesystems()
+    filesystems = {device: fstype for device, fstype in found.items() if fstype not in _SKIPPED_FSTYPES}
+    for device, fstype in sorted(found.items()):
+        if device not in filesystems:
+            log.info("%s: %s (%s) is not a mountable filesystem; not shown", guest_name, device, fstype)
+    if not filesystems:
+        log.warning("%s: no filesystem found on the disks (%s); devices/ is empty", guest_name,
+                    ", ".join(f"{device}: {fstype}" for device, fstype in sorted(found.items())) or "nothing readable")
+    await client.mkmountpoint(DEVICES_DIR)
+    for device, fstype in sorted(filesystems.items()):
+        view_name = layout.view_name(device)
+        path = layout.device_path(view_name)
+        await client.mkmountpoint(path)
+        try:
+            await _mount_read_only(client, device, fstype, path)
+        except GuestfsError as exc:
+            log.warning("%s: cannot mount %s (%s): %s", guest_name, device, fstype, exc.message)
+            continue
+        layout.devices[view_name] = device
+        # a filesystem the OS view mounted already keeps its name (inode numbers depend on it)
+        layout.fs_by_dev.setdefault((await client.lstatns(path)).st_dev, view_name)
+    layout.devices_mounted = True
+
+

@@ -1,0 +1,217 @@
+"""Per-source appliance life cycle in a mount: boot on first use, mount the views, idle shutdown.
+
+Each source (see sources/) gets at most one appliance. Concurrent first
+accesses wait for the same boot, which resolves the source (its disks now)
+and lays out its views (guestlayout.py). After an idle period (no access, no
+open files) the appliance is synced and destroyed; the next access boots it
+again. A failed boot is remembered for a short while so that a broken source
+does not cost a boot attempt per system call.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from collections.abc import Callable
+
+import libvirt
+import trio
+
+from .appliance import Appliance, ApplianceSettings, boot_appliance
+from .errors import VirtmountError
+from .guestfs.errors import GuestfsClientError
+from .guestlayout import GuestLayout, lay_out_os, mount_devices
+from .inspection_cache import InspectionCache
+from .sources import SourceRef, SourceUnavailable, attach_mode
+from .virt.provision import HostAppliance, provision
+from .watchdog import WatchdogSource
+
+log = logging.getLogger(__name__)
+
+FAILED_BOOT_RETRY_S = 30.0
+
+
+class GuestUnavailableError(Exception):
+    """Files of this source cannot be served now; ``errno`` says how the mount reports it."""
+
+    def __init__(self, message: str, errno_value: int = errno.EIO) -> None:
+        super().__init__(message)
+        self.errno = errno_value
+
+
+class SourceAppliance:
+    """The appliance of one source, booted on demand and shut down when idle."""
+
+    def __init__(
+        self,
+        conn: libvirt.virConnect,
+        source: SourceRef,
+        settings: ApplianceSettings,
+        host_appliance: "HostApplianceSource",
+        nursery: trio.Nursery,
+        inspection_cache: InspectionCache | None = None,
+        watchdogs: WatchdogSource | None = None,
+    ) -> None:
+        self.source = source
+        self.name = source.name
+        self._inspection_cache = inspection_cache
+        self._watchdogs = watchdogs  # None: appliances are never restored, always booted cold
+        self._conn = conn
+        self._settings = settings
+        self._host_appliance = host_appliance
+        self._nursery = nursery
+        self._appliance: Appliance | None = None
+        self._layout: GuestLayout | None = None
+        self._booting: trio.Event | None = None
+        self._failure: tuple[float, GuestUnavailableError] | None = None
+        self._last_used = time.monotonic()
+        self._open_handles = 0
+        self._generation = 0
+        self._boot_scope: trio.CancelScope | None = None
+        self._devices_lock = trio.Lock()
+        self._mounting_devices = False
+        # Called after a running appliance is discarded: the disks may change before the next boot,
+        # so what the kernel still caches of this source's files must go.
+        self.on_discard: Callable[[], None] | None = None
+
+    @property
+    def known_has_os(self) -> bool | None:
+        """Whether the guest has an OS, if a boot has told us; None before that."""
+        return None if self._layout is None else self._layout.has_os
+
+    @property
+    def running(self) -> bool:
+        return self._appliance is not None
+
+    @property
+    def running_layout(self) -> GuestLayout | None:
+        """The layout of the appliance running now, without booting one."""
+        if self._layout is not None and self._appliance is not None and not self._layout.client.closed:
+            return self._layout
+        return None
+
+    def touch(self) -> None:
+        self._last_used = time.monotonic()
+
+    def handle_opened(self) -> None:
+        self._open_handles += 1
+        self.touch()
+
+    def handle_closed(self) -> None:
+        self._open_handles -= 1
+        self.touch()
+
+    async def layout(self, *, with_devices: bool = False) -> GuestLayout:
+        """The running appliance's layout, booting it first if needed (shared by concurrent callers);
+        ``with_devices``: with every filesystem mounted for the devices/ views too."""
+        layout = await self._booted_layout()
+        if with_devices and not layout.devices_mounted:
+            async with self._devices_lock:
+                if not layout.devices_mounted:
+                    self._mounting_devices = True  # takes seconds: not idle meanwhile
+                    try:
+                        await mount_devices(layout, self.name)
+                    except GuestfsClientError as exc:
+                        log.error("%s: cannot list or mount the filesystems: %s", self.name, exc)
+                        raise GuestUnavailableError(f"cannot list or mount the filesystems: {exc}") from None
+                    finally:
+                        self._mounting_devices = False
+                        self.touch()
+        return layout
+
+    async def _booted_layout(self) -> GuestLayout:
+        self.touch()
+        while True:
+            if self._layout is not None and self._appliance is not None and not self._layout.client.closed:
+                return self._layout
+            if self._appliance is not None:  # the daemon connection broke: the appliance died
+                log.warning("%s: appliance connection lost; it will be booted again", self.name)
+                await self._discard_appliance()
+            if self._failure is not None:
+                failed_at, failure = self._failure
+                if time.monotonic() - failed_at < FAILED_BOOT_RETRY_S:
+                    raise failure
+                self._failure = None
+            if self._booting is None:
+                self._booting = trio.Event()
+                self._nursery.start_soon(self._boot, self._booting)
+            await self._booting.wait()
+
+    async def _boot(self, done: trio.Event) -> None:
+        try:
+            with trio.CancelScope() as self._boot_scope:
+                host = await self._host_appliance.get()
+                # the appliance's background tasks outlive this task: they run in the mount's nursery
+                watchdog = await self._watchdogs.get() if self._watchdogs is not None else None
+                source = await self.source.resolve(self._conn, attach_mode(self._settings.writable))
+                appliance = await boot_appliance(self._conn, source, host, self._settings, self._nursery, watchdog)
+                self._generation += 1
+                try:
+                    layout = await self._lay_out(appliance)
+                except BaseException as exc:
+                    await appliance.shutdown()
+                    if isinstance(exc, (GuestfsClientError, VirtmountError)):
+                        raise VirtmountError(f"appliance booted but the disks could not be mounted: {exc}") from None
+                    raise
+                self._appliance, self._layout = appliance, layout
+                self.touch()
+        except (VirtmountError, GuestfsClientError) as exc:
+            message = str(exc)
+            log.error("%s: %s", self.name, message)
+            errno_value = exc.errno if isinstance(exc, SourceUnavailable) else errno.EIO
+            self._failure = (time.monotonic(), GuestUnavailableError(message, errno_value))
+        finally:
+            self._boot_scope = None
+            self._booting = None
+            done.set()
+
+    async def _lay_out(self, appliance: Appliance) -> GuestLayout:
+        """The OS view, from the layout remembered for these disks when it still holds."""
+        cache, key = self._inspection_cache, appliance.disks_key
+        remembered = cache.load(key) if cache is not None else None
+        layout = await lay_out_os(appliance.client, self.name, self._generation, remembered, appliance.naming)
+        if cache is not None and layout.remembered != remembered:
+            if layout.remembered is None:
+                cache.forget(key)
+            else:
+                cache.store(key, layout.remembered)
+        return layout
+
+    def idle_for(self) -> float:
+        """Seconds since the last access, or 0 while files are open, a boot is under way or the
+        devices/ views are being mounted."""
+        if self._open_handles > 0 or self._booting is not None or self._mounting_devices:
+            return 0.0
+        return time.monotonic() - self._last_used
+
+    async def release(self) -> None:
+        """Sync and shut the appliance down now (idle time reached, release asked, or unmount)."""
+        if self._boot_scope is not None:
+            self._boot_scope.cancel()
+        await self._discard_appliance()
+        self._failure = None
+
+    async def _discard_appliance(self) -> None:
+        appliance, self._appliance, self._layout = self._appliance, None, None
+        if appliance is not None:
+            log.info("%s: shutting the appliance down", self.name)
+            await appliance.shutdown()
+            if self.on_discard is not None:
+                self.on_discard()
+
+
+class HostApplianceSource:
+    """The appliance files on the host, provisioned once, on the first boot of the mount."""
+
+    def __init__(self, conn: libvirt.virConnect, pool: str) -> None:
+        self._conn = conn
+        self._pool = pool
+        self._result: HostAppliance | None = None
+        self._lock = trio.Lock()
+
+    async def get(self) -> HostAppliance:
+        async with self._lock:
+            if self._result is None:
+                self._result = await provision(self._conn, self._pool)
+            return self._result

@@ -1,0 +1,76 @@
+"""Sources: what one appliance serves.
+
+A source is a set of disks exactly as libvirt describes them (``<disk>``
+elements), resolved once from a stable identity (a domain's UUID, a storage
+volume's key), with how the appliance attaches them. Releasing a source is
+the end of its appliance: the appliance domain is transient and
+auto-destroyed, and libvirt deletes the throw-away overlays with it.
+
+Each kind of source is one module: ``domain.py`` (a shut-off domain's disks),
+``volume.py`` (one storage volume). The mount knows a source by a
+``SourceRef`` (kind, identity and display name, cheap to make from a
+listing) and resolves it into a ``Source`` at each boot of its appliance.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import libvirt
+
+from ..errors import VirtmountError
+
+
+class Attach(enum.Enum):
+    """How the appliance holds a source's disks."""
+
+    # Read-only: file images behind a throw-away overlay (``<transient shareBacking='yes'/>``; XFS and
+    # ext4 write even when mounted read-only), block and network disks ``<readonly/>``.
+    READ_ONLY_OVERLAY = "read-only overlay"
+    READ_WRITE = "read-write"
+
+
+def attach_mode(writable: bool) -> Attach:
+    """The attach mode the ``rw`` setting asks for."""
+    return Attach.READ_WRITE if writable else Attach.READ_ONLY_OVERLAY
+
+
+@dataclass(frozen=True)
+class Source:
+    """The disks one appliance serves, as resolved for one boot."""
+
+    kind: str  # "domain", "volume"
+    identity: str  # stable across remounts: the domain's UUID, "volume:" + the volume's key
+    name: str  # for logs and the appliance's metadata, e.g. "web1" or "default/disk.qcow2"
+    disks: tuple[ET.Element, ...]
+    attach: Attach
+    seclabels: tuple[ET.Element, ...] = field(default=())
+
+
+class SourceUnavailable(VirtmountError):
+    """The source cannot be served now; ``errno`` says how the mount reports it (ENOENT: it is gone)."""
+
+    def __init__(self, message: str, errno_value: int = errno.EIO) -> None:
+        super().__init__(message)
+        self.errno = errno_value
+
+
+class SourceRef(Protocol):
+    """A source as the mount knows it before any boot."""
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def identity(self) -> str: ...
+
+    @property
+    def name(self) -> str: ...
+
+    async def resolve(self, conn: libvirt.virConnect, attach: Attach) -> Source:
+        """The source's disks now; SourceUnavailable if it cannot be served."""
+        ...

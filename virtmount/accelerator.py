@@ -135,6 +135,14 @@ class VerdictStore:
             log.warning("cannot remember the accelerator verdict in %s: %s", path, exc)
 
 
+_told: set[str] = set()  # host identities whose remembered verdict this process has logged
+_REASON_SHOWN = 200
+
+
+def _shortened(reason: str) -> str:
+    return reason if len(reason) <= _REASON_SHOWN else reason[:_REASON_SHOWN - 1] + "…"
+
+
 def _host_has_kvm(conn: libvirt.virConnect) -> bool:
     try:
         conn.getDomainCapabilities(None, "x86_64", None, KVM, 0)
@@ -163,8 +171,10 @@ class AcceleratorPlan:
             self.domain_types = [TCG]
         elif self.remembered is not None and self.remembered.domain_type == TCG:
             self.domain_types = [TCG]
-            log.info("using TCG on %s: KVM did not start appliances there (%s; remembered in %s)",
-                     host.hostname, self.remembered.kvm_failure, verdicts.directory)
+            if host.key() not in _told:
+                _told.add(host.key())
+                log.info("using TCG on %s: KVM did not start appliances there (%s; remembered in %s)",
+                         host.hostname, _shortened(self.remembered.kvm_failure), verdicts.directory)
         else:
             self.domain_types = [KVM, TCG]
 
@@ -181,7 +191,8 @@ class AcceleratorPlan:
         if not self._auto:
             return
         if domain_type == TCG and self._kvm_failure:
-            log.warning("KVM does not start appliances on %s (%s); using TCG", self.host.hostname, self._kvm_failure)
+            log.warning("KVM does not start appliances on %s (%s); using TCG",
+                        self.host.hostname, _shortened(self._kvm_failure))
             self._verdicts.store(self.host, Verdict(TCG, self._kvm_failure))
             self._kvm_failure = ""
         elif domain_type == KVM and (self.remembered is None or self.remembered.domain_type != KVM):

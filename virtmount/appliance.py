@@ -84,6 +84,7 @@ class Appliance:
         self.client = client
         self.console = console
         self.boot_seconds = 0.0
+        self.accelerator = ""  # the libvirt domain type it runs under (accelerator.KVM or TCG)
         self.disks_key = ""  # identifies the guest's disk set (inspection_cache.disks_identity)
         self.naming = COLD_BOOTED  # how its daemon names the guest's disks (devicenames.py)
         self.watchdog: Watchdog | None = None  # ends it if virtmount dies (restored appliances only)
@@ -213,6 +214,7 @@ async def _fast_boot(
             xml = restore_xml(saved_xml, saved.path(host, saved.root_volume), saved.path(host, saved.run_volume),
                               definition.name, str(os.getpid()))
             watchdog.watch(saved.name)
+            log.info("appliance for %s: restoring the saved appliance %s", definition.name, saved.name)
             await run_blocking(conn.restoreFlags, saved.state_path(host), xml, libvirt.VIR_DOMAIN_SAVE_PAUSED)
             domain = await run_blocking(conn.lookupByName, saved.name)
         except libvirt.libvirtError as exc:
@@ -233,6 +235,8 @@ async def _fast_boot(
     plan.worked(domain_type)
     appliance.naming = RESTORED
     appliance.watchdog = watchdog
+    appliance.accelerator = domain_type
+    log.info("%s: plugging %d disk(s) in", what, len(definition.disks))
     try:
         await _plug_in_guest_disks(appliance, definition, settings)
     except (libvirt.libvirtError, GuestfsClientError, FastStartUnavailable) as exc:
@@ -409,6 +413,7 @@ async def _boot_once(
     if not uses_embedded_driver(conn):
         flags |= libvirt.VIR_DOMAIN_START_AUTODESTROY
     started = time.monotonic()
+    log.info("%s: starting %s", what, spec.name)
     try:
         domain = await run_blocking(conn.createXML, build_appliance_xml(spec), flags)
     except libvirt.libvirtError as exc:
@@ -416,6 +421,7 @@ async def _boot_once(
     appliance = await _attach_and_resume(conn, domain, spec.guest.name, what, settings, nursery, restored=False,
                                          first_output_window=first_output_window)
     appliance.boot_seconds = time.monotonic() - started
+    appliance.accelerator = spec.domain_type
     log.info("%s booted in %.1f s as %s", what, appliance.boot_seconds, spec.name)
     return appliance
 
@@ -451,10 +457,12 @@ async def _attach_and_resume(
             await client.ping_daemon(timeout=min(settings.boot_timeout, _RESTORED_ANSWER_TIMEOUT_S))
         else:
             if first_output_window is not None:
+                log.info("%s: waiting up to %.0f s for its first console output", what, first_output_window)
                 with trio.move_on_after(first_output_window):
                     await console.first_output.wait()
                 if not console.first_output.is_set():
                     raise _SilentConsole(first_output_window)
+            log.info("%s: waiting up to %.0f s for its daemon", what, settings.boot_timeout)
             await client.wait_for_launch(settings.boot_timeout)
     except (libvirt.libvirtError, GuestfsClientError, _SilentConsole) as exc:
         if isinstance(exc, _SilentConsole):

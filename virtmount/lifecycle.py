@@ -145,6 +145,7 @@ class SourceAppliance:
                 # the appliance's background tasks outlive this task: they run in the mount's nursery
                 watchdog = await self._watchdogs.get() if self._watchdogs is not None else None
                 source = await self.source.resolve(self._conn, attach_mode(self._settings.writable))
+                log.info("%s: booting an appliance", self.name)
                 appliance = await boot_appliance(self._conn, source, host, self._settings, self._nursery, watchdog)
                 self._generation += 1
                 try:
@@ -155,6 +156,7 @@ class SourceAppliance:
                         raise VirtmountError(f"appliance booted but the disks could not be mounted: {exc}") from None
                     raise
                 self._appliance, self._layout = appliance, layout
+                log.info("%s: ready (%s)", self.name, "the guest's OS in fs/" if layout.has_os else "no OS found")
                 self.touch()
         except (VirtmountError, GuestfsClientError) as exc:
             message = str(exc)

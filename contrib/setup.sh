@@ -30,8 +30,8 @@ PACKAGES=(
     lvm2 xfsprogs e2fsprogs rsync acl attr procps
     # `man virtmount`
     man-db
-    # tests: qemu+ssh:// to this host through an sshd of their own on loopback
-    openssh-server
+    # tests: qemu+ssh:// to this host through an sshd of their own on loopback; `gio` probes
+    openssh-server libglib2.0-bin
 )
 
 missing=()

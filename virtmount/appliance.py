@@ -83,6 +83,7 @@ class Appliance:
         self.domain = domain
         self.client = client
         self.console = console
+        self.domain_name = str(domain.name())
         self.boot_seconds = 0.0
         self.accelerator = ""  # the libvirt domain type it runs under (accelerator.KVM or TCG)
         self.disks_key = ""  # identifies the guest's disk set (inspection_cache.disks_identity)

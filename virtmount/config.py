@@ -31,6 +31,7 @@ class Config:
     allow_other: bool = False
     debug: bool = False
     kernel_flags: tuple[str, ...] = ()  # standard mount options handed to the kernel (ro, noexec, …)
+    given: tuple[str, ...] = field(default=(), compare=False)  # every option as given, for `virtmount status`
 
 
 def _positive_number(name: str, text: str, *, integer: bool = False) -> float:
@@ -170,6 +171,7 @@ def parse_options(option_strings: list[str], config: Config | None = None) -> Co
         for item in option_string.split(","):
             if not item:
                 continue
+            config = replace(config, given=(*config.given, item))
             if (standard := _standard_option(config, item)) is not None:
                 config = standard
                 continue

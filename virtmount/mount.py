@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from typing import Callable
 
 import libvirt
@@ -25,6 +26,7 @@ from .fs.operations import Operations
 from .lifecycle import HostApplianceSource, SourceAppliance
 from .sources import SourceRef
 from .inspection_cache import InspectionCache
+from .status import MountStatus
 from .watchdog import WatchdogSource
 from .virt.connection import close_connection, libvirt_message, open_connection, run_blocking, uses_embedded_driver
 from .virt.domainxml import APPLIANCE_NAME_PREFIX
@@ -69,7 +71,7 @@ async def _shut_down_idle_appliances(tree: ConnectionTree, idle_seconds: float) 
         for source in tree.served_sources():
             if source.appliance.running and source.appliance.idle_for() >= idle_seconds:
                 log.info("%s: idle for %.0f s", source.name, idle_seconds)
-                await source.appliance.release()
+                await source.appliance.release("idle")
 
 
 def _mountinfo_path(path: str) -> str:
@@ -139,7 +141,18 @@ async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[]
                 if serving:  # the kernel connection exists only between init and close
                     pyfuse3.invalidate_entry_async(parent_inode, name, ignore_enoent=True)
 
-            tree = ConnectionTree(conn, make_appliance, nursery, config.cached_entries, forget_kernel_entry)
+            started_at, started = time.time(), time.monotonic()
+            host = await run_blocking(conn.getHostname)
+
+            async def status_report() -> bytes:
+                return MountStatus(
+                    uri=uri, host=host, mountpoint=mountpoint, options=list(config.given), pid=os.getpid(),
+                    started_at=started_at, uptime_seconds=round(time.monotonic() - started, 1),
+                    cached_entries=tree.guests.cached_entries, sources=tree.source_statuses(config.idle_seconds),
+                ).to_json().encode()
+
+            tree = ConnectionTree(conn, make_appliance, nursery, config.cached_entries, forget_kernel_entry,
+                                  status_report)
             try:
                 pyfuse3.init(Operations(tree), mountpoint, _fuse_options(uri, config))
             except RuntimeError as exc:
@@ -157,7 +170,7 @@ async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[]
                 with trio.CancelScope(shield=True):
                     async with trio.open_nursery() as shutdowns:
                         for source in tree.served_sources():
-                            shutdowns.start_soon(source.appliance.release)
+                            shutdowns.start_soon(source.appliance.release, "unmount")
                     if watchdogs is not None:
                         watchdogs.close()
                     pyfuse3.close(unmount=is_mounted_here(mountpoint))

@@ -21,8 +21,10 @@ from typing import Iterator
 
 import pytest
 
-from tests.acceptance.helpers import VIRTMOUNT, assert_one_line_error, run_virtmount
+from tests import images
+from tests.acceptance.helpers import VIRTMOUNT, appliances_of, assert_one_line_error, run_virtmount
 from virtmount.config import option_names
+from virtmount.status import CONTROL_NAME, MountStatus
 
 pytestmark = pytest.mark.acceptance
 
@@ -260,3 +262,83 @@ def test_ssh_refusals_never_prompt_and_say_what_to_configure(
     for fragment in fragments:
         assert fragment in lines[0]
     assert mount_info(mountpoint) is None
+
+
+# --- a status you can read ---------------------------------------------------------------------
+
+def status_of(mountpoint: Path) -> MountStatus:
+    result = run_virtmount("status", "--json", str(mountpoint))
+    assert result.returncode == 0, result.stderr
+    return MountStatus.from_json(result.stdout)
+
+
+def test_status_during_and_after_a_boot_and_after_a_release(
+    nos_guest: images.Guest, mountpoint: Path
+) -> None:
+    result = run_virtmount("-o", "ro,idle=600", nos_guest.uri, str(mountpoint))
+    assert result.returncode == 0, result.stderr
+    path = f"domains/{nos_guest.name}"
+    status = status_of(mountpoint)
+    assert (status.uri, status.mountpoint, status.options) == (nos_guest.uri, str(mountpoint), ["ro", "idle=600"])
+    assert status.pid == int(virtmount_processes(mountpoint)[0]) and status.uptime_seconds >= 0
+    assert CONTROL_NAME not in os.listdir(mountpoint)  # looked up, never listed
+
+    hello = mountpoint / "domains" / nos_guest.name / "devices" / "sda" / "hello.txt"
+    reader = subprocess.Popen(["cat", str(hello)], stdout=subprocess.PIPE)
+    states = set()
+    deadline = time.monotonic() + 300
+    while reader.poll() is None and time.monotonic() < deadline:
+        for source in status_of(mountpoint).sources:
+            if source.path == path:
+                states.add(source.state)
+                if source.state == "booting":
+                    assert source.detail.startswith("for ")
+        time.sleep(0.2)
+    assert reader.communicate()[0] == nos_guest.files["/hello.txt"]
+    assert "booting" in states, states
+
+    [source] = [s for s in status_of(mountpoint).sources if s.path == path]
+    assert source.state in ("ready", "idle"), source
+    assert source.accelerator in ("KVM", "TCG") and source.boot_seconds and source.boot_seconds > 0
+    assert source.appliance in appliances_of(status.pid)
+    assert source.calls_done > 0 and source.bytes_read >= len(nos_guest.files["/hello.txt"])
+    assert source.calls_in_flight == 0 and source.open_files == 0
+    assert [(d.source, d.attach) for d in source.disks] == [(str(nos_guest.image), "read-only overlay")]
+    table = run_virtmount("status", str(mountpoint))
+    assert table.returncode == 0, table.stderr
+    assert path in table.stdout and "shut down in" in table.stdout and str(nos_guest.image) in table.stdout
+
+    assert run_virtmount("release", str(mountpoint), nos_guest.name).returncode == 0
+    [source] = [s for s in status_of(mountpoint).sources if s.path == path]
+    assert source.state == "off" and source.last_shutdown.startswith("released at"), source
+    assert appliances_of(status.pid) == []
+
+
+def test_status_of_something_else_is_a_one_line_error(tmp_path: Path) -> None:
+    assert_one_line_error(run_virtmount("status", str(tmp_path)), "is not a virtmount mount point")
+
+
+# --- file browsers ---------------------------------------------------------------------------
+
+def test_file_browser_probes_boot_no_appliance(nos_guest: images.Guest, test_guest: images.Guest,
+                                               mountpoint: Path) -> None:
+    """gio (GNOME's file access) on domains/ and on a domain's directory: the listing with every
+    attribute (stat of fs/ and devices/ included), .hidden, trash and autorun probes."""
+    result = run_virtmount("-o", "ro,idle=600", nos_guest.uri, str(mountpoint))
+    assert result.returncode == 0, result.stderr
+    [pid] = virtmount_processes(mountpoint)
+    domains = mountpoint / "domains"
+    for args in (["list", "-a", "*", str(mountpoint)], ["list", "-a", "*", str(domains)],
+                 ["info", str(domains / test_guest.name)],
+                 ["list", "-h", "-a", "*", str(domains / test_guest.name)],
+                 ["list", "-a", "*", str(domains / nos_guest.name)],
+                 ["info", str(domains / test_guest.name / "fs")],
+                 ["info", "-f", str(mountpoint)]):
+        probe = subprocess.run(["gio", *args], capture_output=True, text=True, timeout=60)
+        assert probe.returncode == 0, (args, probe.stderr)
+    listing = subprocess.run(["gio", "list", str(domains / test_guest.name)], capture_output=True, text=True)
+    assert sorted(listing.stdout.split()) == ["devices", "domain.xml", "fs"]
+    for probe_name in (".hidden", ".Trash", ".Trash-0", "autorun.inf", ".xdg-volume-info", ".directory"):
+        for directory in (mountpoint, domains, domains / test_guest.name):
+            assert not (directory / probe_name).exists(), directory / probe_name
+    assert appliances_of(int(pid)) == [], "a file browser's look booted an appliance"

@@ -13,6 +13,7 @@ import select
 import signal
 import socket
 import subprocess
+import tempfile
 import termios
 import time
 from dataclasses import dataclass
@@ -116,6 +117,21 @@ def test_mount_errors_are_one_line_and_leave_nothing(
     assert_one_line_error(result, fragment)
     assert mount_info(mountpoint) is None
     assert virtmount_processes(mountpoint) == []
+
+
+def test_mount_by_a_user_who_may_not_is_a_one_line_error(libvirtd: str) -> None:
+    """mount(8) lets the user try (mount.fuse3 runs virtmount as that user); libvirt refuses them."""
+    mountpoint = Path(tempfile.mkdtemp(prefix="virtmount-user-"))  # /tmp/pytest-of-root is root's only
+    try:
+        os.chmod(mountpoint, 0o777)
+        result = subprocess.run(["runuser", "-u", "nobody", "--", "mount", "-t", "fuse.virtmount", "-o", "ro",
+                                 libvirtd, str(mountpoint)], capture_output=True, text=True, timeout=120,
+                                stdin=subprocess.DEVNULL)
+        assert_one_line_error(result, f"cannot connect to {libvirtd}")
+        assert mount_info(mountpoint) is None
+        assert virtmount_processes(mountpoint) == []
+    finally:
+        mountpoint.rmdir()
 
 
 def test_a_foreground_service_tells_systemd_when_it_is_mounted(

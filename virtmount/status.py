@@ -79,7 +79,7 @@ def _duration(seconds: float) -> str:
     seconds = int(seconds)
     if seconds < 120:
         return f"{seconds} s"
-    if seconds < 7200:
+    if seconds < 3600:
         return f"{seconds // 60} min"
     return f"{seconds // 3600} h {seconds % 3600 // 60} min"
 
@@ -122,9 +122,10 @@ def format_table(status: MountStatus) -> str:
         lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     for source in status.sources:
         if source.disks or source.last_shutdown:
+            parts = ([f"appliance {source.appliance}"] if source.appliance else []) + \
+                ([f"last shut down {source.last_shutdown}"] if source.last_shutdown else [])
             lines.append("")
-            lines.append(f"{source.path}:" + (f" appliance {source.appliance}" if source.appliance else "")
-                         + (f"; last shut down {source.last_shutdown}" if source.last_shutdown else ""))
+            lines.append(f"{source.path}: {'; '.join(parts)}")
             for disk in source.disks:
                 lines.append(f"  {disk.source} ({disk.format}, {disk.attach})")
     lines.append("")

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 import urllib.parse
 from dataclasses import asdict, dataclass, field
@@ -139,7 +140,13 @@ _told: set[str] = set()  # host identities whose remembered verdict this process
 _REASON_SHOWN = 200
 
 
+_QEMU_ERROR = re.compile(r"qemu-system-\w+: error: (.+?)(?= qemu-system-\w+:|$)")
+
+
 def _shortened(reason: str) -> str:
+    """Why KVM failed, in a few words: QEMU's own error when libvirt passes its log on."""
+    if match := _QEMU_ERROR.search(reason):
+        return f"QEMU: {match.group(1).strip()}"
     return reason if len(reason) <= _REASON_SHOWN else reason[:_REASON_SHOWN - 1] + "…"
 
 

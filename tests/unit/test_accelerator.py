@@ -118,3 +118,12 @@ def test_an_unwritable_store_costs_a_warning_only(tmp_path: Path, caplog: pytest
 ])
 def test_local_uris(uri: str, local: bool) -> None:
     assert is_local_uri(uri) is local
+
+
+def test_qemu_s_own_error_names_why_kvm_failed(store: VerdictStore, caplog: pytest.LogCaptureFixture) -> None:
+    plan = AcceleratorPlan(HOST, "auto", True, store)
+    plan.failed(KVM, "internal error: qemu unexpectedly closed the monitor: 2026-12-02T04:19:47.967729Z "
+                     "qemu-system-x86_64: error: failed to set MSR 0x10a to 0x69 qemu-system-x86_64: "
+                     "../../target/i386/kvm/kvm.c:3183: kvm_buf_set_msrs: Assertion `ret == n' failed.")
+    plan.worked(TCG)
+    assert "KVM does not start appliances on vm (QEMU: failed to set MSR 0x10a to 0x69); using TCG" in caplog.text

@@ -94,7 +94,13 @@ contrib/start-libvirtd.sh
 # The first launch of a guestfs handle builds the appliance (supermin) into
 # /var/tmp/.guestfs-0/appliance.d; do it now so tests start fast.  KVM is
 # broken on these machines, hence force_tcg.
+# supermin makes the appliance from the host's packages: packages installed just now (filesystem
+# tools, say) are in it only once it is made again.
 APPLIANCE=/var/tmp/.guestfs-$(id -u)/appliance.d
+if ((${#missing[@]})) && [[ -d $APPLIANCE ]]; then
+    step "packages changed: the libguestfs appliance will be made again"
+    rm -rf "$APPLIANCE"
+fi
 if [[ ! -s $APPLIANCE/kernel || ! -s $APPLIANCE/initrd || ! -s $APPLIANCE/root ]]; then
     step "building the libguestfs appliance (a few minutes)"
     log=$(mktemp /tmp/virtmount-test-tool.XXXXXX.log)

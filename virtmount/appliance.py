@@ -271,6 +271,7 @@ async def _saved_appliance(
         try:
             await _save_appliance(conn, saved, host, settings, domain_type, plan, nursery)
         except FastStartUnavailable as exc:
+            log.info("%s", exc)
             failure = exc
             continue
         if (saved_xml := await _saved_domain_xml(conn, saved.state_path(host))) is not None:

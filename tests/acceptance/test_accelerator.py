@@ -126,8 +126,11 @@ def test_fast_start_never_saves_an_appliance_under_a_silent_kvm(
             assert (device / path.lstrip("/")).read_bytes() == content
     finally:
         unmount(mountpoint)
+    # on a quiet host KVM is tried for the saved appliance; when another process holds the pool's
+    # saved appliance the boot is cold, and KVM is tried there: either way once, within the window
     [tried] = silent.kvm_boots()[kvm_boots_before:]
-    assert tried.startswith(f"guest={APPLIANCE_NAME_PREFIX}saved-"), tried  # it tried to make a KVM one
     assert silent_seconds(tried) <= KVM_FIRST_OUTPUT_WINDOW_S + WINDOW_SLACK_S
     saved = saved_appliances_of(nos_guest.uri, silent.emulator)
-    assert set(saved.values()) == {"qemu"}, saved
+    assert "kvm" not in saved.values(), saved
+    if tried.startswith(f"guest={APPLIANCE_NAME_PREFIX}saved-"):
+        assert "qemu" in saved.values(), saved  # made with TCG instead

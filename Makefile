@@ -7,13 +7,14 @@ PYTHON := .venv/bin/python
 setup:
 	contrib/setup.sh
 
-# Unit and acceptance tests (acceptance tests build cached test images the
-# first time, which takes a few minutes).
-test: setup
+# Type checks (the package, and the tests whose fakes must match the classes they stand for),
+# then unit and acceptance tests (acceptance tests build cached test images the first time,
+# which takes a few minutes).
+test: setup check
 	$(PYTHON) -m pytest -v tests
 
 check: setup
-	$(PYTHON) -m mypy virtmount
+	$(PYTHON) -m mypy virtmount tests contrib
 
 # Build and define the demo guest, inspect it, mount qemu:///system and show the guest's files.
 DEMO_MNT := /mnt/virtmount-demo
@@ -21,7 +22,7 @@ demo: setup
 	$(PYTHON) contrib/make-demo-guest.py
 	.venv/bin/virtmount inspect qemu:///system virtmount-demo
 	mkdir -p $(DEMO_MNT)
-	-fusermount3 -u $(DEMO_MNT) 2>/dev/null
+	if mountpoint -q $(DEMO_MNT); then fusermount3 -u $(DEMO_MNT); fi
 	.venv/bin/virtmount qemu:///system $(DEMO_MNT)
 	ls -l $(DEMO_MNT)/domains/virtmount-demo/fs/ $(DEMO_MNT)/domains/virtmount-demo/devices/
 	cat $(DEMO_MNT)/domains/virtmount-demo/fs/etc/os-release

@@ -3,8 +3,10 @@
 #   1. Debian packages (only the missing ones; apt-get update only then),
 #   2. .venv (system site packages, for the `guestfs` module) with
 #      `pip install -e '.[test]'` when pyproject.toml changed,
-#   3. virtlogd + libvirtd running,
-#   4. the libguestfs appliance built once into /var/tmp/.guestfs-0.
+#   3. virtmount on PATH (/usr/local/bin, where mount.fuse3 finds it for
+#      `mount -t fuse.virtmount` and fstab) and its man page,
+#   4. virtlogd + libvirtd running,
+#   5. the libguestfs appliance built once into /var/tmp/.guestfs-0.
 # Idempotent: a second run only checks, in a few seconds.
 set -euo pipefail
 
@@ -26,6 +28,10 @@ PACKAGES=(
     fuse3 libfuse3-dev pkg-config
     python3-venv python3-dev gcc
     lvm2 xfsprogs e2fsprogs rsync acl attr procps
+    # `man virtmount`
+    man-db
+    # tests: qemu+ssh:// to this host through an sshd of their own on loopback; `gio` probes
+    openssh-server libglib2.0-bin
     # What the appliance needs for btrfs, vfat, ntfs and LUKS (libguestfs0 depends on them; named
     # here because the volume tests build and read such filesystems).
     btrfs-progs dosfstools ntfs-3g cryptsetup-bin
@@ -71,6 +77,19 @@ if [[ ! -e $STAMP || pyproject.toml -nt $STAMP ]] || ! check_imports; then
     touch "$STAMP"
 fi
 
+# ---------------------------------------------------------------- command and man page
+# A link to the venv's entry point: mount(8) runs helpers with a PATH of its own that includes
+# /usr/local/bin, and mount.fuse3 runs `virtmount SOURCE DIR -o OPTS` found there.
+if [[ $(readlink /usr/local/bin/virtmount 2>/dev/null) != "$VENV/bin/virtmount" ]]; then
+    step "linking /usr/local/bin/virtmount"
+    ln -sfn "$VENV/bin/virtmount" /usr/local/bin/virtmount
+fi
+MAN_PAGE=/usr/local/share/man/man1/virtmount.1
+if ! cmp -s docs/virtmount.1 "$MAN_PAGE"; then
+    step "installing $MAN_PAGE"
+    install -D -m 0644 docs/virtmount.1 "$MAN_PAGE"
+fi
+
 # ---------------------------------------------------------------- services
 contrib/start-libvirtd.sh
 
@@ -78,7 +97,13 @@ contrib/start-libvirtd.sh
 # The first launch of a guestfs handle builds the appliance (supermin) into
 # /var/tmp/.guestfs-0/appliance.d; do it now so tests start fast.  KVM is
 # broken on these machines, hence force_tcg.
+# supermin makes the appliance from the host's packages: packages installed just now (filesystem
+# tools, say) are in it only once it is made again.
 APPLIANCE=/var/tmp/.guestfs-$(id -u)/appliance.d
+if ((${#missing[@]})) && [[ -d $APPLIANCE ]]; then
+    step "packages changed: the libguestfs appliance will be made again"
+    rm -rf "$APPLIANCE"
+fi
 if [[ ! -s $APPLIANCE/kernel || ! -s $APPLIANCE/initrd || ! -s $APPLIANCE/root ]]; then
     step "building the libguestfs appliance (a few minutes)"
     log=$(mktemp /tmp/virtmount-test-tool.XXXXXX.log)

@@ -13,12 +13,12 @@ import os
 import secrets
 import time
 from dataclasses import dataclass, replace
-from typing import Literal
 from xml.etree import ElementTree as ET
 
 import libvirt
 import trio
 
+from .accelerator import KVM, TCG, Accelerator, AcceleratorPlan, plan_accelerators
 from .devicenames import COLD_BOOTED, RESTORED
 from .errors import VirtmountError
 from .guestfs.client import GuestfsClient
@@ -42,9 +42,6 @@ from .watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
-Accelerator = Literal["auto", "kvm", "tcg"]
-ACCELERATORS: tuple[Accelerator, ...] = ("auto", "kvm", "tcg")
-
 _SHUTDOWN_SYNC_TIMEOUT_S = 60.0
 
 
@@ -61,33 +58,17 @@ class ApplianceSettings:
     writable: bool = False
     verbose: bool = False
     extra_kernel_args: str = ""
+    emulator: str = ""  # the QEMU binary on the host; "" for libvirt's choice
     fast_start: bool = True  # restore a saved appliance and plug the disks in (faststart.py)
 
 
 class BootFailed(VirtmountError):
-    """The appliance domain could not be created or its daemon never answered."""
+    """The appliance domain could not be created or its daemon never answered; ``reason`` says why
+    in a few words (the message also says which appliance and what its console showed)."""
 
-
-# Per connection URI: the accelerator that worked, so "auto" probes KVM once per process.
-_accelerator_that_worked: dict[str, str] = {}
-
-
-def _domain_types_to_try(conn_uri: str, accelerator: Accelerator, host_has_kvm: bool) -> list[str]:
-    if accelerator == "kvm":
-        return ["kvm"]
-    if accelerator == "tcg":
-        return ["qemu"]
-    if conn_uri in _accelerator_that_worked:
-        return [_accelerator_that_worked[conn_uri]]
-    return ["kvm", "qemu"] if host_has_kvm else ["qemu"]
-
-
-def _host_has_kvm(conn: libvirt.virConnect) -> bool:
-    try:
-        conn.getDomainCapabilities(None, "x86_64", None, "kvm", 0)
-    except libvirt.libvirtError:
-        return False
-    return True
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message
 
 
 def _appliance_name(guest_name: str) -> str:
@@ -102,7 +83,9 @@ class Appliance:
         self.domain = domain
         self.client = client
         self.console = console
+        self.domain_name = str(domain.name())
         self.boot_seconds = 0.0
+        self.accelerator = ""  # the libvirt domain type it runs under (accelerator.KVM or TCG)
         self.disks_key = ""  # identifies the guest's disk set (inspection_cache.disks_identity)
         self.naming = COLD_BOOTED  # how its daemon names the guest's disks (devicenames.py)
         self.watchdog: Watchdog | None = None  # ends it if virtmount dies (restored appliances only)
@@ -144,6 +127,7 @@ def _spec(name: str, guest: GuestDefinition, host: HostAppliance, settings: Appl
         writable=settings.writable,
         verbose=settings.verbose,
         extra_kernel_args=settings.extra_kernel_args,
+        emulator=settings.emulator,
         owner=str(os.getpid()),
         root_overlay=root_overlay,
     )
@@ -169,30 +153,33 @@ async def boot_appliance(
     settings = replace(settings, writable=source.attach is Attach.READ_WRITE)  # the source says how
     uri = await run_blocking(conn.getURI)
     disks_key = disks_identity(uri, source.identity, [ET.tostring(disk, encoding="unicode") for disk in source.disks])
-    domain_types = _domain_types_to_try(uri, settings.accelerator, await run_blocking(_host_has_kvm, conn))
+    plan = await plan_accelerators(conn, settings.accelerator, settings.emulator)
     # A guest's own security labels apply to the whole appliance domain, which a restore cannot change.
     if watchdog is not None and not definition.seclabels:
         try:
-            appliance = await _fast_boot(conn, definition, host_appliance, settings, domain_types, nursery, watchdog)
+            appliance = await _fast_boot(conn, definition, host_appliance, settings, plan, nursery, watchdog)
         except FastStartUnavailable as exc:
             log.info("appliance for %s: no fast start (%s); booting it cold", guest_name, exc)
         else:
             appliance.disks_key = disks_key
             return appliance
     failure: BootFailed | None = None
-    for attempt, domain_type in enumerate(domain_types):
+    for attempt, domain_type in enumerate(plan.domain_types):
         spec = _spec(_appliance_name(guest_name.replace("/", "_")), definition, host_appliance, settings, domain_type)
         try:
-            appliance = await _boot_once(conn, spec, settings, nursery)
+            appliance = await _boot_once(conn, spec, settings, nursery, plan.first_output_window(domain_type))
         except BootFailed as exc:
             failure = exc
-            if attempt + 1 < len(domain_types):
-                log.info("appliance for %s: %s; trying %s", guest_name, exc, domain_types[attempt + 1])
+            plan.failed(domain_type, exc.reason)
+            if attempt + 1 < len(plan.domain_types):
+                log.info("%s; trying %s", exc, "TCG" if plan.domain_types[attempt + 1] == TCG else "KVM")
             continue
-        _accelerator_that_worked[uri] = domain_type
+        plan.worked(domain_type)
         appliance.disks_key = disks_key
         return appliance
     assert failure is not None
+    if settings.accelerator == "kvm":
+        raise BootFailed(f"{failure}; if KVM does not work on this host, use -o accel=tcg", failure.reason)
     raise failure
 
 
@@ -208,7 +195,7 @@ async def _fast_boot(
     definition: GuestDefinition,
     host: HostAppliance,
     settings: ApplianceSettings,
-    domain_types: list[str],
+    plan: AcceleratorPlan,
     nursery: trio.Nursery,
     watchdog: Watchdog,
 ) -> Appliance:
@@ -219,7 +206,7 @@ async def _fast_boot(
         raise FastStartUnavailable("another appliance is being saved or restored")
     _saved_appliances_busy.add(host.root_path)
     try:
-        saved, saved_xml = await _saved_appliance(conn, host, settings, domain_types, nursery)
+        saved, saved_xml, domain_type = await _saved_appliance(conn, host, settings, plan, nursery)
         started = time.monotonic()
         if await _domain_exists(conn, saved.name):
             raise FastStartUnavailable("the saved appliance is in use")
@@ -228,6 +215,7 @@ async def _fast_boot(
             xml = restore_xml(saved_xml, saved.path(host, saved.root_volume), saved.path(host, saved.run_volume),
                               definition.name, str(os.getpid()))
             watchdog.watch(saved.name)
+            log.info("appliance for %s: restoring the saved appliance %s", definition.name, saved.name)
             await run_blocking(conn.restoreFlags, saved.state_path(host), xml, libvirt.VIR_DOMAIN_SAVE_PAUSED)
             domain = await run_blocking(conn.lookupByName, saved.name)
         except libvirt.libvirtError as exc:
@@ -245,8 +233,11 @@ async def _fast_boot(
         watchdog.unwatch(saved.name)
         await _forget_saved_appliance(conn, saved, host, settings)
         raise FastStartUnavailable(str(exc)) from None
+    plan.worked(domain_type)
     appliance.naming = RESTORED
     appliance.watchdog = watchdog
+    appliance.accelerator = domain_type
+    log.info("%s: plugging %d disk(s) in", what, len(definition.disks))
     try:
         await _plug_in_guest_disks(appliance, definition, settings)
     except (libvirt.libvirtError, GuestfsClientError, FastStartUnavailable) as exc:
@@ -266,28 +257,25 @@ async def _saved_appliance(
     conn: libvirt.virConnect,
     host: HostAppliance,
     settings: ApplianceSettings,
-    domain_types: list[str],
+    plan: AcceleratorPlan,
     nursery: trio.Nursery,
-) -> tuple[SavedAppliance, str]:
-    """The saved appliance (and its domain XML) for the first of ``domain_types`` that has one;
-    if none has, one is made with the first of them that boots."""
-    candidates = [
-        SavedAppliance.for_boot(host, domain_type, settings.memory_mib, settings.vcpus,
-                                settings.extra_kernel_args, settings.verbose)
-        for domain_type in domain_types
-    ]
-    for saved in candidates:
-        if (saved_xml := await _saved_domain_xml(conn, saved.state_path(host))) is not None:
-            return saved, saved_xml
+) -> tuple[SavedAppliance, str, str]:
+    """The saved appliance (its domain XML, its domain type) for the first of the plan's accelerators that has
+    one or boots to make one: an accelerator that does not boot never gets one."""
     failure = FastStartUnavailable("no accelerator to boot with")
-    for domain_type, saved in zip(domain_types, candidates):
+    for domain_type in plan.domain_types:
+        saved = SavedAppliance.for_boot(host, domain_type, settings.memory_mib, settings.vcpus,
+                                        settings.extra_kernel_args, settings.verbose, settings.emulator)
+        if (saved_xml := await _saved_domain_xml(conn, saved.state_path(host))) is not None:
+            return saved, saved_xml, domain_type
         try:
-            await _save_appliance(conn, saved, host, settings, domain_type, nursery)
+            await _save_appliance(conn, saved, host, settings, domain_type, plan, nursery)
         except FastStartUnavailable as exc:
+            log.info("%s", exc)
             failure = exc
             continue
         if (saved_xml := await _saved_domain_xml(conn, saved.state_path(host))) is not None:
-            return saved, saved_xml
+            return saved, saved_xml, domain_type
         failure = FastStartUnavailable(f"the saved appliance {saved.state_path(host)} cannot be read back")
     raise failure
 
@@ -314,6 +302,7 @@ async def _save_appliance(
     host: HostAppliance,
     settings: ApplianceSettings,
     domain_type: str,
+    plan: AcceleratorPlan,
     nursery: trio.Nursery,
 ) -> None:
     """Boot an appliance with its root disk only, on a root overlay of its own, and save it."""
@@ -321,8 +310,9 @@ async def _save_appliance(
     spec = _spec(saved.name, GuestDefinition(name="(saved appliance)", disks=()), host, settings, domain_type,
                  root_overlay=saved.path(host, saved.root_volume))
     try:
-        appliance = await _boot_once(conn, spec, settings, nursery)
+        appliance = await _boot_once(conn, spec, settings, nursery, plan.first_output_window(domain_type))
     except BootFailed as exc:
+        plan.failed(domain_type, exc.reason)
         await _delete_volumes(conn, settings.pool, [saved.root_volume])
         raise FastStartUnavailable(str(exc)) from None
     try:
@@ -383,6 +373,14 @@ async def _plug_in_guest_disks(appliance: Appliance, definition: GuestDefinition
     raise FastStartUnavailable(f"the appliance did not see the guest's disks within {_DEVICES_PLUGGED_TIMEOUT_S:.0f} s")
 
 
+class _SilentConsole(Exception):
+    """A fresh appliance printed nothing on its console within its window."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(seconds)
+        self.seconds = seconds
+
+
 # Most telling first: the line that names why a boot failed.
 _TELLING_CONSOLE_WORDS = ("kernel panic", "error", "failed", "not found", "cannot")
 
@@ -403,20 +401,29 @@ def _console_summary(console: ConsoleLog) -> str:
 
 
 async def _boot_once(
-    conn: libvirt.virConnect, spec: ApplianceSpec, settings: ApplianceSettings, nursery: trio.Nursery
+    conn: libvirt.virConnect,
+    spec: ApplianceSpec,
+    settings: ApplianceSettings,
+    nursery: trio.Nursery,
+    first_output_window: float | None = None,
 ) -> Appliance:
-    accel = "KVM" if spec.domain_type == "kvm" else "TCG"
+    """Boot one appliance cold; ``first_output_window``: seconds after which a console that printed
+    nothing means the appliance is not booting (see accelerator.py)."""
+    accel = "KVM" if spec.domain_type == KVM else "TCG"
     what = f"appliance for {spec.guest.name} ({accel})"
     flags = libvirt.VIR_DOMAIN_START_PAUSED
     if not uses_embedded_driver(conn):
         flags |= libvirt.VIR_DOMAIN_START_AUTODESTROY
     started = time.monotonic()
+    log.info("%s: starting %s", what, spec.name)
     try:
         domain = await run_blocking(conn.createXML, build_appliance_xml(spec), flags)
     except libvirt.libvirtError as exc:
-        raise BootFailed(f"cannot start {what}: {libvirt_message(exc)}") from None
-    appliance = await _attach_and_resume(conn, domain, spec.guest.name, what, settings, nursery, restored=False)
+        raise BootFailed(f"cannot start {what}: {libvirt_message(exc)}", libvirt_message(exc)) from None
+    appliance = await _attach_and_resume(conn, domain, spec.guest.name, what, settings, nursery, restored=False,
+                                         first_output_window=first_output_window)
     appliance.boot_seconds = time.monotonic() - started
+    appliance.accelerator = spec.domain_type
     log.info("%s booted in %.1f s as %s", what, appliance.boot_seconds, spec.name)
     return appliance
 
@@ -430,10 +437,12 @@ async def _attach_and_resume(
     nursery: trio.Nursery,
     *,
     restored: bool,
+    first_output_window: float | None = None,
 ) -> Appliance:
     """Open the console and the daemon channel of a paused appliance, resume it and wait until its
     daemon answers: the launch flag of a fresh boot, or a ping for a restored one (whose daemon
-    sent its flag before it was saved). The domain is destroyed if that fails."""
+    sent its flag before it was saved). A fresh boot whose console stays silent for
+    ``first_output_window`` seconds has failed. The domain is destroyed if that fails."""
     console = ConsoleLog(await run_blocking(domain.name))
     client: GuestfsClient | None = None
     try:
@@ -449,9 +458,18 @@ async def _attach_and_resume(
         if restored:
             await client.ping_daemon(timeout=min(settings.boot_timeout, _RESTORED_ANSWER_TIMEOUT_S))
         else:
+            if first_output_window is not None:
+                log.info("%s: waiting up to %.0f s for its first console output", what, first_output_window)
+                with trio.move_on_after(first_output_window):
+                    await console.first_output.wait()
+                if not console.first_output.is_set():
+                    raise _SilentConsole(first_output_window)
+            log.info("%s: waiting up to %.0f s for its daemon", what, settings.boot_timeout)
             await client.wait_for_launch(settings.boot_timeout)
-    except (libvirt.libvirtError, GuestfsClientError) as exc:
-        if isinstance(exc, libvirt.libvirtError):
+    except (libvirt.libvirtError, GuestfsClientError, _SilentConsole) as exc:
+        if isinstance(exc, _SilentConsole):
+            reason = f"no console output in {exc.seconds:.0f} s"
+        elif isinstance(exc, libvirt.libvirtError):
             reason = libvirt_message(exc)
         elif isinstance(exc, GuestfsTimeout):
             reason = f"its daemon did not answer within {settings.boot_timeout:.0f} s"
@@ -463,8 +481,8 @@ async def _attach_and_resume(
             await client.aclose()
         await _destroy_quietly(domain)
         await trio.sleep(0.2)  # let the console reader take the last output
-        last = _console_summary(console)
-        raise BootFailed(f"{what} failed to {'resume' if restored else 'boot'}: {reason}{last}") from None
+        last = "" if isinstance(exc, _SilentConsole) else _console_summary(console)
+        raise BootFailed(f"{what} failed to {'resume' if restored else 'boot'}: {reason}{last}", reason) from None
     except BaseException:
         with trio.CancelScope(shield=True):
             if client is not None:

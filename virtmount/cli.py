@@ -19,6 +19,8 @@ from .daemonize import run_in_background
 from .fs.tree import RELEASE_XATTR
 from .inspection import format_report, inspect_domain
 from .mount import check_mountpoint, serve
+from .status import format_table, read_status
+from .systemd import notify
 from .virt.connection import check_uri
 
 log = logging.getLogger(__name__)
@@ -28,12 +30,16 @@ Browse the filesystems of the guests on a libvirt connection.
 
   virtmount [-f] [-o OPTS] URI MOUNTPOINT
       mount the connection: MOUNTPOINT/domains/<name>/{domain.xml,fs/,devices/}.
-      Unmount with: fusermount3 -u MOUNTPOINT
+      Unmount with: fusermount3 -u MOUNTPOINT (or umount MOUNTPOINT).
+      Also: mount -t fuse.virtmount -o ro URI MOUNTPOINT, and fstab (see virtmount(1)).
   virtmount inspect [-o OPTS] URI DOMAIN
       boot an appliance for the shut-off DOMAIN, print its operating system
       and filesystems, and shut the appliance down.
   virtmount release MOUNTPOINT DOMAIN
       shut DOMAIN's appliance down now, so that the domain can be started.
+  virtmount status [--json] MOUNTPOINT
+      what the mount and each appliance is doing (booting, ready, idle, failed
+      and why), as a table or as JSON.
 """
 
 
@@ -78,6 +84,13 @@ def _inspect_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _status_parser() -> argparse.ArgumentParser:
+    parser = _new_parser("virtmount status")
+    parser.add_argument("--json", action="store_true", help="print JSON, for programs")
+    parser.add_argument("mountpoint", help="where virtmount is mounted")
+    return parser
+
+
 def _release_parser() -> argparse.ArgumentParser:
     parser = _new_parser("virtmount release")
     parser.add_argument("mountpoint", help="where virtmount is mounted")
@@ -109,7 +122,7 @@ async def _inspect(uri: str, domain: str, config: Config) -> None:
 def _release(mountpoint: str, domain: str) -> None:
     path = os.path.join(mountpoint, "domains", domain)
     try:
-        os.setxattr(path, RELEASE_XATTR, b"1", follow_symlinks=False)
+        os.getxattr(path, RELEASE_XATTR, follow_symlinks=False)  # a read: works on ro mounts too
     except OSError as exc:
         raise VirtmountError(f"cannot release {domain}: {path}: {exc.strerror}") from None
 
@@ -139,6 +152,10 @@ def _run(argv: Sequence[str]) -> int:
         config = parse_options(args.options)
         _configure_logging(args.verbose, config.debug)
         trio.run(_inspect, args.uri, args.domain, config)
+    elif argv[:1] == ["status"]:
+        args = _status_parser().parse_args(argv[1:])
+        status = read_status(args.mountpoint)
+        print(status.to_json() if args.json else format_table(status))
     elif argv[:1] == ["release"]:
         args = _release_parser().parse_args(argv[1:])
         _release(args.mountpoint, args.domain)
@@ -149,7 +166,9 @@ def _run(argv: Sequence[str]) -> int:
         mountpoint = check_mountpoint(args.mountpoint)
         if args.foreground:
             _configure_logging(args.verbose, config.debug)
-            trio.run(serve, args.uri, mountpoint, config, lambda: None)
+            # under systemd (Type=notify) the service counts as started once the mount is up
+            trio.run(serve, args.uri, mountpoint, config,
+                     lambda: notify(f"READY=1\nSTATUS=mounted {args.uri} on {mountpoint}"))
         else:
             return run_in_background(lambda on_ready: _serve_logged(args, mountpoint, config, on_ready))
     return 0

@@ -1,4 +1,9 @@
-"""`-o opt,opt=value` mount options -> a frozen configuration; anything unknown is a usage error."""
+"""`-o opt,opt=value` mount options -> a frozen configuration; anything unknown is a usage error.
+
+Two kinds of options: virtmount's own (``_OPTIONS``), and the standard ones that mount(8),
+mount.fuse3, fstab and systemd pass to every filesystem (``_STANDARD_OPTIONS``), which are accepted
+and either handed to the kernel through FUSE or dropped, since libfuse refuses what it does not know.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from .appliance import ACCELERATORS, ApplianceSettings
+from .accelerator import ACCELERATORS
+from .appliance import ApplianceSettings
 from .errors import UsageError
 from .fs.guestview import DEFAULT_CACHED_ENTRIES
 from .inspection_cache import default_directory
@@ -24,6 +30,8 @@ class Config:
     inspection_cache: Path | None = field(default_factory=default_directory)  # None: always inspect
     allow_other: bool = False
     debug: bool = False
+    kernel_flags: tuple[str, ...] = ()  # standard mount options handed to the kernel (ro, noexec, …)
+    given: tuple[str, ...] = field(default=(), compare=False)  # every option as given, for `virtmount status`
 
 
 def _positive_number(name: str, text: str, *, integer: bool = False) -> float:
@@ -48,6 +56,12 @@ def _accelerator(text: str) -> str:
     return text
 
 
+def _emulator(text: str) -> str:
+    if not text.startswith("/"):
+        raise UsageError(f"option emulator needs an absolute path on the libvirt host, not {text!r}")
+    return text
+
+
 def _inspection_cache(text: str) -> Path | None:
     if not text:
         raise UsageError("option inspection_cache needs a directory or off")
@@ -67,7 +81,8 @@ def _with_appliance(config: Config, **changes: object) -> Config:
 # name -> (takes a value, apply(config, value) -> config, help text)
 _OPTIONS: dict[str, tuple[bool, Callable[[Config, str], Config], str]] = {
     "accel": (True, lambda c, v: _with_appliance(c, accelerator=_accelerator(v)),
-              "appliance accelerator: auto (KVM where it works, else TCG), kvm or tcg"),
+              "appliance accelerator: auto (default: KVM where it boots appliances, else TCG; the verdict is "
+              "remembered per host), kvm or tcg"),
     "memory": (True, lambda c, v: _with_appliance(c, memory_mib=int(_positive_number("memory", v, integer=True))),
                "appliance memory in MiB (default 1024)"),
     "cpus": (True, lambda c, v: _with_appliance(c, vcpus=int(_positive_number("cpus", v, integer=True))),
@@ -78,6 +93,8 @@ _OPTIONS: dict[str, tuple[bool, Callable[[Config, str], Config], str]] = {
                      "seconds one daemon call may take before the appliance is given up (default 120)"),
     "pool": (True, lambda c, v: _with_appliance(c, pool=_pool_name(v)),
              "storage pool on the host for the appliance files (default virtmount)"),
+    "emulator": (True, lambda c, v: _with_appliance(c, emulator=_emulator(v)),
+                 "QEMU binary on the libvirt host to run appliances with (default: libvirt's choice)"),
     "kernel_args": (True, lambda c, v: _with_appliance(c, extra_kernel_args=v),
                     "extra appliance kernel arguments, space-separated"),
     "fast_start": (True, lambda c, v: _with_appliance(c, fast_start=_on_off("fast_start", v)),
@@ -97,10 +114,54 @@ _OPTIONS: dict[str, tuple[bool, Callable[[Config, str], Config], str]] = {
 }
 
 
+# Standard mount options that virtmount gives the kernel (libfuse knows these as mount flags).
+_KERNEL_FLAGS = ("ro", "exec", "noexec", "sync", "async", "dirsync", "atime", "noatime")
+_OPPOSITE_FLAGS = {"exec": "noexec", "noexec": "exec", "sync": "async", "async": "sync",
+                   "atime": "noatime", "noatime": "atime"}
+# Standard mount options accepted and not passed on, with why.
+_DROPPED = {
+    "defaults": "means the defaults",
+    "_netdev": "for mount(8) and systemd: needs the network",
+    "nofail": "for mount(8) and systemd", "auto": "for mount -a", "noauto": "for mount -a",
+    "user": "for mount(8)", "users": "for mount(8)", "nouser": "for mount(8)", "owner": "for mount(8)",
+    "group": "for mount(8)",
+    # appliances never write access times, so the atime policies have nothing to act on
+    "relatime": "", "norelatime": "", "strictatime": "", "nostrictatime": "", "lazytime": "",
+    "nolazytime": "", "diratime": "", "nodiratime": "",
+    # guest disks are not trusted: their device nodes and set-user-ID files never act on this host,
+    # so the mount is always nodev,nosuid (mount.fuse3 adds dev,suid unless told otherwise)
+    "dev": "", "nodev": "", "suid": "", "nosuid": "",
+}
+_DROPPED_PREFIXES = ("x-", "comment=")
+_WRITING_REFUSED = ("option rw: virtmount does not write to guests yet; mount with -o ro "
+                    "(mount(8) passes rw unless ro is given)")
+
+
+def _standard_option(config: Config, item: str) -> Config | None:
+    """``config`` with the standard mount option ``item`` applied, or None if it is not one."""
+    if item == "rw":
+        raise UsageError(_WRITING_REFUSED)
+    if item in _KERNEL_FLAGS:
+        # the last of two opposites wins, as with mount(8)
+        kept = (flag for flag in config.kernel_flags if flag not in (item, _OPPOSITE_FLAGS.get(item)))
+        return replace(config, kernel_flags=(*kept, item))
+    if item in _DROPPED or item.startswith(_DROPPED_PREFIXES):
+        return config
+    return None
+
+
+def option_names() -> list[str]:
+    """virtmount's own ``-o`` options (the man page describes each)."""
+    return list(_OPTIONS)
+
+
 def options_help() -> str:
-    return "\n".join(
-        f"  {name}{'=VALUE' if takes_value else ''}: {text}" for name, (takes_value, _, text) in _OPTIONS.items()
-    )
+    own = [f"  {name}{'=VALUE' if takes_value else ''}: {text}" for name, (takes_value, _, text) in _OPTIONS.items()]
+    standard = ("  standard mount options: ro, noexec, sync, dirsync and noatime go to the kernel; "
+                "defaults, _netdev, nofail, auto, noauto, user, users, the atime policies, dev, suid, nodev, "
+                "nosuid, x-* and comment= are accepted (the mount is always nodev,nosuid); "
+                "rw is refused until virtmount can write")
+    return "\n".join([*own, standard])
 
 
 def parse_options(option_strings: list[str], config: Config | None = None) -> Config:
@@ -109,6 +170,10 @@ def parse_options(option_strings: list[str], config: Config | None = None) -> Co
     for option_string in option_strings:
         for item in option_string.split(","):
             if not item:
+                continue
+            config = replace(config, given=(*config.given, item))
+            if (standard := _standard_option(config, item)) is not None:
+                config = standard
                 continue
             name, has_value, value = item.partition("=")
             if name not in _OPTIONS:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from xml.etree import ElementTree as ET
 
 from .errors import VirtmountError
-from .virt.domainxml import APPLIANCE_NAME_PREFIX, METADATA_NAMESPACE, appliance_marker
+from .virt.domainxml import APPLIANCE_NAME_PREFIX, BASE_KERNEL_ARGS, METADATA_NAMESPACE, appliance_marker
 from .virt.provision import HostAppliance
 
 
@@ -42,10 +42,11 @@ class SavedAppliance:
 
     @staticmethod
     def for_boot(host: HostAppliance, domain_type: str, memory_mib: int, vcpus: int,
-                 kernel_args: str, verbose: bool) -> SavedAppliance:
-        """The saved appliance for these files and settings: any change makes another one."""
-        identity = "\0".join([host.kernel_path, host.initrd_path, host.root_path, host.root_uuid,
-                              domain_type, str(memory_mib), str(vcpus), kernel_args, str(verbose)])
+                 kernel_args: str, verbose: bool, emulator: str = "") -> SavedAppliance:
+        """The saved appliance for these files and settings: any change (the accelerator included)
+        makes another one."""
+        identity = "\0".join([host.kernel_path, host.initrd_path, host.root_path, host.root_uuid, BASE_KERNEL_ARGS,
+                              domain_type, str(memory_mib), str(vcpus), kernel_args, str(verbose), emulator])
         digest = hashlib.sha256(identity.encode("utf-8", "surrogateescape")).hexdigest()[:16]
         return SavedAppliance(name=f"{APPLIANCE_NAME_PREFIX}saved-{digest}")
 

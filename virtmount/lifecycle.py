@@ -14,16 +14,20 @@ import errno
 import logging
 import time
 from collections.abc import Callable
+from xml.etree import ElementTree as ET
 
 import libvirt
 import trio
 
+from .accelerator import KVM
 from .appliance import Appliance, ApplianceSettings, boot_appliance
+from .devicenames import RESTORED
 from .errors import VirtmountError
 from .guestfs.errors import GuestfsClientError
 from .guestlayout import GuestLayout, lay_out_os, mount_devices
 from .inspection_cache import InspectionCache
-from .sources import SourceRef, SourceUnavailable, attach_mode
+from .sources import Source, SourceRef, SourceUnavailable, attach_mode
+from .status import DiskStatus, SourceStatus, clock
 from .virt.provision import HostAppliance, provision
 from .watchdog import WatchdogSource
 
@@ -64,7 +68,11 @@ class SourceAppliance:
         self._appliance: Appliance | None = None
         self._layout: GuestLayout | None = None
         self._booting: trio.Event | None = None
+        self._boot_started = 0.0
         self._failure: tuple[float, GuestUnavailableError] | None = None
+        self._failed_at = 0.0  # wall clock, for the status
+        self._served: Source | None = None  # the disks the running appliance holds
+        self._last_shutdown = ""
         self._last_used = time.monotonic()
         self._open_handles = 0
         self._generation = 0
@@ -127,7 +135,7 @@ class SourceAppliance:
                 return self._layout
             if self._appliance is not None:  # the daemon connection broke: the appliance died
                 log.warning("%s: appliance connection lost; it will be booted again", self.name)
-                await self._discard_appliance()
+                await self._discard_appliance("lost")
             if self._failure is not None:
                 failed_at, failure = self._failure
                 if time.monotonic() - failed_at < FAILED_BOOT_RETRY_S:
@@ -135,6 +143,7 @@ class SourceAppliance:
                 self._failure = None
             if self._booting is None:
                 self._booting = trio.Event()
+                self._boot_started = time.monotonic()
                 self._nursery.start_soon(self._boot, self._booting)
             await self._booting.wait()
 
@@ -145,7 +154,9 @@ class SourceAppliance:
                 # the appliance's background tasks outlive this task: they run in the mount's nursery
                 watchdog = await self._watchdogs.get() if self._watchdogs is not None else None
                 source = await self.source.resolve(self._conn, attach_mode(self._settings.writable))
+                log.info("%s: booting an appliance", self.name)
                 appliance = await boot_appliance(self._conn, source, host, self._settings, self._nursery, watchdog)
+                self._served = source
                 self._generation += 1
                 try:
                     layout = await self._lay_out(appliance)
@@ -155,12 +166,14 @@ class SourceAppliance:
                         raise VirtmountError(f"appliance booted but the disks could not be mounted: {exc}") from None
                     raise
                 self._appliance, self._layout = appliance, layout
+                log.info("%s: ready (%s)", self.name, "the guest's OS in fs/" if layout.has_os else "no OS found")
                 self.touch()
         except (VirtmountError, GuestfsClientError) as exc:
             message = str(exc)
             log.error("%s: %s", self.name, message)
             errno_value = exc.errno if isinstance(exc, SourceUnavailable) else errno.EIO
             self._failure = (time.monotonic(), GuestUnavailableError(message, errno_value))
+            self._failed_at = time.time()
         finally:
             self._boot_scope = None
             self._booting = None
@@ -185,20 +198,67 @@ class SourceAppliance:
             return 0.0
         return time.monotonic() - self._last_used
 
-    async def release(self) -> None:
-        """Sync and shut the appliance down now (idle time reached, release asked, or unmount)."""
+    async def release(self, why: str = "released") -> None:
+        """Sync and shut the appliance down now (``why``: idle time reached, release asked, unmount)."""
         if self._boot_scope is not None:
             self._boot_scope.cancel()
-        await self._discard_appliance()
+        await self._discard_appliance(why)
         self._failure = None
 
-    async def _discard_appliance(self) -> None:
+    async def _discard_appliance(self, why: str) -> None:
         appliance, self._appliance, self._layout = self._appliance, None, None
         if appliance is not None:
-            log.info("%s: shutting the appliance down", self.name)
+            self._last_shutdown = f"{why} at {clock(time.time())}"
+            log.info("%s: shutting the appliance down (%s)", self.name, why)
             await appliance.shutdown()
             if self.on_discard is not None:
                 self.on_discard()
+
+
+    def status(self, path: str, idle_seconds: float, cached_entries: int) -> SourceStatus:
+        """What this appliance is doing, for ``virtmount status`` (``path``: the source below the mount point)."""
+        if self._booting is not None:
+            return SourceStatus(path, "booting", f"for {time.monotonic() - self._boot_started:.0f} s",
+                                last_shutdown=self._last_shutdown)
+        if self._failure is not None:
+            failed_at, failure = self._failure
+            retry_in = max(0.0, FAILED_BOOT_RETRY_S - (time.monotonic() - failed_at))
+            return SourceStatus(path, "failed", f"at {clock(self._failed_at)}, retried in {retry_in:.0f} s: {failure}",
+                                last_shutdown=self._last_shutdown)
+        appliance, layout = self._appliance, self.running_layout
+        if appliance is None or layout is None:
+            return SourceStatus(path, "off", last_shutdown=self._last_shutdown)
+        idle_for = self.idle_for()
+        client = layout.client
+        served = self._served
+        return SourceStatus(
+            path,
+            "ready" if idle_for == 0.0 else "idle",
+            f"{self._open_handles} open file(s)" if self._open_handles else
+            f"shut down in {max(0.0, idle_seconds - idle_for):.0f} s" if idle_for else "",
+            appliance=appliance.domain_name,
+            accelerator="KVM" if appliance.accelerator == KVM else "TCG",
+            boot_seconds=round(appliance.boot_seconds, 1),
+            restored=appliance.naming is RESTORED,
+            disks=[] if served is None else [_disk_status(disk, served.attach.value) for disk in served.disks],
+            open_files=self._open_handles,
+            calls_in_flight=client.calls_in_flight,
+            calls_done=client.calls_done,
+            bytes_read=client.bytes_received,
+            cached_entries=cached_entries,
+            last_shutdown=self._last_shutdown,
+        )
+
+
+def _disk_status(disk: ET.Element, attach: str) -> DiskStatus:
+    source = disk.find("source")
+    where = "?"
+    if source is not None:
+        where = next((source.get(a, "") for a in ("file", "dev", "volume", "name") if source.get(a)), "?")
+        if source.get("pool"):
+            where = f"{source.get('pool')}/{where}"
+    driver = disk.find("driver")
+    return DiskStatus(where, driver.get("type", "raw") if driver is not None else "raw", attach)
 
 
 class HostApplianceSource:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from typing import Callable
 
 import libvirt
@@ -25,6 +26,7 @@ from .fs.operations import Operations
 from .lifecycle import HostApplianceSource, SourceAppliance
 from .sources import SourceRef
 from .inspection_cache import InspectionCache
+from .status import MountStatus
 from .watchdog import WatchdogSource
 from .virt.connection import close_connection, libvirt_message, open_connection, run_blocking, uses_embedded_driver
 from .virt.domainxml import APPLIANCE_NAME_PREFIX
@@ -69,7 +71,7 @@ async def _shut_down_idle_appliances(tree: ConnectionTree, idle_seconds: float) 
         for source in tree.served_sources():
             if source.appliance.running and source.appliance.idle_for() >= idle_seconds:
                 log.info("%s: idle for %.0f s", source.name, idle_seconds)
-                await source.appliance.release()
+                await source.appliance.release("idle")
 
 
 def _mountinfo_path(path: str) -> str:
@@ -98,19 +100,24 @@ async def _terminate_when_unmounted(mountpoint: str) -> None:
     pyfuse3.terminate()
 
 
-async def _terminate_on_signal() -> None:
+async def _terminate_on_signal(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        task_status.started()  # from now on a signal unmounts cleanly
         async for signum in signals:
             log.info("received %s: unmounting", signal.Signals(signum).name)
             pyfuse3.terminate()
             return
 
 
-def _fuse_options(config: Config) -> set[str]:
-    options = {"fsname=virtmount", "subtype=virtmount", "default_permissions"}
+def _fuse_options(uri: str, config: Config) -> set[str]:
+    """What libfuse is told: the URI as the source (as mount(8) and df show it), the type
+    fuse.virtmount, the kernel's own permission checks, and the standard flags given.
+    Guest disks are not trusted: their device nodes and set-user-ID files never act here."""
+    source = uri.replace("\\", "\\\\").replace(",", "\\,")  # libfuse splits options at unescaped commas
+    options = {f"fsname={source}", "subtype=virtmount", "default_permissions", "nodev", "nosuid"}
     if config.allow_other:
         options.add("allow_other")
-    return options
+    return options | set(config.kernel_flags)
 
 
 async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[], None]) -> None:
@@ -134,13 +141,24 @@ async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[]
                 if serving:  # the kernel connection exists only between init and close
                     pyfuse3.invalidate_entry_async(parent_inode, name, ignore_enoent=True)
 
-            tree = ConnectionTree(conn, make_appliance, nursery, config.cached_entries, forget_kernel_entry)
+            started_at, started = time.time(), time.monotonic()
+            host = await run_blocking(conn.getHostname)
+
+            async def status_report() -> bytes:
+                return MountStatus(
+                    uri=uri, host=host, mountpoint=mountpoint, options=list(config.given), pid=os.getpid(),
+                    started_at=started_at, uptime_seconds=round(time.monotonic() - started, 1),
+                    cached_entries=tree.guests.cached_entries, sources=tree.source_statuses(config.idle_seconds),
+                ).to_json().encode()
+
+            tree = ConnectionTree(conn, make_appliance, nursery, config.cached_entries, forget_kernel_entry,
+                                  status_report)
             try:
-                pyfuse3.init(Operations(tree), mountpoint, _fuse_options(config))
+                pyfuse3.init(Operations(tree), mountpoint, _fuse_options(uri, config))
             except RuntimeError as exc:
                 raise VirtmountError(f"cannot mount on {mountpoint}: {exc}") from None
             try:
-                nursery.start_soon(_terminate_on_signal)
+                await nursery.start(_terminate_on_signal)  # before readiness: systemd may stop us at once
                 nursery.start_soon(_terminate_when_unmounted, mountpoint)
                 nursery.start_soon(_shut_down_idle_appliances, tree, config.idle_seconds)
                 on_ready()
@@ -152,7 +170,7 @@ async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[]
                 with trio.CancelScope(shield=True):
                     async with trio.open_nursery() as shutdowns:
                         for source in tree.served_sources():
-                            shutdowns.start_soon(source.appliance.release)
+                            shutdowns.start_soon(source.appliance.release, "unmount")
                     if watchdogs is not None:
                         watchdogs.close()
                     pyfuse3.close(unmount=is_mounted_here(mountpoint))

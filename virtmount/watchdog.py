@@ -23,6 +23,7 @@ from typing import IO
 import libvirt
 import trio
 
+from .virt.connection import without_prompts
 from .virt.domainxml import appliance_owner
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ def _watch(commands: IO[str], conn: libvirt.virConnect, owner: str) -> None:
 def main(argv: list[str]) -> int:
     uri, owner = argv
     try:
-        conn = libvirt.open(uri)
+        conn = libvirt.open(without_prompts(uri))
     except libvirt.libvirtError as exc:
         print(f"virtmount watchdog: cannot connect to {uri}: {exc}", file=sys.stderr)
         return 1

@@ -10,7 +10,7 @@ from virtmount.appliance import ApplianceSettings
 from virtmount.config import Config, options_help, parse_options
 from virtmount.errors import UsageError
 
-ALL_OPTIONS = ("accel", "memory", "cpus", "boot_timeout", "call_timeout", "pool", "kernel_args", "fast_start", "idle",
+ALL_OPTIONS = ("accel", "memory", "cpus", "boot_timeout", "call_timeout", "pool", "emulator", "kernel_args", "fast_start", "idle",
                "cache_entries", "inspection_cache", "allow_other", "debug")
 
 
@@ -123,7 +123,7 @@ def test_starts_from_a_given_config() -> None:
     assert base.appliance.vcpus == 1  # frozen: the given config is not changed
 
 
-@pytest.mark.parametrize("item", ["bogus", "bogus=1", "Memory=512", "memory_mib=512", "writable", "ro"])
+@pytest.mark.parametrize("item", ["bogus", "bogus=1", "Memory=512", "memory_mib=512", "writable", "RO"])
 def test_unknown_option(item: str) -> None:
     name = item.partition("=")[0]
     message = usage_error(f"cpus=1,{item}")
@@ -171,16 +171,51 @@ def test_empty_pool_is_rejected() -> None:
     usage_error("pool=")
 
 
+def test_emulator_is_an_absolute_path_on_the_host() -> None:
+    assert parse_options(["emulator=/usr/local/bin/qemu-system-x86_64"]).appliance.emulator == \
+        "/usr/local/bin/qemu-system-x86_64"
+    assert parse_options([]).appliance.emulator == ""
+    assert usage_error("emulator=qemu-kvm") == \
+        "option emulator needs an absolute path on the libvirt host, not 'qemu-kvm'"
+
+
 def test_error_stops_at_the_first_bad_option() -> None:
     assert usage_error("memory=512", "bogus,cpus=0") == "unknown option 'bogus' (see virtmount --help)"
 
 
 def test_options_help_lists_every_option() -> None:
-    lines = options_help().splitlines()
+    *lines, standard = options_help().splitlines()
+    assert standard.strip().startswith("standard mount options:")
     names = [line.strip().split(":")[0] for line in lines]
     assert names == [
         "accel=VALUE", "memory=VALUE", "cpus=VALUE", "boot_timeout=VALUE", "call_timeout=VALUE",
-        "pool=VALUE", "kernel_args=VALUE", "fast_start=VALUE", "idle=VALUE", "cache_entries=VALUE", "inspection_cache=VALUE",
+        "pool=VALUE", "emulator=VALUE", "kernel_args=VALUE", "fast_start=VALUE", "idle=VALUE", "cache_entries=VALUE", "inspection_cache=VALUE",
         "allow_other", "debug",
     ]
     assert [name.partition("=")[0] for name in names] == list(ALL_OPTIONS)
+
+
+# --- standard mount options (mount(8), mount.fuse3, fstab, systemd) ------------------------------
+
+def test_what_mount_fuse3_passes_by_default_is_refused_until_writing_exists() -> None:
+    message = usage_error("rw,dev,suid")
+    assert message.startswith("option rw: virtmount does not write to guests yet; mount with -o ro")
+
+
+def test_an_fstab_line_s_options_are_accepted() -> None:
+    config = parse_options(["ro,noatime,_netdev,nofail,x-systemd.automount,x-gvfs-hide,comment=backup,defaults,"
+                            "user,users,nouser,auto,noauto,relatime,strictatime,lazytime,dev,suid,nodev,nosuid,"
+                            "idle=30"])
+    assert config.kernel_flags == ("ro", "noatime")
+    assert config.idle_seconds == 30
+
+
+def test_kernel_flags_keep_the_last_of_two_opposites() -> None:
+    config = parse_options(["ro,noexec,sync,noatime", "exec,atime,async,noexec,dirsync,ro"])
+    assert config.kernel_flags == ("atime", "async", "noexec", "dirsync", "ro")
+
+
+@pytest.mark.parametrize("item", ["rw=1", "ro=yes", "comment", "noatim", "X-systemd.automount"])
+def test_near_misses_of_standard_options_are_unknown(item: str) -> None:
+    name = item.partition("=")[0]
+    assert usage_error(item) == f"unknown option {name!r} (see virtmount --help)"

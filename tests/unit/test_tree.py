@@ -286,7 +286,7 @@ class FakeAppliance:
     def handle_closed(self) -> None:
         self.open_handles -= 1
 
-    async def release(self) -> None:
+    async def release(self, why: str = "released") -> None:
         self.release_calls += 1
         self.current = None
 
@@ -395,7 +395,12 @@ async def walk(tree: ConnectionTree, *names: bytes) -> Node:
 
 
 async def guest(world: World, *names: bytes) -> GuestNode:
-    node = await walk(world.tree, b"domains", b"alpha", *names)
+    """The node at domains/alpha/NAMES, the appliance booted (as the first look inside a view does)."""
+    node: Node = await walk(world.tree, b"domains", b"alpha")
+    for name in names:
+        node = await world.tree.lookup(node.inode, name)
+        if isinstance(node, GuestNode):
+            await world.tree.guests.boot_if_needed(node)
     assert isinstance(node, GuestNode)
     return node
 
@@ -502,7 +507,19 @@ async def test_domain_dir_unknown_child(world: World) -> None:
     assert world.appliance("alpha").layout_calls == 0
 
 
-async def test_fs_lookup_boots_and_shows_the_guest_root(world: World) -> None:
+async def test_fs_lookup_and_getattr_never_boot(world: World) -> None:
+    """ls -l of a domain's directory, file browsers' probes: no appliance for a look at fs/ itself."""
+    fs_root = await walk(world.tree, b"domains", b"alpha", b"fs")
+    attributes = await world.tree.getattr(fs_root.inode)
+    assert attributes.mode == stat.S_IFDIR | 0o555  # an empty directory until a look inside
+    assert world.appliance("alpha").layout_calls == 0
+    assert world.client.calls == []
+    assert await world.tree.list_directory(fs_root.inode)  # the first look inside boots
+    assert world.appliance("alpha").running_layout is not None
+    assert (await world.tree.getattr(fs_root.inode)).mode == stat.S_IFDIR | 0o755
+
+
+async def test_fs_shows_the_guest_root_once_booted(world: World) -> None:
     fs_root = await guest(world, b"fs")
     assert world.appliance("alpha").layout_calls == 1
     assert fs_root.path == b"/fs"
@@ -511,14 +528,15 @@ async def test_fs_lookup_boots_and_shows_the_guest_root(world: World) -> None:
     assert (attributes.inode, attributes.mode, attributes.nlink) == (fs_root.inode, stat.S_IFDIR | 0o755, 2)
 
 
-async def test_view_root_getattr_boots(world: World) -> None:
+async def test_view_root_getattr_shows_the_guest_s_attributes_while_its_appliance_runs(world: World) -> None:
     tree = world.tree
     alpha = await walk(tree, b"domains", b"alpha")
     fs_root = dict(await tree.list_directory(alpha.inode))[b"fs"]
-    attributes = await tree.getattr(fs_root.inode)
-    assert attributes.mode == stat.S_IFDIR | 0o755
-    assert world.appliance("alpha").layout_calls == 1
-    assert world.client.args_of("lstatns") == [(b"/fs",)]
+    assert (await tree.getattr(fs_root.inode)).mode == stat.S_IFDIR | 0o555
+    assert world.appliance("alpha").layout_calls == 0
+    await walk(tree, b"domains", b"alpha", b"devices", b"sda1")  # boots
+    assert (await tree.getattr(fs_root.inode)).mode == stat.S_IFDIR | 0o755
+    assert world.client.args_of("lstatns")[-1] == (b"/fs",)
 
 
 async def test_devices_listing_and_lookup(world: World) -> None:
@@ -871,6 +889,19 @@ async def test_release_xattr_on_a_domain_dir_releases_its_appliance(world: World
     await tree.setxattr(alpha.inode, RELEASE_XATTR)
     assert world.appliance("alpha").release_calls == 1
     assert world.appliance("beta").release_calls == 0
+    # reading it releases too (ro mounts refuse setxattr), and it is never listed
+    assert await tree.getxattr(alpha.inode, RELEASE_XATTR) == b"released"
+    assert world.appliance("alpha").release_calls == 2
+    assert RELEASE_XATTR not in await tree.listxattr(alpha.inode)
+    assert await fs_error(tree.getxattr(tree.domains_dir.inode, RELEASE_XATTR)) == errno.ENODATA
+
+
+async def test_a_resting_view_root_answers_xattrs_and_statfs_without_a_boot(world: World) -> None:
+    fs_root = await walk(world.tree, b"domains", b"alpha", b"fs")
+    assert await world.tree.listxattr(fs_root.inode) == []
+    assert await fs_error(world.tree.getxattr(fs_root.inode, b"security.selinux")) == errno.ENODATA
+    assert (await world.tree.statfs(fs_root.inode))[2] == 0
+    assert world.appliance("alpha").layout_calls == 0
 
 
 async def test_other_setxattr_is_erofs(world: World) -> None:
@@ -933,13 +964,14 @@ async def test_layout_failure_gives_its_errno(world: World) -> None:
     gamma = await walk(tree, b"domains", b"gamma")
     assert await names_in(tree, gamma) == [b"domain.xml", b"fs", b"devices"]  # no boot attempted
     assert world.appliance("gamma").layout_calls == 0
-    assert await fs_error(tree.lookup(gamma.inode, b"fs")) == errno.EIO
+    fs_root = await tree.lookup(gamma.inode, b"fs")  # no boot for a look at fs/ itself
+    assert world.appliance("gamma").layout_calls == 0
+    assert await fs_error(tree.list_directory(fs_root.inode)) == errno.EIO
     devices = await tree.lookup(gamma.inode, b"devices")
     assert await fs_error(tree.list_directory(devices.inode)) == errno.EIO
     world.appliance("gamma").result = GuestUnavailableError("busy", errno.EBUSY)
-    assert await fs_error(tree.lookup(gamma.inode, b"fs")) == errno.EBUSY
-    fs_root = dict(await tree.list_directory(gamma.inode))[b"fs"]
-    assert await fs_error(tree.getattr(fs_root.inode)) == errno.EBUSY
+    assert await fs_error(tree.lookup(fs_root.inode, b"etc")) == errno.EBUSY
+    assert (await tree.getattr(fs_root.inode)).mode == stat.S_IFDIR | 0o555
 
 
 async def test_unknown_inode_is_estale(world: World) -> None:

@@ -105,6 +105,12 @@ class GuestView:
             if child == b"devices":
                 return source.devices_dir
             if child == b"fs":
+                if source.appliance.known_has_os is False:
+                    raise FsError(errno.ENOENT)
+                if source.appliance.running_layout is None:
+                    # no boot for a look at the source's directory (ls -l, file browsers' probes):
+                    # the first look inside fs/ boots
+                    return self._view_root_node(source, OS_VIEW_NAME)
                 return await self._view_root(source, OS_VIEW_NAME)
             raise FsError(errno.ENOENT)
 
@@ -326,6 +332,19 @@ class GuestView:
             raise FsError(errno.ENOENT)
         return await self._lookup_guest(parent, name)
 
+    def is_resting_view_root(self, node: GuestNode) -> bool:
+        """A view root (fs/, devices/<fs>) whose appliance is off: what is asked of the root itself
+        (attributes, xattrs, statfs) is answered without a boot; a look inside boots."""
+        source = node.source
+        return source is not None and source.view_roots.get(node.view) is node \
+            and source.appliance.running_layout is None
+
+    async def attributes_if_running(self, node: GuestNode) -> None:
+        """A view root's attributes if its appliance runs; a view root of an appliance that is off
+        keeps showing as an empty directory, so that stat(2) never boots one."""
+        if node.stat is None and node.source is not None and node.source.appliance.running_layout is not None:
+            await self._view_root(node.source, node.view)
+
     async def boot_if_needed(self, node: GuestNode) -> None:
         """A view root's attributes, booting its appliance if none runs."""
         if node.stat is None:
@@ -444,6 +463,19 @@ class GuestView:
         layout = await self._guest_layout_for(node)
         assert node.source is not None
         return await self._guest_call(node.source, lambda: layout.client.statvfs(node.path))
+
+    @property
+    def cached_entries(self) -> int:
+        """Directory entries kept in the listing cache, all sources together."""
+        return self._listings.entries
+
+    def cached_entries_of(self) -> dict[str, int]:
+        """Directory entries kept in the listing cache, by source identity."""
+        counts: dict[str, int] = {}
+        for siblings in self._listings.listings():
+            if siblings.members and (source := siblings.members[0][1].source) is not None:
+                counts[source.identity] = counts.get(source.identity, 0) + len(siblings)
+        return counts
 
     def prefetch_summary(self) -> str:
         """How much of the speculative work was used, for the log."""

@@ -30,6 +30,10 @@ class ListingCache(Generic[L]):
     def __contains__(self, key: Hashable) -> bool:
         return key in self._listings
 
+    def listings(self) -> list[L]:
+        """Every listing kept, least recently used first."""
+        return list(self._listings.values())
+
     def get(self, key: Hashable) -> L | None:
         """The listing under ``key`` (now the most recently used), or None."""
         listing = self._listings.get(key)

@@ -135,7 +135,10 @@ class Operations(pyfuse3.Operations):
         async def run() -> pyfuse3.FileInfo:
             handle = await self._tree.open(inode, flags)
             info = pyfuse3.FileInfo(fh=handle)
-            info.keep_cache = True  # guest content is static while mounted
+            if self._tree.node(inode) is self._tree.control_file:
+                info.direct_io = True  # made afresh on each open: its size is not known beforehand
+            else:
+                info.keep_cache = True  # guest content is static while mounted
             return info
         return await self._guarded(run)
 

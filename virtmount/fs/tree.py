@@ -31,6 +31,7 @@ from ..lifecycle import SourceAppliance
 from ..sources import SourceRef, SourceUnavailable
 from ..sources.domain import DomainRef, domain_named
 from ..sources.volume import VolumeRef
+from ..status import CONTROL_NAME, SourceStatus
 from ..virt.connection import libvirt_message, run_blocking
 from ..virt.domainxml import APPLIANCE_NAME_PREFIX
 from .guestview import DEFAULT_CACHED_ENTRIES, GuestView, guest_attributes
@@ -79,9 +80,11 @@ class ConnectionTree:
         nursery: trio.Nursery | None = None,
         cached_entries: int = DEFAULT_CACHED_ENTRIES,
         forget_kernel_entry: Callable[[int, bytes], None] | None = None,
+        status_report: Callable[[], Awaitable[bytes]] | None = None,
     ) -> None:
-        """``make_appliance`` makes the (not yet booted) appliance of a source; for the other
-        arguments see ``GuestView``."""
+        """``make_appliance`` makes the (not yet booted) appliance of a source; ``status_report``
+        makes the content of the hidden control file (status.CONTROL_NAME); for the other arguments
+        see ``GuestView``."""
         self._conn = conn
         self._make_appliance = make_appliance
         self._table = NodeTable()
@@ -97,6 +100,7 @@ class ConnectionTree:
         self.root = self._table.virtual_dir(children=self._root_children, child=self._root_child, inode=1)
         self.domains_dir = self._named_dirs(self._domain_names.names, self._domain_dir)
         self.volumes_dir = self._named_dirs(self._pool_names.names, self._pool_dir)
+        self.control_file = None if status_report is None else self._table.virtual_file(status_report)
 
     # --- node table ------------------------------------------------------------
 
@@ -108,6 +112,14 @@ class ConnectionTree:
 
     def forget(self, inode: int, count: int) -> None:
         self._table.forget(inode, count)
+
+    def source_statuses(self, idle_seconds: float) -> list[SourceStatus]:
+        """What each source known to the mount is doing, by its path below the mount point."""
+        cached = self.guests.cached_entries_of()
+        paths = [(f"domains/{name}", source) for name, (_, source) in sorted(self._domains.items())]
+        for pool_name, pool in sorted(self._pools.items()):
+            paths.extend((f"volumes/{pool_name}/{volume}", source) for volume, source in sorted(pool.volumes.items()))
+        return [source.appliance.status(path, idle_seconds, cached.get(source.identity, 0)) for path, source in paths]
 
     def served_sources(self) -> Iterable[ServedSource]:
         """Every source known to the mount (for idle shutdown and unmount)."""
@@ -125,6 +137,8 @@ class ConnectionTree:
         for child_name, child in await self._root_children():
             if child_name == name:
                 return child
+        if name == CONTROL_NAME.encode() and self.control_file is not None:  # looked up, never listed
+            return self.control_file
         raise FsError(errno.ENOENT)
 
     async def _libvirt(self, what: str, call: Callable[[], T], gone: tuple[int, ...] = ()) -> T:
@@ -301,7 +315,7 @@ class ConnectionTree:
     async def getattr(self, inode: int) -> Attributes:
         node = self.node(inode)
         if isinstance(node, GuestNode):
-            await self.guests.boot_if_needed(node)
+            await self.guests.attributes_if_running(node)
         return await self.attributes(node)
 
     async def attributes(self, node: Node) -> Attributes:
@@ -371,13 +385,17 @@ class ConnectionTree:
 
     async def listxattr(self, inode: int) -> list[bytes]:
         node = self.node(inode)
-        if not isinstance(node, GuestNode):
+        if not isinstance(node, GuestNode) or self.guests.is_resting_view_root(node):
             return []
         return list(await self.guests.xattrs(node))
 
     async def getxattr(self, inode: int, name: bytes) -> bytes:
+        """A guest file's xattr; on a source's directory, ``user.virtmount.release`` (never listed)
+        shuts its appliance down, which works on read-only (``ro``) mounts too, unlike setxattr."""
         node = self.node(inode)
-        if not isinstance(node, GuestNode):
+        if name == RELEASE_XATTR and await self._release(node):
+            return b"released"
+        if not isinstance(node, GuestNode) or self.guests.is_resting_view_root(node):
             raise FsError(errno.ENODATA)
         value = (await self.guests.xattrs(node)).get(name)
         if value is None:
@@ -387,18 +405,23 @@ class ConnectionTree:
     async def setxattr(self, inode: int, name: bytes) -> None:
         """Only the release control is writable: `setfattr -n user.virtmount.release domains/NAME`
         (or volumes/POOL/VOLUME)."""
-        node = self.node(inode)
-        if name == RELEASE_XATTR:
-            for source in self.served_sources():
-                if source.directory is node:
-                    await source.appliance.release()
-                    return
+        if name == RELEASE_XATTR and await self._release(self.node(inode)):
+            return
         raise FsError(errno.EROFS)
 
+    async def _release(self, directory: Node) -> bool:
+        """Shut down the appliance of the source whose directory this is; False if it is none."""
+        for source in self.served_sources():
+            if source.directory is directory:
+                await source.appliance.release()
+                return True
+        return False
+
     async def statfs(self, inode: int) -> tuple[int, int, int, int, int, int, int, int]:
-        """(bsize, frsize, blocks, bfree, bavail, files, ffree, namemax)."""
+        """(bsize, frsize, blocks, bfree, bavail, files, ffree, namemax); zeros for the virtual tree
+        and for a view root whose appliance is off (a file browser's look boots nothing)."""
         node = self.node(inode)
-        if isinstance(node, GuestNode):
+        if isinstance(node, GuestNode) and not self.guests.is_resting_view_root(node):
             sv = await self.guests.statvfs(node)
             return (sv.bsize, sv.frsize, sv.blocks, sv.bfree, sv.bavail, sv.files, sv.ffree, sv.namemax)
         return (4096, 4096, 0, 0, 0, 0, 0, 255)

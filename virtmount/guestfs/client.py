@@ -134,6 +134,14 @@ class GuestfsClient:
         self._probe: dict[str, bool] = {}
         #: The exception that brought the connection down, for diagnostics.
         self.failure: BaseException | None = None
+        #: Calls answered so far, and the bytes of their replies (for ``virtmount status``).
+        self.calls_done = 0
+        self.bytes_received = 0
+
+    @property
+    def calls_in_flight(self) -> int:
+        """Calls sent (or waiting to be sent) and not answered yet."""
+        return len(self._pending)
 
     # ------------------------------------------------------------------
     # lifecycle
@@ -234,9 +242,11 @@ class GuestfsClient:
                 error,
             )
             raise error
+        self.calls_done += 1
         if call.error is not None:
             raise call.error
         assert call.payload is not None
+        self.bytes_received += len(call.payload)
         return call.payload
 
     async def _send(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import urllib.parse
 from typing import Any, Callable, TypeVar
 
 import libvirt
@@ -45,6 +46,43 @@ async def run_blocking(fn: Callable[..., T], *args: Any) -> T:
     return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
 
 
+# What to configure, by what libvirt (or ssh through it) said: virtmount never prompts.
+_LIBVIRT_CREDENTIALS = ("libvirt wants credentials: put them in libvirt's auth.conf (~/.config/libvirt/auth.conf) "
+                        "or use SASL or TLS client certificates; virtmount never prompts")
+_TLS_CERTIFICATES = "qemu+tls needs the CA and client certificates in /etc/pki (see libvirt's TLS set-up)"
+_CREDENTIAL_HINTS = (
+    ("Host key verification failed",
+     "the host's ssh key is not in ~/.ssh/known_hosts: connect once with ssh to accept it"),
+    ("Permission denied (publickey",
+     "ssh refused the key: load it into an ssh agent or name it with keyfile=PATH in the URI "
+     "(keys with a passphrase need the agent)"),
+    ("Permission denied",
+     "ssh refused the login: virtmount never prompts, so use an ssh key (agent or keyfile=PATH in the URI)"),
+    ("authentication failed", _LIBVIRT_CREDENTIALS),
+    ("authentication unavailable", _LIBVIRT_CREDENTIALS),
+    ("Cannot read CA certificate", _TLS_CERTIFICATES),
+    ("Cannot read certificate", _TLS_CERTIFICATES),
+)
+
+
+def credential_hint(message: str) -> str:
+    """What to configure for a connection failure that is about credentials, or ""."""
+    for needle, hint in _CREDENTIAL_HINTS:
+        if needle in message:
+            return hint
+    return ""
+
+
+def without_prompts(uri: str) -> str:
+    """``uri`` with ssh told never to ask (``no_tty=1``: batch mode) unless the URI says otherwise."""
+    parts = urllib.parse.urlsplit(uri)
+    if not parts.scheme.endswith("+ssh"):
+        return uri
+    if "no_tty" in urllib.parse.parse_qs(parts.query, keep_blank_values=True):
+        return uri
+    return urllib.parse.urlunsplit(parts._replace(query="&".join(q for q in (parts.query, "no_tty=1") if q)))
+
+
 def _refuse_interactive_credentials(credentials: list[list[Any]], _opaque: Any) -> int:
     """virtmount never prompts: credentials come from the environment (ssh agent, TLS certs, SASL config)."""
     return -1
@@ -70,9 +108,11 @@ async def open_connection(uri: str, timeout: float = 60.0) -> libvirt.virConnect
     ensure_event_loop()
     with trio.move_on_after(timeout) as scope:
         try:
-            conn = await run_blocking(_open, uri)
+            conn = await run_blocking(_open, without_prompts(uri))
         except libvirt.libvirtError as exc:
-            raise ConnectionFailed(f"cannot connect to {uri}: {libvirt_message(exc)}") from None
+            message = libvirt_message(exc)
+            hint = credential_hint(message)
+            raise ConnectionFailed(f"cannot connect to {uri}: {message}{f' ({hint})' if hint else ''}") from None
     if scope.cancelled_caught:
         raise ConnectionFailed(f"cannot connect to {uri}: no answer within {timeout:.0f} s")
     try:

@@ -1,4 +1,4 @@
-"""Capturing an appliance's serial console through libvirt, to explain failed boots."""
+"""Capturing an appliance's serial console through libvirt: to tell that a boot is under way, and to explain failed boots."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ class ConsoleLog:
         self._domain_name = domain_name
         self._chunks: deque[bytes] = deque()
         self._size = 0
+        self.first_output = trio.Event()  # set when the appliance printed anything: it is running
 
     def attach(self, conn: libvirt.virConnect, domain: libvirt.virDomain) -> LibvirtByteStream:
         """Open the console stream; call before the domain is resumed so nothing is missed."""
@@ -36,6 +37,7 @@ class ConsoleLog:
         partial_line = b""
         try:
             while data := await stream.receive_some(_KEPT_BYTES):
+                self.first_output.set()
                 if log.isEnabledFor(logging.DEBUG):  # whole lines only: data arrives in small pieces
                     *lines, partial_line = (partial_line + data).split(b"\n")
                     for line in lines:

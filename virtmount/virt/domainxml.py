@@ -18,12 +18,18 @@ DAEMON_CHANNEL = "org.libguestfs.channel.0"
 METADATA_NAMESPACE = "https://virtmount.org/xmlns/appliance/1"
 APPLIANCE_NAME_PREFIX = "virtmount-appliance-"
 
-# Kernel command line used by libguestfs 1.48 for its appliance (see lib/appliance-kcmdline.c).
-_BASE_KERNEL_ARGS = (
-    "panic=1 console=ttyS0 edd=off udevtimeout=6000 udev.event-timeout=6000 no_timer_check "
-    "printk.time=1 cgroup_disable=memory usbcore.nousb cryptomgr.notests tsc=reliable "
+# Kernel command line used by libguestfs 1.48 for its appliance (see lib/appliance-kcmdline.c),
+# plus early console output: a booting kernel prints within ~0.1 s of its start under KVM (the
+# sign that accelerator.py waits for), where libguestfs's ``quiet`` alone keeps the console silent
+# until the appliance's init runs (~5 s under TCG).
+BASE_KERNEL_ARGS = (
+    "panic=1 console=ttyS0 earlyprintk=ttyS0 edd=off udevtimeout=6000 udev.event-timeout=6000 "
+    "no_timer_check printk.time=1 cgroup_disable=memory usbcore.nousb cryptomgr.notests tsc=reliable "
     "8250.nr_uarts=1 selinux=0 TERM=xterm"
 )
+# After ``quiet`` (which the appliance's init also reads), keep the kernel's notices on the console:
+# "Kernel command line: ..." is one, printed as soon as the early console exists.
+_QUIET_BUT_NOTICES = "quiet loglevel=6"
 
 # <driver> attributes that only make sense on virtio-blk; the appliance puts every disk on virtio-scsi.
 _VIRTIO_BLK_ONLY_DRIVER_ATTRS = ("iothread", "queues", "queue_size", "ats", "iommu", "packed", "page_per_vq", "event_idx", "ioeventfd")
@@ -96,6 +102,7 @@ class ApplianceSpec:
     writable: bool = False
     verbose: bool = False
     extra_kernel_args: str = ""
+    emulator: str = ""  # the QEMU binary on the host; "" for libvirt's default
     owner: str = ""  # the process id of the virtmount that runs it (metadata, for tools and tests)
     # A persistent overlay of root_path to boot from and write to (the appliance to be saved,
     # see faststart.py); empty: a throw-away overlay made and deleted by libvirt.
@@ -103,8 +110,8 @@ class ApplianceSpec:
 
 
 def kernel_command_line(spec: ApplianceSpec) -> str:
-    args = [_BASE_KERNEL_ARGS, f"root=UUID={spec.root_uuid}"]
-    args.append("guestfs_verbose=1" if spec.verbose else "quiet")
+    args = [BASE_KERNEL_ARGS, f"root=UUID={spec.root_uuid}"]
+    args.append("guestfs_verbose=1" if spec.verbose else _QUIET_BUT_NOTICES)
     if spec.extra_kernel_args:
         args.append(spec.extra_kernel_args)
     return " ".join(args)
@@ -185,6 +192,8 @@ def build_appliance_xml(spec: ApplianceSpec) -> str:
         ET.SubElement(domain, event).text = "destroy"
 
     devices = ET.SubElement(domain, "devices")
+    if spec.emulator:
+        ET.SubElement(devices, "emulator").text = spec.emulator
     ET.SubElement(devices, "controller", type="scsi", index="0", model="virtio-scsi")
     ET.SubElement(devices, "controller", type="usb", model="none")
     for index, guest_disk in enumerate(spec.guest.disks):

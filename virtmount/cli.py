@@ -35,8 +35,8 @@ Browse the filesystems of the guests on a libvirt connection.
   virtmount inspect [-o OPTS] URI DOMAIN
       boot an appliance for the shut-off DOMAIN, print its operating system
       and filesystems, and shut the appliance down.
-  virtmount release MOUNTPOINT DOMAIN
-      shut DOMAIN's appliance down now, so that the domain can be started.
+  virtmount release MOUNTPOINT DOMAIN|volumes/POOL/VOLUME
+      shut that appliance down now, so that the domain can be started.
   virtmount status [--json] MOUNTPOINT
       what the mount and each appliance is doing (booting, ready, idle, failed
       and why), as a table or as JSON.
@@ -94,7 +94,7 @@ def _status_parser() -> argparse.ArgumentParser:
 def _release_parser() -> argparse.ArgumentParser:
     parser = _new_parser("virtmount release")
     parser.add_argument("mountpoint", help="where virtmount is mounted")
-    parser.add_argument("domain", help="the domain whose appliance to shut down")
+    parser.add_argument("domain", help="the domain whose appliance to shut down, or volumes/POOL/VOLUME")
     return parser
 
 
@@ -120,7 +120,9 @@ async def _inspect(uri: str, domain: str, config: Config) -> None:
 
 
 def _release(mountpoint: str, domain: str) -> None:
-    path = os.path.join(mountpoint, "domains", domain)
+    """``domain`` names a domain, or a source's path below the mount point (volumes/POOL/VOLUME)."""
+    below = domain if domain.startswith(("domains/", "volumes/")) else os.path.join("domains", domain)
+    path = os.path.join(mountpoint, below)
     try:
         os.getxattr(path, RELEASE_XATTR, follow_symlinks=False)  # a read: works on ro mounts too
     except OSError as exc:

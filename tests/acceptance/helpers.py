@@ -9,7 +9,7 @@ from pathlib import Path
 
 import libvirt
 
-from virtmount.virt.domainxml import APPLIANCE_NAME_PREFIX, appliance_owner
+from virtmount.virt.domainxml import APPLIANCE_NAME_PREFIX, appliance_guest_name, appliance_owner
 
 REPO = Path(__file__).resolve().parents[2]
 VIRTMOUNT = str(Path(sys.executable).parent / "virtmount")
@@ -40,6 +40,23 @@ def appliances_of(pid: int, uri: str = "qemu:///system") -> list[str]:
             except libvirt.libvirtError:
                 pass  # ended while we looked
         return owned
+    finally:
+        conn.close()
+
+
+def appliances_serving(guest: str, pid: int, uri: str = "qemu:///system") -> list[str]:
+    """Names of the appliance domains that the process ``pid`` runs for ``guest`` (a restored one is
+    named after its saved appliance, so its metadata tells)."""
+    conn = libvirt.open(uri)
+    try:
+        serving = []
+        for name in appliances_of(pid, uri):
+            try:
+                if appliance_guest_name(conn.lookupByName(name).XMLDesc(0)) == guest:
+                    serving.append(name)
+            except libvirt.libvirtError:
+                pass  # ended while we looked
+        return serving
     finally:
         conn.close()
 

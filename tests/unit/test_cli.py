@@ -196,4 +196,6 @@ def test_release_reads_the_control_xattr(monkeypatch: pytest.MonkeyPatch) -> Non
 
     monkeypatch.setattr(os, "getxattr", record)
     assert cli.run(["release", "/mnt/vm", "web 1"]) == 0
-    assert calls == [("/mnt/vm/domains/web 1", b"user.virtmount.release")]
+    assert cli.run(["release", "/mnt/vm", "volumes/default/disk.qcow2"]) == 0
+    assert calls == [("/mnt/vm/domains/web 1", b"user.virtmount.release"),
+                     ("/mnt/vm/volumes/default/disk.qcow2", b"user.virtmount.release")]

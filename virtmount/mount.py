@@ -1,7 +1,7 @@
 """Start-up and shut-down of a mount, in one place.
 
 Order on the way up: check the mount point, connect, remove leftover
-appliances, mount FUSE, report readiness. On the way down (fusermount3 -u,
+appliances and backup jobs, mount FUSE, report readiness. On the way down (fusermount3 -u,
 SIGTERM, SIGINT or SIGHUP): stop serving, sync and destroy every appliance,
 unmount, close the connection.
 """
@@ -25,10 +25,13 @@ from .fs.tree import ConnectionTree
 from .fs.operations import Operations
 from .lifecycle import HostApplianceSource, SourceAppliance
 from .sources import SourceRef
+from .sources.domain import DomainRef
+from .sources.running import AnyStateDomainRef
 from .inspection_cache import InspectionCache
 from .status import MountStatus
 from .watchdog import WatchdogSource
 from .virt.connection import close_connection, libvirt_message, open_connection, run_blocking, uses_embedded_driver
+from .virt.backup import end_leftover_jobs
 from .virt.domainxml import APPLIANCE_NAME_PREFIX
 
 log = logging.getLogger(__name__)
@@ -63,6 +66,15 @@ async def _remove_leftover_appliances(conn: libvirt.virConnect) -> None:
                 await run_blocking(domain.destroy)
             except libvirt.libvirtError as exc:
                 log.warning("cannot destroy leftover appliance %s: %s", name, libvirt_message(exc))
+
+
+async def _end_leftover_backup_jobs(conn: libvirt.virConnect, pool: str) -> None:
+    """A virtmount of this host that died (and its watchdog too) may have left backup jobs and scratch volumes."""
+    try:
+        for name in await run_blocking(end_leftover_jobs, conn, pool):
+            log.info("ended a leftover backup job of virtmount's on %s", name)
+    except libvirt.libvirtError as exc:
+        log.warning("cannot look for leftover backup jobs: %s", libvirt_message(exc))
 
 
 async def _shut_down_idle_appliances(tree: ConnectionTree, idle_seconds: float) -> None:
@@ -125,14 +137,16 @@ async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[]
     conn = await open_connection(uri)
     try:
         await _remove_leftover_appliances(conn)
+        await _end_leftover_backup_jobs(conn, config.appliance.pool)
         async with trio.open_nursery() as nursery:
             host_appliance = HostApplianceSource(conn, config.appliance.pool)
             inspection_cache = None if config.inspection_cache is None else InspectionCache(config.inspection_cache)
-            # restores need a watchdog, which needs a client of its own: the embedded driver has none
-            restores = config.appliance.fast_start and not await run_blocking(uses_embedded_driver, conn)
-            watchdogs = WatchdogSource(uri) if restores else None
+            # restores and backup jobs need a watchdog, which needs a client of its own: the embedded driver has none
+            watchdogs = None if await run_blocking(uses_embedded_driver, conn) else WatchdogSource(uri)
 
             def make_appliance(source: SourceRef, settings: ApplianceSettings = config.appliance) -> SourceAppliance:
+                if isinstance(source, DomainRef):  # running domains are served from a point-in-time export
+                    source = AnyStateDomainRef(source, settings.pool)
                 return SourceAppliance(conn, source, settings, host_appliance, nursery, inspection_cache, watchdogs)
 
             serving = False

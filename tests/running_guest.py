@@ -2,18 +2,19 @@
 
 Its init loads the virtio and ext4 modules, mounts its data disk (``vda``, ext4
 without a journal, mounted ``sync``) at /data and appends a line with a counter
-to ``/data/counter`` every 100 ms, forever. It has no guest agent and no guestfs
+to ``/data/counter`` every 100 ms, forever. A second disk (``vdb``, ext4 with
+/hello.txt) is never mounted by the guest: its image must stay bit for bit the same. It has no guest agent and no guestfs
 daemon: views of it are crash-consistent. It boots in a few seconds under TCG.
 
 Built once and cached (like tests/images.py) under
-``$VIRTMOUNT_TEST_IMAGES/running-<hash>/``: kernel, initramfs, data.qcow2; the
+``$VIRTMOUNT_TEST_IMAGES/running-<hash>/``: kernel, initramfs, data.qcow2, quiet.qcow2; the
 hash covers this file and the host's kernel.
 
 Usage::
 
     from tests import running_guest
     guest = running_guest.start("qemu:///system")    # defines and starts it if needed
-    running_guest.disk_checksum(guest)                # sha256 of the data disk as libvirt's host sees it
+    running_guest.disk_checksum(guest.quiet_disk)     # sha256 of an image file as the host sees it
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import libvirt
 from tests.images import IMAGE_DIR, locked
 
 NAME = "virtmount-test-run-writer"
+QUIET_CONTENT = b"this disk is never written\n"  # /hello.txt on the second disk (vdb), which the guest never mounts
 UUID = "2195c483-9297-4564-b89b-b8496d906dec"  # fixed, so that a changed definition replaces the old one
 CONSOLE_LOG = f"/var/log/libvirt/qemu/{NAME}-console.log"
 COUNTER_FILE = "/counter"  # on the data disk, the only filesystem: devices/vda/counter
@@ -64,7 +66,8 @@ done
 class RunningGuest:
     name: str
     uri: str
-    data_disk: Path
+    data_disk: Path  # vda, written all the time
+    quiet_disk: Path  # vdb, never written by the guest
 
 
 def _kernel() -> Path:
@@ -119,6 +122,12 @@ def build() -> Path:
                             str(raw)], check=True, capture_output=True)
             subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(work / "data.qcow2")],
                            check=True, capture_output=True)
+            with tempfile.TemporaryDirectory() as content:
+                (Path(content) / "hello.txt").write_bytes(QUIET_CONTENT)
+                subprocess.run(["mkfs.ext4", "-q", "-F", "-d", content, "-L", "quiet", str(raw)], check=True,
+                               capture_output=True)
+            subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(work / "quiet.qcow2")],
+                           check=True, capture_output=True)
             raw.unlink()
             for path in work.iterdir():
                 path.chmod(0o644)
@@ -148,6 +157,10 @@ def domain_xml(directory: Path) -> str:
     ET.SubElement(disk, "driver", name="qemu", type="qcow2")
     ET.SubElement(disk, "source", file=str(directory / "data.qcow2"))
     ET.SubElement(disk, "target", dev="vda", bus="virtio")
+    quiet = ET.SubElement(devices, "disk", type="file", device="disk")
+    ET.SubElement(quiet, "driver", name="qemu", type="qcow2")
+    ET.SubElement(quiet, "source", file=str(directory / "quiet.qcow2"))
+    ET.SubElement(quiet, "target", dev="vdb", bus="virtio")
     serial = ET.SubElement(devices, "serial", type="pty")
     ET.SubElement(serial, "target", port="0")
     ET.SubElement(serial, "log", file=CONSOLE_LOG, append="off")
@@ -163,7 +176,7 @@ def define(uri: str) -> RunningGuest:
         conn.defineXML(domain_xml(directory))
     finally:
         conn.close()
-    return RunningGuest(NAME, uri, directory / "data.qcow2")
+    return RunningGuest(NAME, uri, directory / "data.qcow2", directory / "quiet.qcow2")
 
 
 def start(uri: str, timeout: float = 120) -> RunningGuest:
@@ -201,10 +214,32 @@ def stop(guest: RunningGuest) -> None:
         conn.close()
 
 
-def disk_checksum(guest: RunningGuest) -> str:
-    """sha256 of the data disk's file, read on the host (qcow2 metadata included)."""
+def disk_checksum(image_path: Path) -> str:
+    """sha256 of a disk image file, read on the host (qcow2 metadata included)."""
     digest = hashlib.sha256()
-    with open(guest.data_disk, "rb") as image:
+    with open(image_path, "rb") as image:
         while chunk := image.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def backup_job(uri: str, name: str = NAME) -> str | None:
+    """The domain's backup job XML, None if it has none."""
+    conn = libvirt.open(uri)
+    try:
+        return str(conn.lookupByName(name).backupGetXMLDesc(0))
+    except libvirt.libvirtError:
+        return None
+    finally:
+        conn.close()
+
+
+def scratch_volumes(uri: str, pool: str = "virtmount") -> list[str]:
+    """virtmount's scratch volumes in ``pool`` (after a refresh)."""
+    conn = libvirt.open(uri)
+    try:
+        storage = conn.storagePoolLookupByName(pool)
+        storage.refresh(0)
+        return sorted(v.name() for v in storage.listAllVolumes(0) if v.name().startswith("virtmount-scratch-"))
+    finally:
+        conn.close()

@@ -27,7 +27,7 @@ from .guestfs.errors import GuestfsClientError
 from .guestlayout import GuestLayout, lay_out_os, mount_devices
 from .inspection_cache import InspectionCache
 from .sources import Source, SourceRef, SourceUnavailable, attach_mode
-from .status import DiskStatus, SourceStatus, clock
+from .status import DiskStatus, SourceStatus, clock, iso_time
 from .virt.provision import HostAppliance, provision
 from .watchdog import Watchdog, WatchdogSource
 
@@ -98,6 +98,15 @@ class SourceAppliance:
         if self._layout is not None and self._appliance is not None and not self._layout.client.closed:
             return self._layout
         return None
+
+    @property
+    def snapshot_taken_at(self) -> float | None:
+        """When the view the running appliance serves was taken (a running domain's point-in-time
+        export), or None if it serves disks as they are, or nothing."""
+        served = self._served
+        if self._appliance is None or served is None or served.hold is None:
+            return None
+        return served.hold.taken_at
 
     def touch(self) -> None:
         self._last_used = time.monotonic()
@@ -265,6 +274,7 @@ class SourceAppliance:
             bytes_read=client.bytes_received,
             cached_entries=cached_entries,
             last_shutdown=self._last_shutdown,
+            snapshot_taken="" if (taken := self.snapshot_taken_at) is None else iso_time(taken),
         )
 
 

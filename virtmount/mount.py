@@ -20,6 +20,7 @@ import trio
 
 from .appliance import ApplianceSettings
 from .config import Config
+from .domainevents import stopped_domains
 from .errors import UsageError, VirtmountError
 from .fs.tree import ConnectionTree
 from .fs.operations import Operations
@@ -75,6 +76,18 @@ async def _end_leftover_backup_jobs(conn: libvirt.virConnect, pool: str) -> None
             log.info("ended a leftover backup job of virtmount's on %s", name)
     except libvirt.libvirtError as exc:
         log.warning("cannot look for leftover backup jobs: %s", libvirt_message(exc))
+
+
+async def _end_views_of_stopped_domains(conn: libvirt.virConnect, tree: ConnectionTree, nursery: trio.Nursery,
+                                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """A running domain that stops ends its point-in-time view; the next access reads its disks."""
+    with stopped_domains(conn) as stopped:
+        task_status.started()
+        async for uuid in stopped:
+            for source in tree.served_sources():
+                if source.identity == uuid and source.appliance.snapshot_taken_at is not None:
+                    log.info("%s: the domain stopped; its point-in-time view ends", source.name)
+                    nursery.start_soon(source.appliance.release, "the domain stopped")
 
 
 async def _shut_down_idle_appliances(tree: ConnectionTree, idle_seconds: float) -> None:
@@ -175,6 +188,7 @@ async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[]
                 await nursery.start(_terminate_on_signal)  # before readiness: systemd may stop us at once
                 nursery.start_soon(_terminate_when_unmounted, mountpoint)
                 nursery.start_soon(_shut_down_idle_appliances, tree, config.idle_seconds)
+                await nursery.start(_end_views_of_stopped_domains, conn, tree, nursery)
                 on_ready()
                 log.info("mounted %s on %s", uri, mountpoint)
                 serving = True

@@ -117,7 +117,8 @@ def _watch(commands: IO[str], conn: libvirt.virConnect, owner: str) -> None:
             watched.add(line[1:])
         elif line.startswith("-"):
             watched.discard(line[1:])
-    for name in sorted(watched):  # the pipe ended without a goodbye: the owner died
+    # the pipe ended without a goodbye: the owner died. Appliances go first: they read the backup jobs' exports.
+    for name in sorted(watched, key=lambda item: item.startswith(BACKUP_ITEM)):
         if name.startswith(BACKUP_ITEM):
             _end_backup(conn, name)
             continue
@@ -145,6 +146,7 @@ def _end_backup(conn: libvirt.virConnect, item: str) -> None:
 
 def main(argv: list[str]) -> int:
     uri, owner = argv
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors are reported here, not by libvirt
     try:
         conn = libvirt.open(without_prompts(uri))
     except libvirt.libvirtError as exc:

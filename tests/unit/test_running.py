@@ -324,3 +324,18 @@ async def test_the_hold_is_released_after_the_appliance_shut_down(monkeypatch: p
     monkeypatch.setattr(ref.held, "release", release)
     await guest.release()
     assert order == ["appliance", "hold"]
+
+
+async def test_a_point_in_time_view_says_when_it_was_taken() -> None:
+    import os
+
+    from .test_tree import make_world, names_in, walk
+    world = make_world()
+    tree = world.tree
+    alpha = await walk(tree, b"domains", b"alpha")
+    assert b"snapshot-time" not in await names_in(tree, alpha)  # disks as they are: no point in time
+    world.appliance("alpha").snapshot_taken_at = 1764652380.25  # 2025-12-02T05:13:00.250Z
+    assert b"snapshot-time" in await names_in(tree, alpha)
+    node = await tree.lookup(alpha.inode, b"snapshot-time")
+    handle = await tree.open(node.inode, os.O_RDONLY)
+    assert await tree.read(handle, 0, 100) == b"2025-12-02T05:13:00.250Z\n"

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import socket
+import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 SCRATCH_PREFIX = "virtmount-scratch-"
 SOCKET_DIR_PREFIX = "virtmount-nbd-"
+JOB_END_TIMEOUT_S = 30.0
 _SCRATCH_NAME = re.compile(
     re.escape(SCRATCH_PREFIX) + r"(?P<owner>.+)-(?P<uuid>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})"
     r"-(?P<target>[^-/]+)\.qcow2$")
@@ -165,6 +167,11 @@ def end_job(conn: libvirt.virConnect, domain: libvirt.virDomain, owner: str) -> 
     except libvirt.libvirtError as exc:
         if exc.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:  # ended meanwhile
             raise
+    deadline = time.monotonic() + JOB_END_TIMEOUT_S
+    while current_job_xml(domain) is not None:  # the job ends a moment after the abort returns
+        if time.monotonic() > deadline:
+            raise libvirt.libvirtError(f"the backup job did not end within {JOB_END_TIMEOUT_S:.0f} s of its abort")
+        time.sleep(0.05)
     delete_scratch(conn, job_scratch_paths(job))
     return True
 

@@ -1,0 +1,191 @@
+"""Running guests: a point-in-time view through libvirt's pull-mode backup, on a guest that keeps writing.
+
+The guest (tests/running_guest.py) appends a counter to /counter on its first
+disk every 100 ms and never touches its second disk. Everything these tests
+make is named virtmount-test-run*.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Iterator
+
+import libvirt
+import pytest
+
+from tests import running_guest
+from tests.acceptance.conftest import unmount
+from tests.acceptance.helpers import run_virtmount
+from virtmount.virt import backup
+
+pytestmark = pytest.mark.acceptance
+
+
+@pytest.fixture(scope="module")
+def writer(libvirtd: str) -> Iterator[running_guest.RunningGuest]:
+    guest = running_guest.start(libvirtd)
+    yield guest
+    running_guest.stop(guest)
+
+
+def mount(uri: str, mountpoint: Path, *options: str) -> None:
+    result = run_virtmount("-o", ",".join(("idle=600",) + options), uri, str(mountpoint))
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture(scope="module")
+def writer_mount(writer: running_guest.RunningGuest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """qemu:///system mounted for this module; its tests share the writer's appliance (and its job)."""
+    mountpoint = tmp_path_factory.mktemp("virtmount-run")
+    mount(writer.uri, mountpoint)
+    try:
+        yield mountpoint
+    finally:
+        unmount(mountpoint)
+
+
+def devices_of(mountpoint: Path) -> Path:
+    return mountpoint / "domains" / running_guest.NAME / "devices"
+
+
+def counter_file(mountpoint: Path) -> Path:
+    """The counter file in the devices/ view of the writer's first disk."""
+    devices = devices_of(mountpoint)
+    found = [d / "counter" for d in sorted(devices.iterdir()) if (d / "counter").exists()]
+    assert len(found) == 1, list(devices.iterdir())
+    return found[0]
+
+
+def last_count(path: Path) -> int:
+    return int(path.read_text().split()[-1])
+
+
+def test_a_running_guest_shows_a_stable_view_while_it_writes(writer: running_guest.RunningGuest,
+                                                              writer_mount: Path) -> None:
+    started = time.monotonic()
+    listing = sorted(p.name for p in devices_of(writer_mount).iterdir())
+    first_listing = time.monotonic() - started
+    print(f"first access of the running guest -> first listing of devices/: {first_listing:.1f} s ({listing})")
+    path = counter_file(writer_mount)
+    first = path.read_bytes()
+    mtime = writer.data_disk.stat().st_mtime_ns
+    time.sleep(2)  # ~20 more lines written by the guest meanwhile
+    assert writer.data_disk.stat().st_mtime_ns != mtime, "the guest stopped writing"
+    assert path.read_bytes() == first
+    assert last_count(path) > 0
+
+
+def test_later_writes_appear_after_a_refresh(writer_mount: Path) -> None:
+    before = last_count(counter_file(writer_mount))
+    time.sleep(1)
+    os.getxattr(writer_mount / "domains" / running_guest.NAME, "user.virtmount.release")
+    after = last_count(counter_file(writer_mount))
+    assert after > before
+
+
+def test_the_disks_are_never_written(writer: running_guest.RunningGuest, writer_mount: Path) -> None:
+    """The second disk is never written by the guest: its image is the same before and after a view of it."""
+    domain_dir = writer_mount / "domains" / running_guest.NAME
+    os.getxattr(domain_dir, "user.virtmount.release")
+    before = running_guest.disk_checksum(writer.quiet_disk)
+    contents = [(d / "hello.txt").read_bytes() for d in sorted((domain_dir / "devices").iterdir())
+                if (d / "hello.txt").exists()]
+    assert contents == [running_guest.QUIET_CONTENT]
+    os.getxattr(domain_dir, "user.virtmount.release")
+    after = running_guest.disk_checksum(writer.quiet_disk)
+    print(f"sha256 of the guest's second disk before a view: {before}, after: {after}")
+    assert before == after
+    info = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(writer.data_disk)], capture_output=True,
+                          text=True, check=True).stdout
+    assert "bitmaps" not in info  # no checkpoint was made
+
+
+def test_nothing_is_left_after_unmount(writer: running_guest.RunningGuest,
+                                       tmp_path_factory: pytest.TempPathFactory) -> None:
+    mountpoint = tmp_path_factory.mktemp("virtmount-run-unmount")
+    mount(writer.uri, mountpoint)
+    try:
+        counter_file(mountpoint)
+        assert running_guest.backup_job(writer.uri) is not None
+        assert running_guest.scratch_volumes(writer.uri)
+    finally:
+        unmount(mountpoint)
+    assert running_guest.backup_job(writer.uri) is None
+    assert running_guest.scratch_volumes(writer.uri) == []
+
+
+def wait_for_no_job(uri: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while running_guest.backup_job(uri) is not None or running_guest.scratch_volumes(uri):
+        assert time.monotonic() < deadline, "the backup job or its scratch is still there"
+        time.sleep(0.5)
+
+
+def test_sigkill_leaves_no_job_behind(writer: running_guest.RunningGuest,
+                                      tmp_path_factory: pytest.TempPathFactory) -> None:
+    mountpoint = tmp_path_factory.mktemp("virtmount-run-kill")
+    mount(writer.uri, mountpoint)
+    try:
+        counter_file(mountpoint)
+        assert running_guest.backup_job(writer.uri) is not None
+        pid = int(subprocess.run(["pgrep", "-f", f"virtmount .*{mountpoint}$"], capture_output=True, text=True,
+                                 check=True).stdout.split()[0])
+        os.kill(pid, signal.SIGKILL)
+        wait_for_no_job(writer.uri)  # the watchdog ended it
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
+
+
+def test_the_next_start_ends_a_leftover_job(writer: running_guest.RunningGuest,
+                                            tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A job of a virtmount of this host that died with its watchdog is ended when a mount starts."""
+    dead = f"{backup.this_owner().rsplit('.', 1)[0]}.999999999"
+    conn = libvirt.open(writer.uri)
+    try:
+        domain = conn.lookupByName(running_guest.NAME)
+        pool = conn.storagePoolLookupByName("virtmount")
+        scratch = pool.createXML(backup.scratch_volume_xml(backup.scratch_name(dead, domain.UUIDString(), "vda"),
+                                                           domain.blockInfo("vda")[0]), 0)
+        domain.backupBegin(backup.backup_xml("/var/lib/libvirt/virtmount/virtmount-nbd-64055-64055/test-run.sock",
+                                             [backup.ExportedDisk("vda", scratch.path())]),
+                           None, libvirt.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL)
+    finally:
+        conn.close()
+    mountpoint = tmp_path_factory.mktemp("virtmount-run-leftover")
+    mount(writer.uri, mountpoint)
+    try:
+        assert running_guest.backup_job(writer.uri) is None
+        assert running_guest.scratch_volumes(writer.uri) == []
+    finally:
+        unmount(mountpoint)
+
+
+def test_someone_elses_job_is_refused_and_left_alone(writer: running_guest.RunningGuest,
+                                                     tmp_path_factory: pytest.TempPathFactory) -> None:
+    conn = libvirt.open(writer.uri)
+    pool = conn.storagePoolLookupByName("virtmount")
+    scratch = pool.createXML(backup.scratch_volume_xml("virtmount-test-run-other-scratch.qcow2", 64 << 20), 0)
+    domain = conn.lookupByName(running_guest.NAME)
+    domain.backupBegin(backup.backup_xml("/var/lib/libvirt/virtmount/virtmount-nbd-64055-64055/test-run-other.sock",
+                                         [backup.ExportedDisk("vda", scratch.path())]),
+                       None, libvirt.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL)
+    mountpoint = tmp_path_factory.mktemp("virtmount-run-other")
+    try:
+        mount(writer.uri, mountpoint)
+        try:
+            with pytest.raises(OSError) as raised:
+                list(devices_of(mountpoint).iterdir())
+            assert raised.value.errno == 5
+            status = run_virtmount("status", str(mountpoint)).stdout
+            assert f"a backup job is already running on {running_guest.NAME}" in status
+        finally:
+            unmount(mountpoint)
+        assert running_guest.backup_job(writer.uri) is not None  # theirs, untouched
+    finally:
+        domain.abortJob()
+        scratch.delete(0)
+        conn.close()

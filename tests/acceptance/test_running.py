@@ -19,7 +19,7 @@ import pytest
 
 from tests import running_guest
 from tests.acceptance.conftest import unmount
-from tests.acceptance.helpers import run_virtmount
+from tests.acceptance.helpers import VIRTMOUNT, run_virtmount
 from virtmount.virt import backup
 
 pytestmark = pytest.mark.acceptance
@@ -33,8 +33,18 @@ def writer(libvirtd: str) -> Iterator[running_guest.RunningGuest]:
 
 
 def mount(uri: str, mountpoint: Path, *options: str) -> None:
-    result = run_virtmount("-o", ",".join(("idle=600",) + options), uri, str(mountpoint))
-    assert result.returncode == 0, result.stderr
+    """Mount in the foreground with -v, its log in MOUNTPOINT.log (shown when a test fails)."""
+    log = mountpoint.with_suffix(".log").open("w")
+    subprocess.Popen([VIRTMOUNT, "-f", "-v", "-o", ",".join(("idle=600",) + options), uri, str(mountpoint)],
+                     stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not os.path.ismount(mountpoint):
+        assert time.monotonic() < deadline, mountpoint.with_suffix(".log").read_text()
+        time.sleep(0.2)
+
+
+def log_of(mountpoint: Path) -> str:
+    return mountpoint.with_suffix(".log").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -75,16 +85,26 @@ def test_a_running_guest_shows_a_stable_view_while_it_writes(writer: running_gue
     mtime = writer.data_disk.stat().st_mtime_ns
     time.sleep(2)  # ~20 more lines written by the guest meanwhile
     assert writer.data_disk.stat().st_mtime_ns != mtime, "the guest stopped writing"
-    assert path.read_bytes() == first
+    assert path.read_bytes() == first, log_of(writer_mount)
     assert last_count(path) > 0
+    taken = (writer_mount / "domains" / running_guest.NAME / "snapshot-time").read_text().strip()
+    assert taken.startswith(time.strftime("%Y-%m-%dT", time.gmtime())) and taken.endswith("Z")
+    status = run_virtmount("status", "--json", str(writer_mount))
+    assert taken in status.stdout, status
+    began = [line for line in log_of(writer_mount).splitlines() if "backup job began" in line]
+    print(f"job start: {began}")
 
 
 def test_later_writes_appear_after_a_refresh(writer_mount: Path) -> None:
+    domain_dir = writer_mount / "domains" / running_guest.NAME
     before = last_count(counter_file(writer_mount))
+    taken = (domain_dir / "snapshot-time").read_text()
     time.sleep(1)
-    os.getxattr(writer_mount / "domains" / running_guest.NAME, "user.virtmount.release")
+    os.getxattr(domain_dir, "user.virtmount.release")
+    assert not (domain_dir / "snapshot-time").exists()  # no view until the next access
     after = last_count(counter_file(writer_mount))
-    assert after > before
+    assert after > before, log_of(writer_mount)
+    assert (domain_dir / "snapshot-time").read_text() > taken
 
 
 def test_the_disks_are_never_written(writer: running_guest.RunningGuest, writer_mount: Path) -> None:
@@ -109,7 +129,7 @@ def test_nothing_is_left_after_unmount(writer: running_guest.RunningGuest,
     mountpoint = tmp_path_factory.mktemp("virtmount-run-unmount")
     mount(writer.uri, mountpoint)
     try:
-        counter_file(mountpoint)
+        assert counter_file(mountpoint), log_of(mountpoint)
         assert running_guest.backup_job(writer.uri) is not None
         assert running_guest.scratch_volumes(writer.uri)
     finally:
@@ -130,12 +150,13 @@ def test_sigkill_leaves_no_job_behind(writer: running_guest.RunningGuest,
     mountpoint = tmp_path_factory.mktemp("virtmount-run-kill")
     mount(writer.uri, mountpoint)
     try:
-        counter_file(mountpoint)
+        assert counter_file(mountpoint), log_of(mountpoint)
         assert running_guest.backup_job(writer.uri) is not None
         pid = int(subprocess.run(["pgrep", "-f", f"virtmount .*{mountpoint}$"], capture_output=True, text=True,
                                  check=True).stdout.split()[0])
         os.kill(pid, signal.SIGKILL)
         wait_for_no_job(writer.uri)  # the watchdog ended it
+        assert "ended the backup job" in log_of(mountpoint)
     finally:
         subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
 
@@ -179,7 +200,7 @@ def test_someone_elses_job_is_refused_and_left_alone(writer: running_guest.Runni
         try:
             with pytest.raises(OSError) as raised:
                 list(devices_of(mountpoint).iterdir())
-            assert raised.value.errno == 5
+            assert raised.value.errno == 5, log_of(mountpoint)
             status = run_virtmount("status", str(mountpoint)).stdout
             assert f"a backup job is already running on {running_guest.NAME}" in status
         finally:
@@ -189,3 +210,19 @@ def test_someone_elses_job_is_refused_and_left_alone(writer: running_guest.Runni
         domain.abortJob()
         scratch.delete(0)
         conn.close()
+
+
+def test_a_guest_that_stops_during_a_view_is_then_read_from_its_disks(writer: running_guest.RunningGuest,
+                                                                      writer_mount: Path) -> None:
+    """Runs last: it stops the writer. Its view ends with it (domain event); the next access reads its disks."""
+    domain_dir = writer_mount / "domains" / running_guest.NAME
+    seen = last_count(counter_file(writer_mount))
+    running_guest.stop(writer)
+    deadline = time.monotonic() + 60
+    while (domain_dir / "snapshot-time").exists():  # the view ended on the domain's stop event
+        assert time.monotonic() < deadline, log_of(writer_mount)
+        time.sleep(0.5)
+    assert "the domain stopped" in log_of(writer_mount)
+    assert last_count(counter_file(writer_mount)) >= seen, log_of(writer_mount)
+    assert not (domain_dir / "snapshot-time").exists()  # served from its disks now
+    assert running_guest.backup_job(writer.uri) is None and running_guest.scratch_volumes(writer.uri) == []

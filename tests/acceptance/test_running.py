@@ -124,38 +124,39 @@ def test_the_disks_are_never_written(writer: running_guest.RunningGuest, writer_
     assert "bitmaps" not in info  # no checkpoint was made
 
 
-def test_nothing_is_left_after_unmount(writer: running_guest.RunningGuest,
-                                       tmp_path_factory: pytest.TempPathFactory) -> None:
-    mountpoint = tmp_path_factory.mktemp("virtmount-run-unmount")
+def mount_with_a_view(writer: running_guest.RunningGuest, tmp_path_factory: pytest.TempPathFactory,
+                      name: str) -> Path:
+    """A mount of its own whose view of the writer is up (its backup job and scratch exist)."""
+    mountpoint = tmp_path_factory.mktemp(name)
     mount(writer.uri, mountpoint)
     try:
         assert counter_file(mountpoint), log_of(mountpoint)
         assert running_guest.backup_job(writer.uri) is not None
         assert running_guest.scratch_volumes(writer.uri)
-    finally:
+    except BaseException:
         unmount(mountpoint)
+        raise
+    return mountpoint
+
+
+def test_nothing_is_left_after_unmount(writer: running_guest.RunningGuest,
+                                       tmp_path_factory: pytest.TempPathFactory) -> None:
+    unmount(mount_with_a_view(writer, tmp_path_factory, "virtmount-run-unmount"))
     assert running_guest.backup_job(writer.uri) is None
     assert running_guest.scratch_volumes(writer.uri) == []
 
 
-def wait_for_no_job(uri: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while running_guest.backup_job(uri) is not None or running_guest.scratch_volumes(uri):
-        assert time.monotonic() < deadline, "the backup job or its scratch is still there"
-        time.sleep(0.5)
-
-
 def test_sigkill_leaves_no_job_behind(writer: running_guest.RunningGuest,
                                       tmp_path_factory: pytest.TempPathFactory) -> None:
-    mountpoint = tmp_path_factory.mktemp("virtmount-run-kill")
-    mount(writer.uri, mountpoint)
+    mountpoint = mount_with_a_view(writer, tmp_path_factory, "virtmount-run-kill")
     try:
-        assert counter_file(mountpoint), log_of(mountpoint)
-        assert running_guest.backup_job(writer.uri) is not None
         pid = int(subprocess.run(["pgrep", "-f", f"virtmount .*{mountpoint}$"], capture_output=True, text=True,
                                  check=True).stdout.split()[0])
         os.kill(pid, signal.SIGKILL)
-        wait_for_no_job(writer.uri)  # the watchdog ended it
+        deadline = time.monotonic() + 60
+        while running_guest.backup_job(writer.uri) is not None or running_guest.scratch_volumes(writer.uri):
+            assert time.monotonic() < deadline, "the watchdog left the backup job or its scratch"
+            time.sleep(0.5)
         assert "ended the backup job" in log_of(mountpoint)
     finally:
         subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)

@@ -238,7 +238,8 @@ class SourceAppliance:
             log.info("%s: shutting the appliance down (%s)", self.name, why)
             await appliance.shutdown()
             if self._served is not None and self._served.hold is not None:
-                await _let_go(self._served, await self._watchdogs.get() if self._watchdogs is not None else None)
+                with trio.CancelScope(shield=True):  # a backup job left behind blocks the guest's own backups
+                    await _let_go(self._served, await self._watchdogs.get() if self._watchdogs is not None else None)
             if self.on_discard is not None:
                 self.on_discard()
 

@@ -30,8 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import libvirt
+import trio
 
 from tests.images import IMAGE_DIR, locked
+from virtmount.virt.connection import close_connection, open_connection, run_blocking
+from virtmount.virt.domainxml import ApplianceSpec, GuestDefinition, build_appliance_xml
+from virtmount.virt.provision import provision
 
 NAME = "virtmount-test-run-writer"
 QUIET_CONTENT = b"this disk is never written\n"  # /hello.txt on the second disk (vdb), which the guest never mounts
@@ -242,5 +246,39 @@ def scratch_volumes(uri: str, pool: str = "virtmount") -> list[str]:
         storage = conn.storagePoolLookupByName(pool)
         storage.refresh(0)
         return sorted(v.name() for v in storage.listAllVolumes(0) if v.name().startswith("virtmount-scratch-"))
+    finally:
+        conn.close()
+
+
+GUESTFSD_NAME = "virtmount-test-run-guestfsd"
+
+
+def start_guestfsd_domain(uri: str, image: Path) -> None:
+    """The libguestfs appliance booted as an ordinary transient domain holding the qcow2 ``image``: a running
+    domain whose daemon is guestfsd itself, on ``org.libguestfs.channel.0`` (it powers off when its one client
+    goes)."""
+    async def create() -> None:
+        conn = await open_connection(uri)
+        try:
+            host = await provision(conn, "virtmount")
+            disk = ET.Element("disk", type="file", device="disk")
+            ET.SubElement(disk, "driver", name="qemu", type="qcow2")
+            ET.SubElement(disk, "source", file=str(image))
+            spec = ApplianceSpec(name=GUESTFSD_NAME, guest=GuestDefinition(GUESTFSD_NAME, (disk,)),
+                                 kernel_path=host.kernel_path, initrd_path=host.initrd_path, root_path=host.root_path,
+                                 root_uuid=host.root_uuid, domain_type="qemu", memory_mib=512)
+            await run_blocking(conn.createXML, build_appliance_xml(spec), 0)
+        finally:
+            await close_connection(conn)
+    trio.run(create)
+
+
+def destroy(uri: str, name: str) -> None:
+    """Destroy a running domain, if it runs."""
+    conn = libvirt.open(uri)
+    try:
+        conn.lookupByName(name).destroy()
+    except libvirt.libvirtError:
+        pass
     finally:
         conn.close()

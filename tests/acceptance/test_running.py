@@ -17,9 +17,9 @@ from typing import Iterator
 import libvirt
 import pytest
 
-from tests import running_guest
+from tests import images, running_guest
 from tests.acceptance.conftest import unmount
-from tests.acceptance.helpers import VIRTMOUNT, run_virtmount
+from tests.acceptance.helpers import VIRTMOUNT, appliances_of, run_virtmount
 from virtmount.virt import backup
 
 pytestmark = pytest.mark.acceptance
@@ -231,3 +231,26 @@ def test_a_guest_that_stops_during_a_view_is_then_read_from_its_disks(writer: ru
     assert last_count(counter_file(writer_mount)) >= seen, log_of(writer_mount)
     assert not (domain_dir / "snapshot-time").exists()  # served from its disks now
     assert running_guest.backup_job(writer.uri) is None and running_guest.scratch_volumes(writer.uri) == []
+
+
+def test_a_domain_with_its_own_guestfs_daemon_is_read_through_its_channel(
+        libvirtd: str, nos_guest: images.Guest, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Case 1: no job and no appliance; the domain's own daemon (guestfsd, in the appliance booted as a guest)."""
+    running_guest.start_guestfsd_domain(libvirtd, nos_guest.image)
+    mountpoint = tmp_path_factory.mktemp("virtmount-run-guestfsd")
+    try:
+        mount(libvirtd, mountpoint)
+        try:
+            devices = mountpoint / "domains" / running_guest.GUESTFSD_NAME / "devices"
+            (name, content), = images.NOOS_FILES.items()
+            assert [(d / name.lstrip("/")).read_bytes() for d in sorted(devices.iterdir())] == [content], \
+                log_of(mountpoint)
+            pid = int(subprocess.run(["pgrep", "-f", f"virtmount .*{mountpoint}$"], capture_output=True, text=True,
+                                     check=True).stdout.split()[0])
+            assert appliances_of(pid) == []
+            assert running_guest.backup_job(libvirtd, running_guest.GUESTFSD_NAME) is None
+            assert "reached its own guestfs daemon" in log_of(mountpoint)
+        finally:
+            unmount(mountpoint)
+    finally:
+        running_guest.destroy(libvirtd, running_guest.GUESTFSD_NAME)

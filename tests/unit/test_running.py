@@ -339,3 +339,20 @@ async def test_a_point_in_time_view_says_when_it_was_taken() -> None:
     node = await tree.lookup(alpha.inode, b"snapshot-time")
     handle = await tree.open(node.inode, os.O_RDONLY)
     assert await tree.read(handle, 0, 100) == b"2025-12-02T05:13:00.250Z\n"
+
+
+@pytest.mark.parametrize(("channel_type", "own_daemon"), [("unix", True), ("pty", False)])
+async def test_a_domain_with_a_guestfs_channel_is_served_by_its_own_daemon(channel_type: str,
+                                                                         own_daemon: bool) -> None:
+    class WithDaemon(FakeDomain):
+        def XMLDesc(self, flags: int) -> str:
+            channel = (f"<channel type='{channel_type}'><source mode='bind'/>"
+                       "<target type='virtio' name='org.libguestfs.channel.0'/></channel>")
+            return live_xml().replace("</devices>", channel + "</devices>")
+
+    domain = WithDaemon()
+    source = await AnyStateDomainRef(REF, "virtmount").resolve(cast(Any, FakeConn(domain, FakePool())),
+                                                               cast(Any, None))
+    assert source.own_daemon is own_daemon
+    assert (domain.calls == [] and source.disks == () and source.hold is None) if own_daemon else \
+        domain.calls[0].startswith("begin")  # libvirt opens only unix channels: a pty one needs the backup

@@ -71,6 +71,7 @@ class Source:
     attach: Attach
     seclabels: tuple[ET.Element, ...] = field(default=())
     hold: Hold | None = None  # released after the appliance is gone (or its boot failed)
+    own_daemon: bool = False  # served by the domain's own guestfs daemon on its channel: no appliance, no disks
 
 
 class SourceUnavailable(VirtmountError):

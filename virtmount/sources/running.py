@@ -9,6 +9,10 @@ domain on the same host, holds the exports as read-only network disks, so
 nothing is ever written to the guest's disks and dirty journals are not
 replayed (guestlayout.py mounts such filesystems without replay).
 
+A running domain that carries its own guestfs daemon on a ``type='unix'``
+channel named ``org.libguestfs.channel.0`` is served through that channel
+instead (``Source.own_daemon``): no job, no appliance.
+
 When the guest agent answers, the guest's filesystems are frozen for the
 job's start only (freeze, begin, thaw, each bounded in time); otherwise the
 view is crash-consistent. The job, its scratch volumes and the watchdog's
@@ -28,7 +32,7 @@ import trio
 
 from ..virt import backup
 from ..virt.connection import libvirt_message, run_blocking
-from ..virt.domainxml import read_guest_definition
+from ..virt.domainxml import DAEMON_CHANNEL, read_guest_definition
 from . import Attach, Source, SourceUnavailable
 from .domain import DomainRef
 
@@ -67,7 +71,21 @@ class AnyStateDomainRef:
             running = False  # the shut-off path says what is wrong
         if not running:
             return await self.domain.resolve(conn, attach)
+        try:
+            own_daemon = _has_guestfs_channel(str(await run_blocking(domain.XMLDesc, 0)))
+        except libvirt.libvirtError as exc:
+            raise SourceUnavailable(f"cannot read running domain {self.name}: {libvirt_message(exc)}") from None
+        if own_daemon:  # reached through its channel as it is: no job, no appliance
+            return Source(kind="guestfs channel", identity=self.identity, name=self.name, disks=(),
+                          attach=Attach.READ_ONLY_OVERLAY, own_daemon=True)
         return await snapshot_source(conn, domain, self.domain, self.pool)
+
+
+def _has_guestfs_channel(live_xml: str) -> bool:
+    """Whether the domain carries a guestfs daemon's channel that libvirt can open (``type='unix'``)."""
+    root = ET.fromstring(live_xml)
+    return any(channel.get("type") == "unix" and channel.find(f"./target[@name='{DAEMON_CHANNEL}']") is not None
+               for channel in root.findall("./devices/channel"))
 
 
 @dataclass

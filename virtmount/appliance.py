@@ -78,8 +78,10 @@ def _appliance_name(guest_name: str) -> str:
 class Appliance:
     """A booted appliance domain and the client of its daemon."""
 
-    def __init__(self, guest_name: str, domain: libvirt.virDomain, client: GuestfsClient, console: ConsoleLog) -> None:
+    def __init__(self, guest_name: str, domain: libvirt.virDomain, client: GuestfsClient, console: ConsoleLog,
+                 owns_domain: bool = True) -> None:
         self.guest_name = guest_name
+        self.owns_domain = owns_domain  # False: the guest's own daemon, whose domain is never destroyed
         self.domain = domain
         self.client = client
         self.console = console
@@ -99,7 +101,8 @@ class Appliance:
                 except GuestfsClientError as exc:
                     log.warning("appliance for %s: final sync failed: %s", self.guest_name, exc)
             await self.client.aclose()
-            await _destroy_quietly(self.domain)
+            if self.owns_domain:
+                await _destroy_quietly(self.domain)
             if self.watchdog is not None:
                 self.watchdog.unwatch(await run_blocking(self.domain.name))
 
@@ -148,6 +151,8 @@ async def boot_appliance(
     restored appliances if this process dies; mount.py makes one where fast start is wanted and
     possible) may it be restored rather than booted cold.
     """
+    if source.own_daemon:
+        return await _attach_to_own_daemon(conn, source, settings, nursery)
     guest_name = source.name
     definition = GuestDefinition(name=source.name, disks=source.disks, seclabels=source.seclabels)
     settings = replace(settings, writable=source.attach is Attach.READ_WRITE)  # the source says how
@@ -181,6 +186,39 @@ async def boot_appliance(
     if settings.accelerator == "kvm":
         raise BootFailed(f"{failure}; if KVM does not work on this host, use -o accel=tcg", failure.reason)
     raise failure
+
+
+async def _attach_to_own_daemon(
+    conn: libvirt.virConnect, source: Source, settings: ApplianceSettings, nursery: trio.Nursery
+) -> Appliance:
+    """The guestfs daemon a running domain carries itself, reached through its channel: nothing is booted.
+    The daemon sends its launch flag when the channel opens."""
+    started = time.monotonic()
+    try:
+        domain = await run_blocking(conn.lookupByUUIDString, source.identity)
+        raw_channel = LibvirtByteStream.new_stream(conn)
+        await run_blocking(domain.openChannel, DAEMON_CHANNEL, raw_channel, 0)
+        uri = await run_blocking(conn.getURI)
+    except libvirt.libvirtError as exc:
+        raise BootFailed(f"cannot open the guestfs channel of {source.name}: {libvirt_message(exc)}") from None
+    channel = LibvirtByteStream(raw_channel, f"guestfs channel of {source.name}")
+    channel.start()
+    client = GuestfsClient(channel, call_timeout=settings.call_timeout, require_launch_flag=True)
+    client.start(nursery)
+    try:
+        await client.wait_for_launch(settings.call_timeout)
+    except GuestfsClientError as exc:
+        await client.aclose()
+        raise BootFailed(f"the guestfs daemon of {source.name} did not answer on its channel: {exc}") from None
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await client.aclose()
+        raise
+    appliance = Appliance(source.name, domain, client, ConsoleLog(source.name), owns_domain=False)
+    appliance.disks_key = disks_identity(uri, source.identity + ":own-daemon", [])
+    appliance.boot_seconds = time.monotonic() - started
+    log.info("%s: reached its own guestfs daemon in %.1f s", source.name, appliance.boot_seconds)
+    return appliance
 
 
 # Appliance roots whose saved appliance this process is making or restoring: a second boot does

@@ -27,9 +27,9 @@ from .guestfs.errors import GuestfsClientError
 from .guestlayout import GuestLayout, lay_out_os, mount_devices
 from .inspection_cache import InspectionCache
 from .sources import Source, SourceRef, SourceUnavailable, attach_mode
-from .status import DiskStatus, SourceStatus, clock
+from .status import DiskStatus, SourceStatus, clock, iso_time
 from .virt.provision import HostAppliance, provision
-from .watchdog import WatchdogSource
+from .watchdog import Watchdog, WatchdogSource
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,15 @@ class SourceAppliance:
             return self._layout
         return None
 
+    @property
+    def snapshot_taken_at(self) -> float | None:
+        """When the view the running appliance serves was taken (a running domain's point-in-time
+        export), or None if it serves disks as they are, or nothing."""
+        served = self._served
+        if self._appliance is None or served is None or served.hold is None:
+            return None
+        return served.hold.taken_at
+
     def touch(self) -> None:
         self._last_used = time.monotonic()
 
@@ -152,16 +161,23 @@ class SourceAppliance:
             with trio.CancelScope() as self._boot_scope:
                 host = await self._host_appliance.get()
                 # the appliance's background tasks outlive this task: they run in the mount's nursery
-                watchdog = await self._watchdogs.get() if self._watchdogs is not None else None
                 source = await self.source.resolve(self._conn, attach_mode(self._settings.writable))
-                log.info("%s: booting an appliance", self.name)
-                appliance = await boot_appliance(self._conn, source, host, self._settings, self._nursery, watchdog)
+                watchdog = None
+                try:
+                    watchdog = await self._watchdog_for(source)
+                    log.info("%s: booting an appliance", self.name)
+                    appliance = await boot_appliance(self._conn, source, host, self._settings, self._nursery,
+                                                     watchdog if self._settings.fast_start else None)
+                except BaseException:
+                    await _let_go(source, watchdog)
+                    raise
                 self._served = source
                 self._generation += 1
                 try:
                     layout = await self._lay_out(appliance)
                 except BaseException as exc:
                     await appliance.shutdown()
+                    await _let_go(source, watchdog)
                     if isinstance(exc, (GuestfsClientError, VirtmountError)):
                         raise VirtmountError(f"appliance booted but the disks could not be mounted: {exc}") from None
                     raise
@@ -178,6 +194,16 @@ class SourceAppliance:
             self._boot_scope = None
             self._booting = None
             done.set()
+
+    async def _watchdog_for(self, source: Source) -> Watchdog | None:
+        """The watchdog, told about what ``source`` holds on the host; None where there is none (it is
+        needed for restored appliances and for holds)."""
+        if self._watchdogs is None or not (self._settings.fast_start or source.hold is not None):
+            return None
+        watchdog = await self._watchdogs.get()
+        if watchdog is not None and source.hold is not None:
+            watchdog.watch(source.hold.watchdog_item)
+        return watchdog
 
     async def _lay_out(self, appliance: Appliance) -> GuestLayout:
         """The OS view, from the layout remembered for these disks when it still holds."""
@@ -211,9 +237,11 @@ class SourceAppliance:
             self._last_shutdown = f"{why} at {clock(time.time())}"
             log.info("%s: shutting the appliance down (%s)", self.name, why)
             await appliance.shutdown()
+            if self._served is not None and self._served.hold is not None:
+                with trio.CancelScope(shield=True):  # a backup job left behind blocks the guest's own backups
+                    await _let_go(self._served, await self._watchdogs.get() if self._watchdogs is not None else None)
             if self.on_discard is not None:
                 self.on_discard()
-
 
     def status(self, path: str, idle_seconds: float, cached_entries: int) -> SourceStatus:
         """What this appliance is doing, for ``virtmount status`` (``path``: the source below the mount point)."""
@@ -247,7 +275,16 @@ class SourceAppliance:
             bytes_read=client.bytes_received,
             cached_entries=cached_entries,
             last_shutdown=self._last_shutdown,
+            snapshot_taken="" if (taken := self.snapshot_taken_at) is None else iso_time(taken),
         )
+
+
+async def _let_go(source: Source, watchdog: Watchdog | None) -> None:
+    """Release what ``source`` holds on the host (after its appliance is gone) and tell the watchdog."""
+    if source.hold is not None:
+        await source.hold.release()
+        if watchdog is not None:
+            watchdog.unwatch(source.hold.watchdog_item)
 
 
 def _disk_status(disk: ET.Element, attach: str) -> DiskStatus:

@@ -1,7 +1,7 @@
 """Start-up and shut-down of a mount, in one place.
 
 Order on the way up: check the mount point, connect, remove leftover
-appliances, mount FUSE, report readiness. On the way down (fusermount3 -u,
+appliances and backup jobs, mount FUSE, report readiness. On the way down (fusermount3 -u,
 SIGTERM, SIGINT or SIGHUP): stop serving, sync and destroy every appliance,
 unmount, close the connection.
 """
@@ -20,15 +20,19 @@ import trio
 
 from .appliance import ApplianceSettings
 from .config import Config
+from .domainevents import stopped_domains
 from .errors import UsageError, VirtmountError
 from .fs.tree import ConnectionTree
 from .fs.operations import Operations
 from .lifecycle import HostApplianceSource, SourceAppliance
 from .sources import SourceRef
+from .sources.domain import DomainRef
+from .sources.running import AnyStateDomainRef
 from .inspection_cache import InspectionCache
 from .status import MountStatus
 from .watchdog import WatchdogSource
 from .virt.connection import close_connection, libvirt_message, open_connection, run_blocking, uses_embedded_driver
+from .virt.backup import end_leftover_jobs
 from .virt.domainxml import APPLIANCE_NAME_PREFIX
 
 log = logging.getLogger(__name__)
@@ -63,6 +67,27 @@ async def _remove_leftover_appliances(conn: libvirt.virConnect) -> None:
                 await run_blocking(domain.destroy)
             except libvirt.libvirtError as exc:
                 log.warning("cannot destroy leftover appliance %s: %s", name, libvirt_message(exc))
+
+
+async def _end_leftover_backup_jobs(conn: libvirt.virConnect, pool: str) -> None:
+    """A virtmount of this host that died (and its watchdog too) may have left backup jobs and scratch volumes."""
+    try:
+        for name in await run_blocking(end_leftover_jobs, conn, pool):
+            log.info("ended a leftover backup job of virtmount's on %s", name)
+    except libvirt.libvirtError as exc:
+        log.warning("cannot look for leftover backup jobs: %s", libvirt_message(exc))
+
+
+async def _end_views_of_stopped_domains(conn: libvirt.virConnect, tree: ConnectionTree, nursery: trio.Nursery,
+                                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """A running domain that stops ends its point-in-time view; the next access reads its disks."""
+    with stopped_domains(conn) as stopped:
+        task_status.started()
+        async for uuid in stopped:
+            for source in tree.served_sources():
+                if source.identity == uuid and source.appliance.snapshot_taken_at is not None:
+                    log.info("%s: the domain stopped; its point-in-time view ends", source.name)
+                    nursery.start_soon(source.appliance.release, "the domain stopped")
 
 
 async def _shut_down_idle_appliances(tree: ConnectionTree, idle_seconds: float) -> None:
@@ -125,14 +150,16 @@ async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[]
     conn = await open_connection(uri)
     try:
         await _remove_leftover_appliances(conn)
+        await _end_leftover_backup_jobs(conn, config.appliance.pool)
         async with trio.open_nursery() as nursery:
             host_appliance = HostApplianceSource(conn, config.appliance.pool)
             inspection_cache = None if config.inspection_cache is None else InspectionCache(config.inspection_cache)
-            # restores need a watchdog, which needs a client of its own: the embedded driver has none
-            restores = config.appliance.fast_start and not await run_blocking(uses_embedded_driver, conn)
-            watchdogs = WatchdogSource(uri) if restores else None
+            # restores and backup jobs need a watchdog, which needs a client of its own: the embedded driver has none
+            watchdogs = None if await run_blocking(uses_embedded_driver, conn) else WatchdogSource(uri)
 
             def make_appliance(source: SourceRef, settings: ApplianceSettings = config.appliance) -> SourceAppliance:
+                if isinstance(source, DomainRef):  # running domains are served from a point-in-time export
+                    source = AnyStateDomainRef(source, settings.pool)
                 return SourceAppliance(conn, source, settings, host_appliance, nursery, inspection_cache, watchdogs)
 
             serving = False
@@ -161,6 +188,7 @@ async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[]
                 await nursery.start(_terminate_on_signal)  # before readiness: systemd may stop us at once
                 nursery.start_soon(_terminate_when_unmounted, mountpoint)
                 nursery.start_soon(_shut_down_idle_appliances, tree, config.idle_seconds)
+                await nursery.start(_end_views_of_stopped_domains, conn, tree, nursery)
                 on_ready()
                 log.info("mounted %s on %s", uri, mountpoint)
                 serving = True

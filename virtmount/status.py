@@ -45,6 +45,7 @@ class SourceStatus:
     bytes_read: int = 0
     cached_entries: int = 0
     last_shutdown: str = ""  # e.g. "idle at 12:03:04", "released at 12:05:10"
+    snapshot_taken: str = ""  # a running domain's view: when it was taken (ISO 8601, UTC)
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,11 @@ class MountStatus:
         sources = [SourceStatus(**{**source, "disks": [DiskStatus(**disk) for disk in source["disks"]]})
                    for source in data.pop("sources")]
         return MountStatus(**data, sources=sources)
+
+
+def iso_time(epoch_seconds: float) -> str:
+    """A point in time as snapshot-time files and the status give it: ISO 8601, UTC, to the millisecond."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch_seconds)) + f".{int(epoch_seconds % 1 * 1000):03d}Z"
 
 
 def clock(epoch_seconds: float) -> str:
@@ -126,6 +132,8 @@ def format_table(status: MountStatus) -> str:
                 ([f"last shut down {source.last_shutdown}"] if source.last_shutdown else [])
             lines.append("")
             lines.append(f"{source.path}: {'; '.join(parts)}")
+            if source.snapshot_taken:
+                lines.append(f"  a point-in-time view of the running domain, taken {source.snapshot_taken}")
             for disk in source.disks:
                 lines.append(f"  {disk.source} ({disk.format}, {disk.attach})")
     lines.append("")

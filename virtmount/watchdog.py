@@ -1,4 +1,4 @@
-"""Ending restored appliances when the virtmount that runs them dies.
+"""Ending restored appliances and backup jobs when the virtmount that runs them dies.
 
 Appliances booted cold are created with auto-destroy: libvirt ends them with
 their client's connection. A restored appliance cannot be (libvirt has no such
@@ -10,6 +10,9 @@ So a mount that restores appliances runs this watchdog: a child process with
 its own libvirt connection, told over a pipe which restored appliances are
 running. When the pipe ends without a goodbye (the mount process died, even
 by SIGKILL), it destroys those still owned by that process, then exits.
+Backup jobs of running domains (sources/running.py) are not ended when their
+client goes either: the watchdog ends those it was told about too, and deletes
+their scratch volumes.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import IO
 import libvirt
 import trio
 
+from .virt import backup
 from .virt.connection import without_prompts
 from .virt.domainxml import appliance_owner
 
@@ -30,11 +34,12 @@ log = logging.getLogger(__name__)
 
 _READY = "ready"
 _GOODBYE = "bye"
+BACKUP_ITEM = "backup:"  # a watched backup job: "backup:DOMAIN-UUID:OWNER" (see sources/running.py)
 _START_TIMEOUT_S = 60.0
 
 
 class Watchdog:
-    """The parent's end: say which restored appliances run; ``close`` when none can be left behind."""
+    """The parent's end: say which restored appliances and backup jobs run; ``close`` when none can be left behind."""
 
     def __init__(self, process: subprocess.Popen[str]) -> None:
         self._process = process
@@ -112,7 +117,11 @@ def _watch(commands: IO[str], conn: libvirt.virConnect, owner: str) -> None:
             watched.add(line[1:])
         elif line.startswith("-"):
             watched.discard(line[1:])
-    for name in sorted(watched):  # the pipe ended without a goodbye: the owner died
+    # the pipe ended without a goodbye: the owner died. Appliances go first: they read the backup jobs' exports.
+    for name in sorted(watched, key=lambda item: item.startswith(BACKUP_ITEM)):
+        if name.startswith(BACKUP_ITEM):
+            _end_backup(conn, name)
+            continue
         try:
             domain = conn.lookupByName(name)
             if appliance_owner(domain.XMLDesc(0)) == owner:  # not restored since by another virtmount
@@ -122,8 +131,22 @@ def _watch(commands: IO[str], conn: libvirt.virConnect, owner: str) -> None:
             pass  # already gone
 
 
+def _end_backup(conn: libvirt.virConnect, item: str) -> None:
+    """End a backup job named ``backup:UUID:OWNER`` (if it is still that owner's) and delete its scratch."""
+    _, uuid, owner = item.split(":", 2)
+    try:
+        domain = conn.lookupByUUIDString(uuid)
+        if backup.end_job(conn, domain, owner):
+            print(f"virtmount watchdog: ended the backup job on {domain.name()}, left behind by {owner}",
+                  file=sys.stderr)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+            print(f"virtmount watchdog: cannot end the backup job on {uuid}: {exc}", file=sys.stderr)
+
+
 def main(argv: list[str]) -> int:
     uri, owner = argv
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors are reported here, not by libvirt
     try:
         conn = libvirt.open(without_prompts(uri))
     except libvirt.libvirtError as exc:

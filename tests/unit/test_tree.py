@@ -261,6 +261,7 @@ class FakeAppliance:
         self.release_calls = 0
         self.touches = 0
         self.open_handles = 0
+        self.snapshot_taken_at: float | None = None  # a running domain's view: when it was taken
 
     @property
     def known_has_os(self) -> bool | None:

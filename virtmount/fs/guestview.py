@@ -26,6 +26,7 @@ from ..guestfs.errors import ConnectionLost, GuestfsClientError, GuestfsError, G
 from ..guestfs.procs import PREAD_MAX, Statns, Statvfs, Xattr
 from ..guestlayout import OS_VIEW, GuestLayout
 from ..lifecycle import GuestUnavailableError, SourceAppliance
+from ..status import iso_time
 from .listings import ListingCache
 from .nodes import Attributes, FileHandle, FsError, GuestNode, Node, NodeTable, ServedSource, Siblings
 from .prefetch import Prefetcher
@@ -39,6 +40,7 @@ T = TypeVar("T")
 # they are the same ACLs in XFS's on-disk form, so they are not shown a second time.
 XFS_INTERNAL_ACL_XATTRS = frozenset({b"trusted.SGI_ACL_FILE", b"trusted.SGI_ACL_DEFAULT"})
 OS_VIEW_NAME = "fs"
+SNAPSHOT_TIME_NAME = b"snapshot-time"  # beside fs/ while a running domain's point-in-time view is served
 
 # Walk-ahead: how many directories may be listed before anyone asked (they go into the listing
 # cache at once; this bounds the speculative daemon work), and how many calls at once.
@@ -90,9 +92,17 @@ class GuestView:
         a boot found no OS) and devices/."""
         box: list[ServedSource] = []
 
+        async def snapshot_time() -> bytes:
+            taken = box[0].appliance.snapshot_taken_at
+            return b"" if taken is None else iso_time(taken).encode() + b"\n"
+
+        snapshot_file = self._table.virtual_file(snapshot_time)
+
         async def source_children() -> list[tuple[bytes, Node]]:
             source = box[0]
             children: list[tuple[bytes, Node]] = [description]
+            if source.appliance.snapshot_taken_at is not None:
+                children.append((SNAPSHOT_TIME_NAME, snapshot_file))
             if source.appliance.known_has_os is not False:
                 children.append((b"fs", self._view_root_node(source, OS_VIEW_NAME)))
             children.append((b"devices", source.devices_dir))
@@ -102,6 +112,8 @@ class GuestView:
             source = box[0]
             if child == description[0]:
                 return description[1]
+            if child == SNAPSHOT_TIME_NAME and source.appliance.snapshot_taken_at is not None:
+                return snapshot_file
             if child == b"devices":
                 return source.devices_dir
             if child == b"fs":

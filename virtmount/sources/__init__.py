@@ -4,10 +4,13 @@ A source is a set of disks exactly as libvirt describes them (``<disk>``
 elements), resolved once from a stable identity (a domain's UUID, a storage
 volume's key), with how the appliance attaches them. Releasing a source is
 the end of its appliance: the appliance domain is transient and
-auto-destroyed, and libvirt deletes the throw-away overlays with it.
+auto-destroyed, and libvirt deletes the throw-away overlays with it; a
+source that keeps something else on the host (a backup job) has a ``Hold``,
+released after its appliance.
 
 Each kind of source is one module: ``domain.py`` (a shut-off domain's disks),
-``volume.py`` (one storage volume). The mount knows a source by a
+``volume.py`` (one storage volume), ``running.py`` (a running domain's
+point-in-time export). The mount knows a source by a
 ``SourceRef`` (identity and display name, cheap to make from a
 listing) and resolves it into a ``Source`` at each boot of its appliance.
 """
@@ -39,6 +42,24 @@ def attach_mode(writable: bool) -> Attach:
     return Attach.READ_WRITE if writable else Attach.READ_ONLY_OVERLAY
 
 
+class Hold(Protocol):
+    """Something a resolved source keeps on the host until it is released (a running domain's backup job)."""
+
+    @property
+    def watchdog_item(self) -> str:
+        """How the watchdog names it, to end it if virtmount dies (see watchdog.py)."""
+        ...
+
+    @property
+    def taken_at(self) -> float:
+        """When the view it gives was taken (wall clock)."""
+        ...
+
+    async def release(self) -> None:
+        """End it; never raises (logged)."""
+        ...
+
+
 @dataclass(frozen=True)
 class Source:
     """The disks one appliance serves, as resolved for one boot."""
@@ -48,6 +69,8 @@ class Source:
     disks: tuple[ET.Element, ...]
     attach: Attach
     seclabels: tuple[ET.Element, ...] = field(default=())
+    hold: Hold | None = None  # released after the appliance is gone (or its boot failed)
+    own_daemon: bool = False  # served by the domain's own guestfs daemon on its channel: no appliance, no disks
 
 
 class SourceUnavailable(VirtmountError):

@@ -189,9 +189,17 @@ class AcceleratorPlan:
         """How long a boot under ``domain_type`` may stay silent before it counts as not booting."""
         return KVM_FIRST_OUTPUT_WINDOW_S if domain_type == KVM else None
 
-    def failed(self, domain_type: str, reason: str) -> None:
-        if domain_type == KVM:
-            self._kvm_failure = reason
+    def failed(self, domain_type: str, reason: str, *, silent: bool = False) -> None:
+        """A boot under ``domain_type`` failed. KVM is not tried again in this plan when TCG remains.
+        ``silent``: the appliance printed nothing in its window, which says KVM does not run guests
+        here whatever becomes of TCG, so ``auto`` remembers TCG at once."""
+        if domain_type != KVM:
+            return
+        self._kvm_failure = reason
+        if TCG in self.domain_types:
+            self.domain_types = [TCG]
+        if silent:
+            self.worked(TCG)
 
     def worked(self, domain_type: str) -> None:
         """Remember the verdict when ``auto`` learnt something new."""

@@ -66,9 +66,10 @@ class BootFailed(VirtmountError):
     """The appliance domain could not be created or its daemon never answered; ``reason`` says why
     in a few words (the message also says which appliance and what its console showed)."""
 
-    def __init__(self, message: str, reason: str = "") -> None:
+    def __init__(self, message: str, reason: str = "", *, silent: bool = False) -> None:
         super().__init__(message)
         self.reason = reason or message
+        self.silent = silent  # its console printed nothing within its window (see accelerator.py)
 
 
 def _appliance_name(guest_name: str) -> str:
@@ -169,15 +170,16 @@ async def boot_appliance(
             appliance.disks_key = disks_key
             return appliance
     failure: BootFailed | None = None
-    for attempt, domain_type in enumerate(plan.domain_types):
+    order = plan.domain_types  # a failed KVM leaves the plan (after the fast path, perhaps already)
+    for attempt, domain_type in enumerate(order):
         spec = _spec(_appliance_name(guest_name.replace("/", "_")), definition, host_appliance, settings, domain_type)
         try:
             appliance = await _boot_once(conn, spec, settings, nursery, plan.first_output_window(domain_type))
         except BootFailed as exc:
             failure = exc
-            plan.failed(domain_type, exc.reason)
-            if attempt + 1 < len(plan.domain_types):
-                log.info("%s; trying %s", exc, "TCG" if plan.domain_types[attempt + 1] == TCG else "KVM")
+            plan.failed(domain_type, exc.reason, silent=exc.silent)
+            if attempt + 1 < len(order):
+                log.info("%s; trying %s", exc, "TCG" if order[attempt + 1] == TCG else "KVM")
             continue
         plan.worked(domain_type)
         appliance.disks_key = disks_key
@@ -350,7 +352,7 @@ async def _save_appliance(
     try:
         appliance = await _boot_once(conn, spec, settings, nursery, plan.first_output_window(domain_type))
     except BootFailed as exc:
-        plan.failed(domain_type, exc.reason)
+        plan.failed(domain_type, exc.reason, silent=exc.silent)
         await _delete_volumes(conn, settings.pool, [saved.root_volume])
         raise FastStartUnavailable(str(exc)) from None
     try:
@@ -520,7 +522,8 @@ async def _attach_and_resume(
         await _destroy_quietly(domain)
         await trio.sleep(0.2)  # let the console reader take the last output
         last = "" if isinstance(exc, _SilentConsole) else _console_summary(console)
-        raise BootFailed(f"{what} failed to {'resume' if restored else 'boot'}: {reason}{last}", reason) from None
+        raise BootFailed(f"{what} failed to {'resume' if restored else 'boot'}: {reason}{last}", reason,
+                         silent=isinstance(exc, _SilentConsole)) from None
     except BaseException:
         with trio.CancelScope(shield=True):
             if client is not None:

@@ -127,3 +127,28 @@ def test_qemu_s_own_error_names_why_kvm_failed(store: VerdictStore, caplog: pyte
                      "../../target/i386/kvm/kvm.c:3183: kvm_buf_set_msrs: Assertion `ret == n' failed.")
     plan.worked(TCG)
     assert "KVM does not start appliances on vm (QEMU: failed to set MSR 0x10a to 0x69); using TCG" in caplog.text
+
+
+def test_a_failed_kvm_is_not_tried_again_by_the_same_boot(store: VerdictStore) -> None:
+    """After the fast path's KVM attempt failed, the cold boot goes straight to TCG."""
+    plan = AcceleratorPlan(HOST, "auto", True, store)
+    plan.failed(KVM, "cannot access storage file")
+    assert plan.domain_types == [TCG]
+    assert store.load(HOST) is None  # a failure TCG may share: nothing learnt yet
+
+
+def test_a_silent_kvm_is_remembered_at_once(store: VerdictStore, caplog: pytest.LogCaptureFixture) -> None:
+    """No console output is KVM's own failure: TCG is remembered even if TCG then fails too."""
+    plan = AcceleratorPlan(HOST, "auto", True, store)
+    plan.failed(KVM, "no console output in 10 s", silent=True)
+    loaded = store.load(HOST)
+    assert loaded is not None and loaded.domain_type == TCG
+    plan.failed(TCG, "cannot access storage file")
+    plan.worked(TCG)
+    assert caplog.text.count("KVM does not start appliances") == 1
+
+
+def test_accel_kvm_keeps_kvm_after_a_failure(store: VerdictStore) -> None:
+    plan = AcceleratorPlan(HOST, "kvm", True, store)
+    plan.failed(KVM, "no console output in 10 s", silent=True)
+    assert plan.domain_types == [KVM] and store.load(HOST) is None

@@ -175,7 +175,7 @@ async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[]
                 return MountStatus(
                     uri=uri, host=host, mountpoint=mountpoint, options=list(config.given), pid=os.getpid(),
                     started_at=started_at, uptime_seconds=round(time.monotonic() - started, 1),
-                    cached_entries=tree.guests.cached_entries, sources=tree.source_statuses(config.idle_seconds),
+                    cached_entries=tree.guests.cached_entries, sources=await tree.source_statuses(config.idle_seconds),
                 ).to_json().encode()
 
             tree = ConnectionTree(conn, make_appliance, nursery, config.cached_entries, forget_kernel_entry,

@@ -289,7 +289,7 @@ def status_of(mountpoint: Path) -> MountStatus:
 
 
 def test_status_during_and_after_a_boot_and_after_a_release(
-    nos_guest: images.Guest, mountpoint: Path
+    nos_guest: images.Guest, test_guest: images.Guest, mountpoint: Path
 ) -> None:
     result = run_virtmount("-o", "ro,idle=600", nos_guest.uri, str(mountpoint))
     assert result.returncode == 0, result.stderr
@@ -298,6 +298,8 @@ def test_status_during_and_after_a_boot_and_after_a_release(
     assert (status.uri, status.mountpoint, status.options) == (nos_guest.uri, str(mountpoint), ["ro", "idle=600"])
     assert status.pid == int(virtmount_processes(mountpoint)[0]) and status.uptime_seconds >= 0
     assert CONTROL_NAME not in os.listdir(mountpoint)  # looked up, never listed
+    untouched = [s for s in status.sources if s.path == f"domains/{test_guest.name}"]
+    assert [(s.state, s.appliance) for s in untouched] == [("off", "")]  # every domain, looked up or not
 
     hello = mountpoint / "domains" / nos_guest.name / "devices" / "sda" / "hello.txt"
     reader = subprocess.Popen(["cat", str(hello)], stdout=subprocess.PIPE)

@@ -113,13 +113,23 @@ class ConnectionTree:
     def forget(self, inode: int, count: int) -> None:
         self._table.forget(inode, count)
 
-    def source_statuses(self, idle_seconds: float) -> list[SourceStatus]:
-        """What each source known to the mount is doing, by its path below the mount point."""
+    async def source_statuses(self, idle_seconds: float) -> list[SourceStatus]:
+        """What each domain of the connection (those never looked up are off) and each volume the
+        mount has looked up is doing, by its path below the mount point."""
         cached = self.guests.cached_entries_of()
-        paths = [(f"domains/{name}", source) for name, (_, source) in sorted(self._domains.items())]
+        try:
+            names = set(await self._domain_names.names())
+        except FsError:
+            names = set()
+        statuses = [self._domains[name][1].appliance.status(f"domains/{name}", idle_seconds,
+                                                             cached.get(self._domains[name][1].identity, 0))
+                    if name in self._domains else SourceStatus(f"domains/{name}", "off")
+                    for name in sorted(names | set(self._domains))]
         for pool_name, pool in sorted(self._pools.items()):
-            paths.extend((f"volumes/{pool_name}/{volume}", source) for volume, source in sorted(pool.volumes.items()))
-        return [source.appliance.status(path, idle_seconds, cached.get(source.identity, 0)) for path, source in paths]
+            statuses.extend(source.appliance.status(f"volumes/{pool_name}/{volume}", idle_seconds,
+                                                    cached.get(source.identity, 0))
+                            for volume, source in sorted(pool.volumes.items()))
+        return statuses
 
     def served_sources(self) -> Iterable[ServedSource]:
         """Every source known to the mount (for idle shutdown and unmount)."""

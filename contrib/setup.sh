@@ -35,6 +35,8 @@ PACKAGES=(
     # What the appliance needs for btrfs, vfat, ntfs and LUKS (libguestfs0 depends on them; named
     # here because the volume tests build and read such filesystems).
     btrfs-progs dosfstools ntfs-3g cryptsetup-bin
+    # tests: a guest that really runs (tests/running_guest.py): a busybox initramfs made with cpio
+    busybox-static cpio
 )
 
 missing=()

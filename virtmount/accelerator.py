@@ -30,6 +30,7 @@ from xml.etree import ElementTree as ET
 
 import libvirt
 
+from .cachedir import cache_dir
 from .virt.connection import run_blocking
 
 log = logging.getLogger(__name__)
@@ -102,8 +103,7 @@ class Verdict:
 
 def default_directory() -> Path:
     """$XDG_CACHE_HOME/virtmount/accelerators, or ~/.cache/virtmount/accelerators."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "virtmount" / "accelerators"
+    return cache_dir() / "accelerators"
 
 
 class VerdictStore:
@@ -148,6 +148,11 @@ def _shortened(reason: str) -> str:
     if match := _QEMU_ERROR.search(reason):
         return f"QEMU: {match.group(1).strip()}"
     return reason if len(reason) <= _REASON_SHOWN else reason[:_REASON_SHOWN - 1] + "…"
+
+
+def accelerator_name(domain_type: str) -> str:
+    """How users call the accelerator of a libvirt domain type ("" for none, e.g. a guest's own daemon)."""
+    return {KVM: "KVM", TCG: "TCG"}.get(domain_type, "")
 
 
 def _host_has_kvm(conn: libvirt.virConnect) -> bool:
@@ -199,22 +204,27 @@ class AcceleratorPlan:
         if TCG in self.domain_types:
             self.domain_types = [TCG]
         if silent:
-            self.worked(TCG)
+            self._remember_kvm_failure()
 
     def worked(self, domain_type: str) -> None:
         """Remember the verdict when ``auto`` learnt something new."""
-        if not self._auto:
-            return
         if domain_type == TCG and self._kvm_failure:
+            self._remember_kvm_failure()
+        elif domain_type == KVM and (self.remembered is None or self.remembered.domain_type != KVM):
+            self._remember(Verdict(KVM))
+
+    def _remember_kvm_failure(self) -> None:
+        """TCG from now on, with why KVM failed (logged once: later processes read the verdict)."""
+        if self._auto:
             log.warning("KVM does not start appliances on %s (%s); using TCG",
                         self.host.hostname, _shortened(self._kvm_failure))
-            self._verdicts.store(self.host, Verdict(TCG, self._kvm_failure))
-            self._kvm_failure = ""
-        elif domain_type == KVM and (self.remembered is None or self.remembered.domain_type != KVM):
-            self._verdicts.store(self.host, Verdict(KVM))
-        else:
-            return
-        self.remembered = self._verdicts.load(self.host)
+            self._remember(Verdict(TCG, self._kvm_failure))
+        self._kvm_failure = ""
+
+    def _remember(self, verdict: Verdict) -> None:
+        if self._auto:
+            self._verdicts.store(self.host, verdict)
+            self.remembered = self._verdicts.load(self.host)
 
 
 async def plan_accelerators(conn: libvirt.virConnect, accelerator: Accelerator, emulator: str,

@@ -18,7 +18,7 @@ from xml.etree import ElementTree as ET
 import libvirt
 import trio
 
-from .accelerator import KVM, TCG, Accelerator, AcceleratorPlan, plan_accelerators
+from .accelerator import Accelerator, AcceleratorPlan, accelerator_name, plan_accelerators
 from .devicenames import COLD_BOOTED, RESTORED
 from .errors import VirtmountError
 from .guestfs.client import GuestfsClient
@@ -179,7 +179,7 @@ async def boot_appliance(
             failure = exc
             plan.failed(domain_type, exc.reason, silent=exc.silent)
             if attempt + 1 < len(order):
-                log.info("%s; trying %s", exc, "TCG" if order[attempt + 1] == TCG else "KVM")
+                log.info("%s; trying %s", exc, accelerator_name(order[attempt + 1]))
             continue
         plan.worked(domain_type)
         appliance.disks_key = disks_key
@@ -449,8 +449,7 @@ async def _boot_once(
 ) -> Appliance:
     """Boot one appliance cold; ``first_output_window``: seconds after which a console that printed
     nothing means the appliance is not booting (see accelerator.py)."""
-    accel = "KVM" if spec.domain_type == KVM else "TCG"
-    what = f"appliance for {spec.guest.name} ({accel})"
+    what = f"appliance for {spec.guest.name} ({accelerator_name(spec.domain_type)})"
     flags = libvirt.VIR_DOMAIN_START_PAUSED
     if not uses_embedded_driver(conn):
         flags |= libvirt.VIR_DOMAIN_START_AUTODESTROY

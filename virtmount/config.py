@@ -1,7 +1,7 @@
 """`-o opt,opt=value` mount options -> a frozen configuration; anything unknown is a usage error.
 
 Two kinds of options: virtmount's own (``_OPTIONS``), and the standard ones that mount(8),
-mount.fuse3, fstab and systemd pass to every filesystem (``_STANDARD_OPTIONS``), which are accepted
+mount.fuse3, fstab and systemd pass to every filesystem (``_standard_option``), which are accepted
 and either handed to the kernel through FUSE or dropped, since libfuse refuses what it does not know.
 """
 
@@ -118,20 +118,16 @@ _OPTIONS: dict[str, tuple[bool, Callable[[Config, str], Config], str]] = {
 _KERNEL_FLAGS = ("ro", "exec", "noexec", "sync", "async", "dirsync", "atime", "noatime")
 _OPPOSITE_FLAGS = {"exec": "noexec", "noexec": "exec", "sync": "async", "async": "sync",
                    "atime": "noatime", "noatime": "atime"}
-# Standard mount options accepted and not passed on, with why.
-_DROPPED = {
-    "defaults": "means the defaults",
-    "_netdev": "for mount(8) and systemd: needs the network",
-    "nofail": "for mount(8) and systemd", "auto": "for mount -a", "noauto": "for mount -a",
-    "user": "for mount(8)", "users": "for mount(8)", "nouser": "for mount(8)", "owner": "for mount(8)",
-    "group": "for mount(8)",
+# Standard mount options accepted and not passed on.
+_DROPPED = frozenset({
+    # for mount(8) and systemd (_netdev: needs the network; auto/noauto: for mount -a)
+    "defaults", "_netdev", "nofail", "auto", "noauto", "user", "users", "nouser", "owner", "group",
     # appliances never write access times, so the atime policies have nothing to act on
-    "relatime": "", "norelatime": "", "strictatime": "", "nostrictatime": "", "lazytime": "",
-    "nolazytime": "", "diratime": "", "nodiratime": "",
+    "relatime", "norelatime", "strictatime", "nostrictatime", "lazytime", "nolazytime", "diratime", "nodiratime",
     # guest disks are not trusted: their device nodes and set-user-ID files never act on this host,
     # so the mount is always nodev,nosuid (mount.fuse3 adds dev,suid unless told otherwise)
-    "dev": "", "nodev": "", "suid": "", "nosuid": "",
-}
+    "dev", "nodev", "suid", "nosuid",
+})
 _DROPPED_PREFIXES = ("x-", "comment=")
 _WRITING_REFUSED = ("option rw: virtmount does not write to guests yet; mount with -o ro "
                     "(mount(8) passes rw unless ro is given)")

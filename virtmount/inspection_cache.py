@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
+from .cachedir import cache_dir
+
 log = logging.getLogger(__name__)
 
 _FORMAT_VERSION = 1
@@ -74,8 +76,7 @@ def disks_identity(uri: str, domain_uuid: str, disk_xml: list[str]) -> str:
 
 def default_directory() -> Path:
     """$XDG_CACHE_HOME/virtmount/inspection, or ~/.cache/virtmount/inspection."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "virtmount" / "inspection"
+    return cache_dir() / "inspection"
 
 
 class InspectionCache:

@@ -19,7 +19,7 @@ from xml.etree import ElementTree as ET
 import libvirt
 import trio
 
-from .accelerator import KVM
+from .accelerator import accelerator_name
 from .appliance import Appliance, ApplianceSettings, boot_appliance
 from .devicenames import RESTORED
 from .errors import VirtmountError
@@ -70,7 +70,6 @@ class SourceAppliance:
         self._booting: trio.Event | None = None
         self._boot_started = 0.0
         self._failure: tuple[float, GuestUnavailableError] | None = None
-        self._failed_at = 0.0  # wall clock, for the status
         self._served: Source | None = None  # the disks the running appliance holds
         self._last_shutdown = ""
         self._last_used = time.monotonic()
@@ -189,7 +188,6 @@ class SourceAppliance:
             log.error("%s: %s", self.name, message)
             errno_value = exc.errno if isinstance(exc, SourceUnavailable) else errno.EIO
             self._failure = (time.monotonic(), GuestUnavailableError(message, errno_value))
-            self._failed_at = time.time()
         finally:
             self._boot_scope = None
             self._booting = None
@@ -250,8 +248,9 @@ class SourceAppliance:
                                 last_shutdown=self._last_shutdown)
         if self._failure is not None:
             failed_at, failure = self._failure
-            retry_in = max(0.0, FAILED_BOOT_RETRY_S - (time.monotonic() - failed_at))
-            return SourceStatus(path, "failed", f"at {clock(self._failed_at)}, retried in {retry_in:.0f} s: {failure}",
+            ago = time.monotonic() - failed_at
+            retry_in = max(0.0, FAILED_BOOT_RETRY_S - ago)
+            return SourceStatus(path, "failed", f"at {clock(time.time() - ago)}, retried in {retry_in:.0f} s: {failure}",
                                 last_shutdown=self._last_shutdown)
         appliance, layout = self._appliance, self.running_layout
         if appliance is None or layout is None:
@@ -265,7 +264,7 @@ class SourceAppliance:
             f"{self._open_handles} open file(s)" if self._open_handles else
             f"shut down in {max(0.0, idle_seconds - idle_for):.0f} s" if idle_for else "",
             appliance=appliance.domain_name,
-            accelerator="KVM" if appliance.accelerator == KVM else "TCG",
+            accelerator=accelerator_name(appliance.accelerator),
             boot_seconds=round(appliance.boot_seconds, 1),
             restored=appliance.naming is RESTORED,
             disks=[] if served is None else [_disk_status(disk, served.attach.value) for disk in served.disks],

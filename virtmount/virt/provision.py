@@ -27,6 +27,7 @@ from typing import Callable, Iterator
 import libvirt
 import trio
 
+from ..cachedir import cache_dir
 from ..errors import VirtmountError
 from .connection import libvirt_message, run_blocking
 from .stream import LibvirtByteStream, StreamClosed
@@ -65,11 +66,6 @@ class HostAppliance:
     initrd_path: str
     root_path: str
     root_uuid: str
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "virtmount"
 
 
 # --- the local appliance ---------------------------------------------------------

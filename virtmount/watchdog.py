@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 _READY = "ready"
 _GOODBYE = "bye"
-BACKUP_ITEM = "backup:"  # a watched backup job: "backup:DOMAIN-UUID:OWNER" (see sources/running.py)
+BACKUP_ITEM = "backup:"  # a watched backup job: "backup:DOMAIN-UUID:OWNER" (see backup_item)
 _START_TIMEOUT_S = 60.0
 
 
@@ -129,6 +129,11 @@ def _watch(commands: IO[str], conn: libvirt.virConnect, owner: str) -> None:
                 print(f"virtmount watchdog: destroyed {name}, left behind by process {owner}", file=sys.stderr)
         except libvirt.libvirtError:
             pass  # already gone
+
+
+def backup_item(uuid: str, owner: str) -> str:
+    """How a backup job of ``owner``'s on the domain ``uuid`` is named to the watchdog (see sources/running.py)."""
+    return f"{BACKUP_ITEM}{uuid}:{owner}"
 
 
 def _end_backup(conn: libvirt.virConnect, item: str) -> None:

@@ -33,6 +33,7 @@ import trio
 from ..virt import backup
 from ..virt.connection import libvirt_message, run_blocking
 from ..virt.domainxml import DAEMON_CHANNEL, read_guest_definition
+from ..watchdog import backup_item
 from . import Attach, Source, SourceUnavailable
 from .domain import DomainRef
 
@@ -98,7 +99,7 @@ class BackupJob:
 
     @property
     def watchdog_item(self) -> str:
-        return f"backup:{self.uuid}:{self.owner}"
+        return backup_item(self.uuid, self.owner)
 
     async def release(self) -> None:
         with trio.CancelScope(shield=True):

@@ -121,13 +121,16 @@ class ConnectionTree:
             names = set(await self._domain_names.names())
         except FsError:
             names = set()
-        statuses = [self._domains[name][1].appliance.status(f"domains/{name}", idle_seconds,
-                                                             cached.get(self._domains[name][1].identity, 0))
-                    if name in self._domains else SourceStatus(f"domains/{name}", "off")
+
+        def status_of(path: str, source: ServedSource | None) -> SourceStatus:
+            if source is None:
+                return SourceStatus(path, "off")
+            return source.appliance.status(path, idle_seconds, cached.get(source.identity, 0))
+
+        statuses = [status_of(f"domains/{name}", self._domains[name][1] if name in self._domains else None)
                     for name in sorted(names | set(self._domains))]
         for pool_name, pool in sorted(self._pools.items()):
-            statuses.extend(source.appliance.status(f"volumes/{pool_name}/{volume}", idle_seconds,
-                                                    cached.get(source.identity, 0))
+            statuses.extend(status_of(f"volumes/{pool_name}/{volume}", source)
                             for volume, source in sorted(pool.volumes.items()))
         return statuses
 

@@ -139,8 +139,8 @@ class SourceAppliance:
     async def _booted_layout(self) -> GuestLayout:
         self.touch()
         while True:
-            if self._layout is not None and self._appliance is not None and not self._layout.client.closed:
-                return self._layout
+            if (layout := self.running_layout) is not None:
+                return layout
             if self._appliance is not None:  # the daemon connection broke: the appliance died
                 log.warning("%s: appliance connection lost; it will be booted again", self.name)
                 await self._discard_appliance("lost")

@@ -5,7 +5,11 @@ accesses wait for the same boot, which resolves the source (its disks now)
 and lays out its views (guestlayout.py). After an idle period (no access, no
 open files) the appliance is synced and destroyed; the next access boots it
 again. A failed boot is remembered for a short while so that a broken source
-does not cost a boot attempt per system call.
+does not cost a boot attempt per system call. While an appliance serves,
+the mount asks libvirt at most every PRESENCE_CHECK_S whether its source
+still exists (libvirt has no event for a deleted volume, and QEMU keeps
+reading a deleted image file): a source found gone ends its appliance and
+answers EIO.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from .watchdog import Watchdog, WatchdogSource
 log = logging.getLogger(__name__)
 
 FAILED_BOOT_RETRY_S = 30.0
+PRESENCE_CHECK_S = 2.0
 
 
 class GuestUnavailableError(Exception):
@@ -73,6 +78,7 @@ class SourceAppliance:
         self._served: Source | None = None  # the disks the running appliance holds
         self._last_shutdown = ""
         self._last_used = time.monotonic()
+        self._presence_checked_at = time.monotonic()
         self._open_handles = 0
         self._generation = 0
         self._boot_scope: trio.CancelScope | None = None
@@ -140,6 +146,7 @@ class SourceAppliance:
         self.touch()
         while True:
             if (layout := self.running_layout) is not None:
+                await self._check_presence()
                 return layout
             if self._appliance is not None:  # the daemon connection broke: the appliance died
                 log.warning("%s: appliance connection lost; it will be booted again", self.name)
@@ -154,6 +161,21 @@ class SourceAppliance:
                 self._boot_started = time.monotonic()
                 self._nursery.start_soon(self._boot, self._booting)
             await self._booting.wait()
+
+    async def _check_presence(self) -> None:
+        """End the appliance with EIO if its source was deleted or undefined (checked at most every
+        PRESENCE_CHECK_S; concurrent callers do not wait for the check)."""
+        if time.monotonic() - self._presence_checked_at < PRESENCE_CHECK_S:
+            return
+        self._presence_checked_at = time.monotonic()
+        reason = await self.source.gone(self._conn)
+        if reason is None or self._appliance is None:
+            return
+        log.error("%s: %s while served; its appliance is shut down", self.name, reason)
+        failure = GuestUnavailableError(reason)
+        await self._discard_appliance(reason)
+        self._failure = (time.monotonic(), failure)
+        raise failure
 
     async def _boot(self, done: trio.Event) -> None:
         try:
@@ -181,6 +203,7 @@ class SourceAppliance:
                         raise VirtmountError(f"appliance booted but the disks could not be mounted: {exc}") from None
                     raise
                 self._appliance, self._layout = appliance, layout
+                self._presence_checked_at = time.monotonic()
                 log.info("%s: ready (%s)", self.name, "the guest's OS in fs/" if layout.has_os else "no OS found")
                 self.touch()
         except (VirtmountError, GuestfsClientError) as exc:

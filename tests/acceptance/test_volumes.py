@@ -17,6 +17,7 @@ from typing import Iterator
 import pytest
 
 from tests import images, volumes
+from virtmount.lifecycle import PRESENCE_CHECK_S
 
 POOL = volumes.POOL
 OTHER_POOL = "virtmount-test-vol-other"
@@ -128,3 +129,25 @@ def test_a_pool_stopped_while_its_volume_is_served_is_enoent_below(mount: Path, 
     with pytest.raises(FileNotFoundError):
         hello.read_bytes()
     assert (mount / "volumes" / POOL / "noos.qcow2" / "devices" / "sda" / "hello.txt").exists()
+
+
+def test_a_volume_deleted_while_served_answers_eio_and_nothing_else_changes(mount: Path, tcp_uri: str) -> None:
+    volumes.start_dir_pool(tcp_uri, OTHER_POOL)
+    try:
+        volumes.put_volume(tcp_uri, OTHER_POOL, "doomed.qcow2", images.build(images.NOOS))
+        time.sleep(LISTING_TTL_S)
+        device = mount / "volumes" / OTHER_POOL / "doomed.qcow2" / "devices" / "sda"
+        assert "hello.txt" in os.listdir(device)  # booted; hello.txt not read yet
+        with open(device / "hello.txt", "rb") as opened:
+            volumes.virsh(tcp_uri, "vol-delete", "--pool", OTHER_POOL, "doomed.qcow2")
+            time.sleep(PRESENCE_CHECK_S + 0.5)  # QEMU still holds the deleted file: only virtmount's check sees it
+            with pytest.raises(OSError) as failed:
+                opened.read()
+            assert failed.value.errno == errno.EIO
+        time.sleep(LISTING_TTL_S)
+        assert os.listdir(mount / "volumes" / OTHER_POOL) == []
+        assert not (mount / "volumes" / OTHER_POOL / "doomed.qcow2").exists()
+    finally:
+        volumes.stop_pool(tcp_uri, OTHER_POOL)
+    assert (mount / "volumes" / POOL / "noos.qcow2" / "devices" / "sda" / "hello.txt").read_bytes() == \
+        images.NOOS.files["/hello.txt"]

@@ -17,7 +17,7 @@ from virtmount.guestfs.errors import GuestfsError
 from virtmount.guestfs.procs import Statns
 from virtmount.devicenames import COLD_BOOTED, RESTORED
 from virtmount.guestlayout import lay_out_os, mount_devices
-from virtmount.lifecycle import SourceAppliance
+from virtmount.lifecycle import GuestUnavailableError, SourceAppliance
 from virtmount.sources.domain import DomainRef
 from virtmount.inspection_cache import FstabFingerprint, InspectionCache, RememberedLayout
 
@@ -308,3 +308,44 @@ async def test_an_appliance_mounting_its_devices_is_not_idle() -> None:
         assert guest.idle_for() == 0.0
         daemon.release.set()
     assert guest._layout.devices_mounted and guest.idle_for() < 60
+
+
+async def test_a_source_deleted_while_served_ends_its_appliance_with_eio() -> None:
+    class Booted:
+        shut_down = False
+
+        async def shutdown(self) -> None:
+            self.shut_down = True
+
+    class DeletedLater:
+        identity, name = "volume:/pool/v.raw", "pool/v.raw"
+        reason: str | None = None
+        asked = 0
+
+        async def resolve(self, conn: Any, attach: Any) -> Any:
+            raise AssertionError("not booted again within the retry time")
+
+        async def gone(self, conn: Any) -> str | None:
+            self.asked += 1
+            return self.reason
+
+    ref = DeletedLater()
+    guest = SourceAppliance(cast(Any, None), ref, cast(Any, None), cast(Any, None), cast(Any, None))
+    class OpenDaemon(FakeDaemon):
+        closed = False
+
+    daemon = OpenDaemon(roots=["/dev/vg0/root"])
+    booted = Booted()
+    guest._appliance = cast(Any, booted)
+    guest._layout = await lay_out_os(cast(GuestfsClient, daemon), "guest", 1)
+    layout = guest._layout
+    assert await guest.layout() is layout and ref.asked == 0  # checked at most every PRESENCE_CHECK_S
+    guest._presence_checked_at -= 60
+    assert await guest.layout() is layout and ref.asked == 1  # still there
+    guest._presence_checked_at -= 60
+    ref.reason = "volume pool/v.raw was deleted"
+    for _ in range(2):  # the first access finds it gone, the next ones answer from the failure
+        with pytest.raises(GuestUnavailableError) as failed:
+            await guest.layout()
+        assert failed.value.errno == errno.EIO and "deleted" in str(failed.value)
+    assert booted.shut_down and not guest.running and ref.asked == 2

@@ -284,6 +284,9 @@ class HeldRef:
         return Source(identity=UUID, name="web1", disks=(), attach=Attach.READ_ONLY_OVERLAY,
                       hold=self.held)
 
+    async def gone(self, conn: Any) -> str | None:
+        return None
+
 
 class FakeHost:
     async def get(self) -> Any:

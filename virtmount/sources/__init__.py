@@ -93,3 +93,9 @@ class SourceRef(Protocol):
     async def resolve(self, conn: libvirt.virConnect, attach: Attach) -> Source:
         """The source's disks now; SourceUnavailable if it cannot be served."""
         ...
+
+    async def gone(self, conn: libvirt.virConnect) -> str | None:
+        """Why the source no longer exists (deleted, undefined), or None if it still does or libvirt
+        cannot tell now; asked while its appliance serves it, since libvirt has no event for a
+        deleted volume."""
+        ...

@@ -55,6 +55,14 @@ class DomainRef:
         return Source(identity=self.uuid, name=self.name, disks=disks, attach=attach,
                       seclabels=definition.seclabels)
 
+    async def gone(self, conn: libvirt.virConnect) -> str | None:
+        try:
+            await run_blocking(conn.lookupByUUIDString, self.uuid)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return f"domain {self.name} ({self.uuid}) was undefined"
+        return None
+
 
 async def _as_resolved(conn: libvirt.virConnect, disk: ET.Element) -> ET.Element:
     """A ``type='volume'`` disk of a file or block volume as a file or block disk; other disks as they are."""

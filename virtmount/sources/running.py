@@ -77,6 +77,9 @@ class AnyStateDomainRef:
                           attach=Attach.READ_ONLY_OVERLAY, own_daemon=True)
         return await snapshot_source(conn, domain, self.domain, self.pool)
 
+    async def gone(self, conn: libvirt.virConnect) -> str | None:
+        return await self.domain.gone(conn)
+
 
 def _has_guestfs_channel(live_xml: str) -> bool:
     """Whether the domain carries a guestfs daemon's channel that libvirt can open (``type='unix'``)."""

@@ -59,6 +59,14 @@ class VolumeRef:
         disk = volume_disk(xml, pool_name)
         return Source(identity=self.identity, name=self.name, disks=(disk,), attach=attach)
 
+    async def gone(self, conn: libvirt.virConnect) -> str | None:
+        try:
+            await run_blocking(conn.storageVolLookupByKey, self.key)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() in (libvirt.VIR_ERR_NO_STORAGE_VOL, libvirt.VIR_ERR_NO_STORAGE_POOL):
+                return f"volume {self.name} was deleted"
+        return None
+
 
 def volume_disk(volume_xml: str, pool_name: str) -> ET.Element:
     """The ``<disk>`` element that holds the volume described by ``volume_xml`` (of pool ``pool_name``)."""

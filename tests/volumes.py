@@ -1,16 +1,19 @@
 """Storage pools and volumes for the volume tests, made through libvirt only (virsh over the URI given).
 
 Test pools are dir pools named ``virtmount-test-vol-*`` in directories under
-/var/lib/libvirt/images; volumes are uploaded with ``virsh vol-upload`` from
+/var/lib/libvirt/images, and a disk pool on a loop device; volumes are uploaded with ``virsh vol-upload`` from
 the cached test images (tests/images.py) or from conversions of them, which
 are cached beside them under the same lock.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
+import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from tests import images
 
@@ -82,3 +85,24 @@ def _cached(target: Path, fill: Callable[[Path], None]) -> Path:
             if not target.exists():
                 images.write_atomically(target.name, target, fill)
     return target
+
+
+@contextlib.contextmanager
+def loop_device(size: int) -> Iterator[str]:
+    """A loop device over a new sparse file of ``size`` bytes, with partition scanning; detached after."""
+    backing = tempfile.NamedTemporaryFile(prefix="virtmount-loop-", dir="/var/tmp")
+    with backing:
+        os.truncate(backing.name, size)
+        device = subprocess.run(["losetup", "--find", "--show", "--partscan", backing.name], check=True,
+                                capture_output=True, text=True).stdout.strip()
+        try:
+            yield device
+        finally:
+            subprocess.run(["losetup", "--detach", device], check=False, capture_output=True)
+
+
+def start_disk_pool(uri: str, name: str, device: str) -> None:
+    """A running transient disk pool ``name`` on ``device`` with a new, empty GPT."""
+    virsh(uri, "pool-destroy", name, check=False)
+    virsh(uri, "pool-create-as", name, "disk", "--source-dev", device, "--source-format", "gpt",
+          "--target", "/dev", "--build", "--overwrite")

@@ -55,7 +55,13 @@ def test_the_format_is_never_probed(reported: str | None, driver: str) -> None:
     assert disk.find("driver").get("type") == driver  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize("reported", ["dir", "fat", "ploop"])
+@pytest.mark.parametrize("partition_type", ["none", "linux", "fat32", "linux-lvm", "linux-swap"])
+def test_a_disk_pool_partition_is_raw_whatever_its_partition_type(partition_type: str) -> None:
+    disk = volume_disk(volume_xml("block", partition_type, "/dev/sdb1"), "disks")
+    assert disk.find("driver").get("type") == "raw"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("reported", ["dir", "fat", "ploop", "extended"])
 def test_formats_that_are_not_disk_images_are_refused(reported: str) -> None:
     with pytest.raises(SourceUnavailable, match="not a disk image"):
         volume_disk(volume_xml(fmt=reported), "images")

@@ -6,8 +6,9 @@ pools) ``<disk type='block'>``, anything else (network pools such as rbd or
 gluster) ``<disk type='volume'>`` naming the pool and volume, which libvirt
 turns into the network disk with the pool's hosts and auth. The format is
 the one libvirt reports in ``<target><format>`` and is never probed from the
-content; a volume without one is raw. QEMU follows a backing chain from the
-image itself, as libvirt does for a guest.
+content; a volume without one is raw. A partition of a disk pool reports its
+partition type there (``none``, ``linux``, ...): its content is raw. QEMU
+follows a backing chain from the image itself, as libvirt does for a guest.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from . import Attach, Source, SourceUnavailable
 
 # Volume formats libvirt reports under other names than QEMU's block drivers.
 _QEMU_FORMAT = {"iso": "raw", "vhd": "vpc", "none": "raw"}
-# Formats no QEMU block driver reads as a disk.
-_NOT_A_DISK = ("dir", "fat", "ploop")
+# Partition types a disk pool reports as a volume's format: its content is raw.
+_PARTITION_TYPES = ("linux", "fat16", "fat32", "linux-swap", "linux-lvm", "linux-raid")
+# Formats no QEMU block driver reads as a disk (an extended partition holds only other partitions).
+_NOT_A_DISK = ("dir", "fat", "ploop", "extended")
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,8 @@ def volume_disk(volume_xml: str, pool_name: str) -> ET.Element:
     else:
         disk = ET.Element("disk", type="volume", device="disk")
         source = ET.Element("source", pool=pool_name, volume=name)
-    ET.SubElement(disk, "driver", name="qemu", type=_QEMU_FORMAT.get(reported, reported))
+    qemu_format = "raw" if kind == "block" and reported in _PARTITION_TYPES else _QEMU_FORMAT.get(reported, reported)
+    ET.SubElement(disk, "driver", name="qemu", type=qemu_format)
     encryption = volume.find("./target/encryption")
     if encryption is not None:
         source.append(encryption)

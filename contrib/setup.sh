@@ -35,8 +35,9 @@ PACKAGES=(
     # What the appliance needs for btrfs, vfat, ntfs and LUKS (libguestfs0 depends on them; named
     # here because the volume tests build and read such filesystems).
     btrfs-progs dosfstools ntfs-3g cryptsetup-bin
-    # tests: a guest that really runs (tests/running_guest.py): a busybox initramfs made with cpio
-    busybox-static cpio
+    # tests: a guest that really runs (tests/running_guest.py): a busybox initramfs made with cpio,
+    # with the guest agent (qemu-ga and its libraries copied in) so that views freeze it for real
+    busybox-static cpio qemu-guest-agent
 )
 
 missing=()

@@ -3,8 +3,9 @@
 Its init loads the virtio and ext4 modules, mounts its data disk (``vda``, ext4
 without a journal, mounted ``sync``) at /data and appends a line with a counter
 to ``/data/counter`` every 100 ms, forever. A second disk (``vdb``, ext4 with
-/hello.txt) is never mounted by the guest: its image must stay bit for bit the same. It has no guest agent and no guestfs
-daemon: views of it are crash-consistent. It boots in a few seconds under TCG.
+/hello.txt) is never mounted by the guest: its image must stay bit for bit the same. It runs the guest
+agent (the host's qemu-ga with its libraries, on ``org.qemu.guest_agent.0``), so views of it freeze
+/data for the job's start; it has no guestfs daemon. It boots in a few seconds under TCG.
 
 Built once and cached (like tests/images.py) under
 ``$VIRTMOUNT_TEST_IMAGES/running-<hash>/``: kernel, initramfs, data.qcow2, quiet.qcow2; the
@@ -46,7 +47,9 @@ COUNTER_FILE = "/counter"  # on the data disk, the only filesystem: devices/vda/
 KERNEL_RELEASE = max((p.name.removeprefix("vmlinuz-") for p in Path("/boot").glob("vmlinuz-*")), default="none")
 # In load order (each after those it depends on).
 _MODULES = ("virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci", "virtio_blk",
-            "crc16", "mbcache", "jbd2", "crc32c_generic", "ext4")
+            "virtio_console", "crc16", "mbcache", "jbd2", "crc32c_generic", "ext4")
+AGENT = "/usr/sbin/qemu-ga"
+AGENT_CHANNEL = "org.qemu.guest_agent.0"
 _INIT = """#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
@@ -56,6 +59,10 @@ for m in {modules}; do insmod /lib/$m.ko 2>/dev/null; done
 while [ ! -b /dev/vda ]; do sleep 0.1; done
 mkdir -p /data
 mount -t ext4 -o sync /dev/vda /data
+mkdir -p /var/run /run
+for port in /sys/class/virtio-ports/*; do
+  [ "$(cat $port/name)" = {agent_channel} ] && qemu-ga -d -m virtio-serial -p /dev/${{port##*/}}
+done
 echo "virtmount-test-run-writer: writing"
 i=0
 while true; do
@@ -96,15 +103,25 @@ def _initramfs() -> bytes:
         for sub in ("bin", "lib", "proc", "sys", "dev", "data"):
             (root / sub).mkdir()
         shutil.copy("/bin/busybox", root / "bin" / "busybox")
+        shutil.copy(AGENT, root / "bin" / "qemu-ga")
+        for library in _libraries(AGENT):  # at the same paths as on the host, where the loader looks
+            (root / library.parent.relative_to("/")).mkdir(parents=True, exist_ok=True)
+            shutil.copy(library, root / library.relative_to("/"))
         for module in _MODULES:
             shutil.copy(_module_path(module), root / "lib" / f"{module}.ko")
         init = root / "init"
-        init.write_text(_INIT.format(modules=" ".join(_MODULES)))
+        init.write_text(_INIT.format(modules=" ".join(_MODULES), agent_channel=AGENT_CHANNEL))
         init.chmod(0o755)
         files = subprocess.run(["find", "."], cwd=root, check=True, capture_output=True).stdout
         archive = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=root, input=files, check=True,
                                  capture_output=True).stdout
     return gzip.compress(archive)
+
+
+def _libraries(executable: str) -> list[Path]:
+    """The shared libraries ``executable`` loads, and the loader, as ldd lists them."""
+    out = subprocess.run(["ldd", executable], check=True, capture_output=True, text=True).stdout
+    return [Path(word) for line in out.splitlines() for word in line.split() if word.startswith("/")]
 
 
 def build() -> Path:
@@ -165,6 +182,8 @@ def domain_xml(directory: Path) -> str:
     ET.SubElement(quiet, "driver", name="qemu", type="qcow2")
     ET.SubElement(quiet, "source", file=str(directory / "quiet.qcow2"))
     ET.SubElement(quiet, "target", dev="vdb", bus="virtio")
+    agent = ET.SubElement(devices, "channel", type="unix")
+    ET.SubElement(agent, "target", type="virtio", name=AGENT_CHANNEL)
     serial = ET.SubElement(devices, "serial", type="pty")
     ET.SubElement(serial, "target", port="0")
     ET.SubElement(serial, "log", file=CONSOLE_LOG, append="off")

@@ -55,11 +55,16 @@ class ApplianceSettings:
     boot_timeout: float = 300.0
     call_timeout: float = 120.0
     pool: str = "virtmount"
+    scratch_pool: str = ""  # where running domains' backup jobs keep their scratch volumes; "": ``pool``
     writable: bool = False
     verbose: bool = False
     extra_kernel_args: str = ""
     emulator: str = ""  # the QEMU binary on the host; "" for libvirt's choice
     fast_start: bool = True  # restore a saved appliance and plug the disks in (faststart.py)
+
+    @property
+    def scratch_pool_name(self) -> str:
+        return self.scratch_pool or self.pool
 
 
 class BootFailed(VirtmountError):

@@ -15,6 +15,7 @@ from typing import Callable
 
 from .accelerator import ACCELERATORS
 from .appliance import ApplianceSettings
+from .virt.backup import SCRATCH_RESERVE_BYTES
 from .errors import UsageError
 from .fs.guestview import DEFAULT_CACHED_ENTRIES
 from .inspection_cache import default_directory
@@ -44,9 +45,9 @@ def _positive_number(name: str, text: str, *, integer: bool = False) -> float:
     return value
 
 
-def _pool_name(text: str) -> str:
+def _pool_name(text: str, option: str = "pool") -> str:
     if not text:
-        raise UsageError("option pool needs a storage pool name")
+        raise UsageError(f"option {option} needs a storage pool name")
     return text
 
 
@@ -93,6 +94,10 @@ _OPTIONS: dict[str, tuple[bool, Callable[[Config, str], Config], str]] = {
                      "seconds one daemon call may take before the appliance is given up (default 120)"),
     "pool": (True, lambda c, v: _with_appliance(c, pool=_pool_name(v)),
              "storage pool on the host for the appliance files (default virtmount)"),
+    "scratch_pool": (True, lambda c, v: _with_appliance(c, scratch_pool=_pool_name(v, "scratch_pool")),
+                     "storage pool on the host for the scratch volumes and sockets of running domains' "
+                     "point-in-time views (default: the pool option's); it needs at least "
+                     f"{SCRATCH_RESERVE_BYTES >> 20} MiB free, and views end when it has less"),
     "emulator": (True, lambda c, v: _with_appliance(c, emulator=_emulator(v)),
                  "QEMU binary on the libvirt host to run appliances with (default: libvirt's choice)"),
     "kernel_args": (True, lambda c, v: _with_appliance(c, extra_kernel_args=v),

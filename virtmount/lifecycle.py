@@ -30,7 +30,7 @@ from .errors import VirtmountError
 from .guestfs.errors import GuestfsClientError
 from .guestlayout import GuestLayout, lay_out_os, mount_devices
 from .inspection_cache import InspectionCache
-from .sources import Source, SourceRef, SourceUnavailable, attach_mode
+from .sources import Hold, Source, SourceRef, SourceUnavailable, attach_mode
 from .status import DiskStatus, SourceStatus, clock, iso_time
 from .virt.provision import HostAppliance, provision
 from .watchdog import Watchdog, WatchdogSource
@@ -82,6 +82,7 @@ class SourceAppliance:
         self._open_handles = 0
         self._generation = 0
         self._boot_scope: trio.CancelScope | None = None
+        self._hold_watch: trio.CancelScope | None = None  # the watch of the running appliance's hold
         self._devices_lock = trio.Lock()
         self._mounting_devices = False
         # Called after a running appliance is discarded: the disks may change before the next boot,
@@ -112,6 +113,13 @@ class SourceAppliance:
         if self._appliance is None or served is None or served.hold is None:
             return None
         return served.hold.taken_at
+
+    @property
+    def reads_disks_as_they_are(self) -> bool:
+        """Whether the running appliance reads its source's disks directly (a shut-off domain's, a volume),
+        not a point-in-time export nor a guest's own daemon."""
+        served = self._served
+        return self._appliance is not None and served is not None and served.hold is None and not served.own_daemon
 
     def touch(self) -> None:
         self._last_used = time.monotonic()
@@ -204,6 +212,9 @@ class SourceAppliance:
                     raise
                 self._appliance, self._layout = appliance, layout
                 self._presence_checked_at = time.monotonic()
+                if source.hold is not None:
+                    self._hold_watch = trio.CancelScope()
+                    self._nursery.start_soon(self._end_when_broken, source.hold, self._hold_watch)
                 log.info("%s: ready (%s)", self.name, "the guest's OS in fs/" if layout.has_os else "no OS found")
                 self.touch()
         except (VirtmountError, GuestfsClientError) as exc:
@@ -215,6 +226,19 @@ class SourceAppliance:
             self._boot_scope = None
             self._booting = None
             done.set()
+
+    async def _end_when_broken(self, hold: Hold, watch: trio.CancelScope) -> None:
+        """End the appliance, answering EIO for a while, if what its source holds cannot go on;
+        ``watch`` is cancelled when the appliance ends otherwise."""
+        with watch:
+            reason = await hold.broken()
+        if watch.cancel_called:
+            return
+        self._hold_watch = None
+        log.error("%s: %s", self.name, reason)
+        failure = GuestUnavailableError(reason)
+        await self._discard_appliance(reason)
+        self._failure = (time.monotonic(), failure)
 
     async def _watchdog_for(self, source: Source) -> Watchdog | None:
         """The watchdog, told about what ``source`` holds on the host; None where there is none (it is
@@ -254,6 +278,9 @@ class SourceAppliance:
 
     async def _discard_appliance(self, why: str) -> None:
         appliance, self._appliance, self._layout = self._appliance, None, None
+        if self._hold_watch is not None:
+            self._hold_watch.cancel()
+            self._hold_watch = None
         if appliance is not None:
             self._last_shutdown = f"{why} at {clock(time.time())}"
             log.info("%s: shutting the appliance down (%s)", self.name, why)

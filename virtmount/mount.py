@@ -12,7 +12,7 @@ import logging
 import os
 import signal
 import time
-from typing import Callable
+from typing import Callable, Iterable
 
 import libvirt
 import pyfuse3
@@ -20,8 +20,9 @@ import trio
 
 from .appliance import ApplianceSettings
 from .config import Config
-from .domainevents import stopped_domains
+from .domainevents import StateChange, domain_state_changes
 from .errors import UsageError, VirtmountError
+from .fs.nodes import ServedSource
 from .fs.tree import ConnectionTree
 from .fs.operations import Operations
 from .lifecycle import HostApplianceSource, SourceAppliance
@@ -78,16 +79,28 @@ async def _end_leftover_backup_jobs(conn: libvirt.virConnect, pool: str) -> None
         log.warning("cannot look for leftover backup jobs: %s", libvirt_message(exc))
 
 
-async def _end_views_of_stopped_domains(conn: libvirt.virConnect, tree: ConnectionTree, nursery: trio.Nursery,
-                                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """A running domain that stops ends its point-in-time view; the next access reads its disks."""
-    with stopped_domains(conn) as stopped:
+async def _end_views_on_state_changes(conn: libvirt.virConnect, tree: ConnectionTree, nursery: trio.Nursery,
+                                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    with domain_state_changes(conn) as changes:
         task_status.started()
-        async for uuid in stopped:
-            for source in tree.served_sources():
-                if source.identity == uuid and source.appliance.snapshot_taken_at is not None:
-                    log.info("%s: the domain stopped; its point-in-time view ends", source.name)
-                    nursery.start_soon(source.appliance.release, "the domain stopped")
+        await end_views_on(changes, tree.served_sources, nursery)
+
+
+async def end_views_on(changes: trio.MemoryReceiveChannel[StateChange], served: Callable[[], Iterable[ServedSource]],
+                       nursery: trio.Nursery) -> None:
+    """A running domain that stops ends its point-in-time view; a shut-off domain that starts ends the
+    view of its disks; the next access is served the other way (see domainevents.py)."""
+    async for change in changes:
+        for source in served():
+            appliance = source.appliance
+            if source.identity != change.uuid:
+                continue
+            if not change.started and appliance.snapshot_taken_at is not None:
+                log.info("%s: the domain stopped; its point-in-time view ends", source.name)
+                nursery.start_soon(appliance.release, "the domain stopped")
+            elif change.started and appliance.reads_disks_as_they_are:
+                log.info("%s: the domain started; the view of its disks ends", source.name)
+                nursery.start_soon(appliance.release, "the domain started")
 
 
 async def _shut_down_idle_appliances(tree: ConnectionTree, idle_seconds: float) -> None:
@@ -150,7 +163,7 @@ async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[]
     conn = await open_connection(uri)
     try:
         await _remove_leftover_appliances(conn)
-        await _end_leftover_backup_jobs(conn, config.appliance.pool)
+        await _end_leftover_backup_jobs(conn, config.appliance.scratch_pool_name)
         async with trio.open_nursery() as nursery:
             host_appliance = HostApplianceSource(conn, config.appliance.pool)
             inspection_cache = None if config.inspection_cache is None else InspectionCache(config.inspection_cache)
@@ -159,7 +172,7 @@ async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[]
 
             def make_appliance(source: SourceRef, settings: ApplianceSettings = config.appliance) -> SourceAppliance:
                 if isinstance(source, DomainRef):  # running domains are served from a point-in-time export
-                    source = AnyStateDomainRef(source, settings.pool)
+                    source = AnyStateDomainRef(source, settings.pool, settings.scratch_pool_name)
                 return SourceAppliance(conn, source, settings, host_appliance, nursery, inspection_cache, watchdogs)
 
             serving = False
@@ -188,7 +201,7 @@ async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[]
                 await nursery.start(_terminate_on_signal)  # before readiness: systemd may stop us at once
                 nursery.start_soon(_terminate_when_unmounted, mountpoint)
                 nursery.start_soon(_shut_down_idle_appliances, tree, config.idle_seconds)
-                await nursery.start(_end_views_of_stopped_domains, conn, tree, nursery)
+                await nursery.start(_end_views_on_state_changes, conn, tree, nursery)
                 on_ready()
                 log.info("mounted %s on %s", uri, mountpoint)
                 serving = True

@@ -7,6 +7,7 @@ make is named virtmount-test-run*.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ from typing import Iterator
 import libvirt
 import pytest
 
-from tests import images, running_guest
+from tests import images, running_guest, volumes
 from tests.acceptance.conftest import unmount
 from tests.acceptance.helpers import VIRTMOUNT, appliances_of, run_virtmount
 from virtmount.virt import backup
@@ -215,6 +216,66 @@ def test_someone_elses_job_is_refused_and_left_alone(writer: running_guest.Runni
             time.sleep(0.1)
         scratch.delete(0)
         conn.close()
+
+
+def test_the_guest_agent_freezes_the_filesystems_for_the_jobs_start_only(writer: running_guest.RunningGuest,
+                                                                         writer_mount: Path) -> None:
+    """The writer runs the real qemu-ga: the job begins between a freeze and a thaw of its /data."""
+    domain_dir = writer_mount / "domains" / running_guest.NAME
+    os.getxattr(domain_dir, "user.virtmount.release")
+    assert counter_file(writer_mount).read_bytes().endswith(b"\n")  # a new job, frozen at its start
+    frozen = [line for line in log_of(writer_mount).splitlines() if "filesystems frozen for" in line]
+    print(f"job starts with the guest agent: {frozen}")
+    assert frozen and "crash-consistent" not in log_of(writer_mount), log_of(writer_mount)
+    running_guest.wait_until_writing(writer, 30)  # thawed: the guest writes on
+    os.getxattr(domain_dir, "user.virtmount.release")  # the next tests make jobs of their own
+
+
+SCRATCH_POOL = "virtmount-test-run-scratch"
+
+
+@pytest.fixture
+def small_scratch_pool(writer: running_guest.RunningGuest) -> Iterator[str]:
+    """A dir pool on a 256 MiB tmpfs, for the scratch volumes of one mount. The writer is started again
+    after the tmpfs is mounted: mounts do not propagate into a running QEMU's mount namespace here."""
+    directory = volumes.POOL_PARENT / SCRATCH_POOL
+    directory.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m,mode=0755", SCRATCH_POOL, str(directory)], check=True)
+    try:
+        volumes.start_dir_pool(writer.uri, SCRATCH_POOL)
+        running_guest.stop(writer)
+        running_guest.start(writer.uri)
+        yield SCRATCH_POOL
+    finally:
+        volumes.stop_pool(writer.uri, SCRATCH_POOL)
+        subprocess.run(["umount", "--lazy", str(directory)], check=False)
+
+
+def test_a_scratch_pool_filling_up_ends_the_view_and_the_guest_keeps_running(
+        writer: running_guest.RunningGuest, small_scratch_pool: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    mountpoint = tmp_path_factory.mktemp("virtmount-run-scratch")
+    mount(writer.uri, mountpoint, f"scratch_pool={small_scratch_pool}")
+    try:
+        counter = counter_file(mountpoint)
+        assert running_guest.scratch_volumes(writer.uri, small_scratch_pool), log_of(mountpoint)
+        volumes.virsh(writer.uri, "vol-create-as", small_scratch_pool, "filler.raw", "200M", "--allocation", "200M")
+        deadline = time.monotonic() + 30
+        while running_guest.backup_job(writer.uri) is not None:
+            assert time.monotonic() < deadline, log_of(mountpoint)
+            time.sleep(0.2)
+        assert "less than 128 MiB: the view is ended" in log_of(mountpoint)
+        with pytest.raises(OSError) as failed:
+            counter.read_bytes()
+        assert failed.value.errno == errno.EIO
+        assert running_guest.scratch_volumes(writer.uri, small_scratch_pool) == []
+        running_guest.wait_until_writing(writer, 30)  # the guest never noticed
+        volumes.virsh(writer.uri, "vol-delete", "--pool", small_scratch_pool, "filler.raw")
+        os.getxattr(mountpoint / "domains" / running_guest.NAME, "user.virtmount.release")  # retry at once
+        assert last_count(counter_file(mountpoint)) > 0, log_of(mountpoint)  # room again: a new view
+    finally:
+        unmount(mountpoint)
+    assert running_guest.backup_job(writer.uri) is None
+    assert running_guest.scratch_volumes(writer.uri, small_scratch_pool) == []
 
 
 def test_a_guest_that_stops_during_a_view_is_then_read_from_its_disks(writer: running_guest.RunningGuest,

@@ -10,8 +10,8 @@ from virtmount.appliance import ApplianceSettings
 from virtmount.config import Config, options_help, parse_options
 from virtmount.errors import UsageError
 
-ALL_OPTIONS = ("accel", "memory", "cpus", "boot_timeout", "call_timeout", "pool", "emulator", "kernel_args", "fast_start", "idle",
-               "cache_entries", "inspection_cache", "allow_other", "debug")
+ALL_OPTIONS = ("accel", "memory", "cpus", "boot_timeout", "call_timeout", "pool", "scratch_pool", "emulator",
+               "kernel_args", "fast_start", "idle", "cache_entries", "inspection_cache", "allow_other", "debug")
 
 
 def usage_error(*option_strings: str) -> str:
@@ -189,7 +189,8 @@ def test_options_help_lists_every_option() -> None:
     names = [line.strip().split(":")[0] for line in lines]
     assert names == [
         "accel=VALUE", "memory=VALUE", "cpus=VALUE", "boot_timeout=VALUE", "call_timeout=VALUE",
-        "pool=VALUE", "emulator=VALUE", "kernel_args=VALUE", "fast_start=VALUE", "idle=VALUE", "cache_entries=VALUE", "inspection_cache=VALUE",
+        "pool=VALUE", "scratch_pool=VALUE", "emulator=VALUE", "kernel_args=VALUE", "fast_start=VALUE", "idle=VALUE",
+        "cache_entries=VALUE", "inspection_cache=VALUE",
         "allow_other", "debug",
     ]
     assert [name.partition("=")[0] for name in names] == list(ALL_OPTIONS)

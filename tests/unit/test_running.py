@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import xml.etree.ElementTree as ET
@@ -10,9 +11,10 @@ from typing import Any, cast
 import libvirt
 import pytest
 import trio
+import trio.testing
 
 from virtmount.appliance import ApplianceSettings, BootFailed
-from virtmount.lifecycle import SourceAppliance
+from virtmount.lifecycle import GuestUnavailableError, SourceAppliance
 from virtmount.sources import SourceUnavailable
 from virtmount.sources import running
 from virtmount.sources.domain import DomainRef
@@ -57,6 +59,7 @@ class FakePool:
         self.volumes: dict[str, FakeVolume] = {}
         self.created: list[str] = []
         self.full = full
+        self.available = 10 << 30
 
     def createXML(self, xml: str, flags: int) -> FakeVolume:
         volume = ET.fromstring(xml)
@@ -77,6 +80,9 @@ class FakePool:
 
     def refresh(self, flags: int) -> None:
         pass
+
+    def info(self) -> list[int]:
+        return [libvirt.VIR_STORAGE_POOL_RUNNING, 20 << 30, 10 << 30, self.available]
 
 
 class FakeDomain:
@@ -145,7 +151,7 @@ def scratch_volumes(pool: FakePool) -> list[str]:
 
 async def begin(domain: FakeDomain, pool: FakePool | None = None) -> tuple[Any, FakeConn]:
     conn = FakeConn(domain, pool or FakePool())
-    return await snapshot_source(cast(Any, conn), cast(Any, domain), REF, "virtmount"), conn
+    return await snapshot_source(cast(Any, conn), cast(Any, domain), REF, "virtmount", "virtmount"), conn
 
 
 async def test_each_disk_is_exported_read_only_over_nbd_on_the_jobs_socket() -> None:
@@ -209,6 +215,69 @@ async def test_a_full_pool_begins_no_job_and_leaves_no_scratch() -> None:
     assert domain.calls == [] and scratch_volumes(pool) == []
 
 
+async def test_a_scratch_pool_without_room_begins_no_job() -> None:
+    pool = FakePool()
+    pool.available = backup.SCRATCH_RESERVE_BYTES - 1
+    domain = FakeDomain()
+    with pytest.raises(SourceUnavailable, match="needs at least 128 MiB"):
+        await begin(domain, pool)
+    assert domain.calls == [] and scratch_volumes(pool) == []
+
+
+async def test_a_socket_path_too_long_for_a_socket_address_begins_no_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(backup, "SOCKET_PATH_MAX", 20)
+    domain = FakeDomain()
+    with pytest.raises(SourceUnavailable, match="longer than the 20 bytes a UNIX socket address holds"):
+        await begin(domain)
+    assert domain.calls == []
+
+
+async def test_a_held_job_breaks_when_its_scratch_pool_fills_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("virtmount.sources.running.SCRATCH_CHECK_S", 0.01)
+    source, conn = await begin(FakeDomain())
+    with trio.move_on_after(0.2) as still_room:
+        await source.hold.broken()
+    assert still_room.cancelled_caught
+    conn.pool.available = 100 << 20
+    with trio.fail_after(5):
+        reason = await source.hold.broken()
+    assert reason.startswith("scratch pool virtmount has 100 MiB free, less than 128 MiB")
+
+
+async def test_a_broken_hold_ends_the_appliance_and_answers_eio() -> None:
+    class Breaking(Held):
+        def __init__(self) -> None:
+            super().__init__()
+            self.breaks = trio.Event()
+
+        async def broken(self) -> str:
+            await self.breaks.wait()
+            return "scratch pool full"
+
+    class Booted:
+        shut_down = False
+
+        async def shutdown(self) -> None:
+            self.shut_down = True
+
+    ref = HeldRef()
+    ref.held = held = Breaking()
+    guest = SourceAppliance(cast(Any, None), ref, ApplianceSettings(), cast(Any, None), cast(Any, None))
+    booted = Booted()
+    guest._appliance = cast(Any, booted)
+    guest._served = await ref.resolve(None, None)
+    async with trio.open_nursery() as nursery:
+        guest._hold_watch = watch = trio.CancelScope()
+        nursery.start_soon(guest._end_when_broken, held, watch)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not booted.shut_down
+        held.breaks.set()
+    assert booted.shut_down and held.released == 1 and not guest.running
+    with pytest.raises(GuestUnavailableError, match="scratch pool full") as failed:
+        await guest.layout()
+    assert failed.value.errno == errno.EIO
+
+
 async def test_with_an_agent_the_filesystems_are_frozen_for_the_jobs_start_only() -> None:
     _, conn = await begin(FakeDomain(agent="connected"))
     assert [c.split()[0] for c in conn.domain.calls] == ["freeze", "begin", "thaw"]
@@ -237,7 +306,7 @@ async def test_a_shut_off_domain_is_served_from_its_disks() -> None:
             return False
 
     domain = ShutOff()
-    source = await AnyStateDomainRef(REF, "virtmount").resolve(cast(Any, FakeConn(domain, FakePool())),
+    source = await AnyStateDomainRef(REF, "virtmount", "virtmount").resolve(cast(Any, FakeConn(domain, FakePool())),
                                                                cast(Any, None))
     assert source.hold is None and domain.calls == []
     assert [d.get("type") for d in source.disks] == ["file", "block"]  # the cdrom is not served
@@ -266,6 +335,9 @@ class Held:
 
     def __init__(self) -> None:
         self.released = 0
+
+    async def broken(self) -> str:
+        await trio.sleep_forever()
 
     async def release(self) -> None:
         self.released += 1
@@ -354,8 +426,23 @@ async def test_a_domain_with_a_guestfs_channel_is_served_by_its_own_daemon(chann
             return live_xml().replace("</devices>", channel + "</devices>")
 
     domain = WithDaemon()
-    source = await AnyStateDomainRef(REF, "virtmount").resolve(cast(Any, FakeConn(domain, FakePool())),
+    source = await AnyStateDomainRef(REF, "virtmount", "virtmount").resolve(cast(Any, FakeConn(domain, FakePool())),
                                                                cast(Any, None))
     assert source.own_daemon is own_daemon
     assert (domain.calls == [] and source.disks == () and source.hold is None) if own_daemon else \
         domain.calls[0].startswith("begin")  # libvirt opens only unix channels: a pty one needs the backup
+
+
+async def test_only_an_appliance_reading_disks_as_they_are_ends_when_its_domain_starts() -> None:
+    from dataclasses import replace
+    ref = HeldRef()
+    guest = SourceAppliance(cast(Any, None), ref, ApplianceSettings(), cast(Any, None), cast(Any, None))
+    served = await ref.resolve(None, None)
+    guest._served = replace(served, hold=None)
+    assert not guest.reads_disks_as_they_are  # no appliance runs
+    guest._appliance = cast(Any, object())
+    assert guest.reads_disks_as_they_are
+    guest._served = served
+    assert not guest.reads_disks_as_they_are  # a point-in-time export
+    guest._served = replace(served, hold=None, own_daemon=True)
+    assert not guest.reads_disks_as_they_are  # the running guest's own daemon

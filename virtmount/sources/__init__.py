@@ -55,6 +55,11 @@ class Hold(Protocol):
         """When the view it gives was taken (wall clock)."""
         ...
 
+    async def broken(self) -> str:
+        """Returns only if it cannot go on (its scratch pool filling up), saying why; the appliance is
+        then ended (and this released) at once."""
+        ...
+
     async def release(self) -> None:
         """End it; never raises (logged)."""
         ...

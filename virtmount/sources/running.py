@@ -42,15 +42,18 @@ log = logging.getLogger(__name__)
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
 FREEZE_TIMEOUT_S = 10.0  # a guest agent that does not freeze in time gives a crash-consistent view
 THAW_TIMEOUT_S = 30.0
+SCRATCH_CHECK_S = 2.0  # how often a held job's scratch pool is looked at (libvirt has no event for it)
 
 
 @dataclass(frozen=True)
 class AnyStateDomainRef:
     """A domain served from its disks while shut off, from a point-in-time export while running
-    (the state at each boot decides); ``pool``: where scratch volumes and sockets go."""
+    (the state at each boot decides); ``pool``: where the sockets go (virtmount's own pool, whose
+    path is short enough for a socket address), ``scratch_pool``: where scratch volumes go."""
 
     domain: DomainRef
     pool: str
+    scratch_pool: str
 
     @property
     def identity(self) -> str:
@@ -75,7 +78,7 @@ class AnyStateDomainRef:
         if own_daemon:  # reached through its channel as it is: no job, no appliance
             return Source(identity=self.identity, name=self.name, disks=(),
                           attach=Attach.READ_ONLY_OVERLAY, own_daemon=True)
-        return await snapshot_source(conn, domain, self.domain, self.pool)
+        return await snapshot_source(conn, domain, self.domain, self.pool, self.scratch_pool)
 
     async def gone(self, conn: libvirt.virConnect) -> str | None:
         return await self.domain.gone(conn)
@@ -98,11 +101,28 @@ class BackupJob:
     uuid: str
     owner: str
     scratch_paths: list[str]
+    scratch_pool: str
     taken_at: float = field(default_factory=time.time)
 
     @property
     def watchdog_item(self) -> str:
         return backup_item(self.uuid, self.owner)
+
+    async def broken(self) -> str:
+        """Returns only when the scratch pool has less than SCRATCH_RESERVE_BYTES free: the job must
+        end before a scratch volume cannot grow, since QEMU would then fail the guest's own writes."""
+        while True:
+            await trio.sleep(SCRATCH_CHECK_S)
+            try:
+                available = await run_blocking(backup.pool_available, self.conn, self.scratch_pool)
+            except libvirt.libvirtError as exc:  # e.g. a volume being made in the pool: next time
+                log.debug("%s: cannot look at scratch pool %s: %s", self.domain_name, self.scratch_pool,
+                          libvirt_message(exc))
+                continue
+            if available < backup.SCRATCH_RESERVE_BYTES:
+                return (f"scratch pool {self.scratch_pool} has {available >> 20} MiB free, less than "
+                        f"{backup.SCRATCH_RESERVE_BYTES >> 20} MiB: the view is ended before the guest's writes "
+                        f"could fail")
 
     async def release(self) -> None:
         with trio.CancelScope(shield=True):
@@ -116,8 +136,10 @@ class BackupJob:
                           libvirt_message(exc))
 
 
-async def snapshot_source(conn: libvirt.virConnect, domain: libvirt.virDomain, ref: DomainRef, pool_name: str) -> Source:
-    """Begin a backup job on the running ``domain`` and return its exports as the source's disks."""
+async def snapshot_source(conn: libvirt.virConnect, domain: libvirt.virDomain, ref: DomainRef, pool_name: str,
+                          scratch_pool_name: str) -> Source:
+    """Begin a backup job on the running ``domain`` and return its exports as the source's disks (its socket
+    in ``pool_name``, its scratch volumes in ``scratch_pool_name``)."""
     try:
         live_xml = str(await run_blocking(domain.XMLDesc, 0))
         existing = await run_blocking(backup.current_job_xml, domain)
@@ -131,13 +153,20 @@ async def snapshot_source(conn: libvirt.virConnect, domain: libvirt.virDomain, r
     owner = backup.this_owner()
     try:
         pool = await run_blocking(conn.storagePoolLookupByName, pool_name)
+        scratch_pool = await run_blocking(conn.storagePoolLookupByName, scratch_pool_name)
+        available = await run_blocking(backup.pool_available, conn, scratch_pool_name)
+        if available < backup.SCRATCH_RESERVE_BYTES:
+            raise SourceUnavailable(f"scratch pool {scratch_pool_name} has {available >> 20} MiB free; a view of "
+                                    f"running domain {ref.name} needs at least {backup.SCRATCH_RESERVE_BYTES >> 20} MiB "
+                                    "there (see the scratch_pool option)")
         socket_path = await _socket_path(pool, backup.dac_label(live_xml), ref.uuid)
-        disks = [backup.ExportedDisk(target, await _scratch(pool, domain, backup.scratch_name(owner, ref.uuid, target)))
+        disks = [backup.ExportedDisk(target, await _scratch(scratch_pool, domain,
+                                                            backup.scratch_name(owner, ref.uuid, target)))
                  for target in targets]
     except libvirt.libvirtError as exc:
-        await _delete_made_scratch(conn, pool_name, owner, ref.uuid)
+        await _delete_made_scratch(conn, scratch_pool_name, owner, ref.uuid)
         raise SourceUnavailable(f"cannot prepare the backup of {ref.name}: {libvirt_message(exc)}") from None
-    job = BackupJob(conn, domain, ref.name, ref.uuid, owner, [d.scratch_path for d in disks])
+    job = BackupJob(conn, domain, ref.name, ref.uuid, owner, [d.scratch_path for d in disks], scratch_pool_name)
     try:
         await _begin(domain, ref.name, backup.backup_xml(socket_path, disks), _agent_connected(live_xml))
     except libvirt.libvirtError as exc:
@@ -184,7 +213,11 @@ async def _socket_path(pool: libvirt.virStoragePool, dac_label: tuple[str, str] 
         if exc.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_VOL:
             raise
         directory = await run_blocking(pool.createXML, backup.socket_dir_xml(name, dac_label), 0)
-    return f"{await run_blocking(directory.path)}/{uuid}.sock"
+    path = f"{await run_blocking(directory.path)}/{uuid}.sock"
+    if len(path.encode()) > backup.SOCKET_PATH_MAX:
+        raise SourceUnavailable(f"the socket path {path} is longer than the {backup.SOCKET_PATH_MAX} bytes a UNIX "
+                                "socket address holds; use a pool with a shorter path (the pool option)")
+    return path
 
 
 async def _scratch(pool: libvirt.virStoragePool, domain: libvirt.virDomain, name: str) -> str:

@@ -28,6 +28,10 @@ import libvirt
 log = logging.getLogger(__name__)
 
 SCRATCH_PREFIX = "virtmount-scratch-"
+# A job begins only with this much free in the scratch pool, and is ended when less is left: QEMU's
+# copy-before-write fails the guest's own writes when a scratch volume cannot grow.
+SCRATCH_RESERVE_BYTES = 128 << 20
+SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes, the last a NUL
 SOCKET_DIR_PREFIX = "virtmount-nbd-"
 JOB_END_TIMEOUT_S = 30.0
 _SCRATCH_NAME = re.compile(
@@ -155,6 +159,13 @@ def current_job_xml(domain: libvirt.virDomain) -> str | None:
         if exc.get_error_code() in (libvirt.VIR_ERR_NO_DOMAIN_BACKUP, libvirt.VIR_ERR_OPERATION_INVALID):
             return None
         raise
+
+
+def pool_available(conn: libvirt.virConnect, pool_name: str) -> int:
+    """Bytes free in a pool now (libvirt updates a pool's free space when it is refreshed)."""
+    pool = conn.storagePoolLookupByName(pool_name)
+    pool.refresh(0)
+    return int(pool.info()[3])
 
 
 def end_job(conn: libvirt.virConnect, domain: libvirt.virDomain, owner: str) -> bool:

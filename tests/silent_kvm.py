@@ -5,7 +5,8 @@ On such hosts an appliance started under KVM never prints a console line and spi
 ``-kernel``, runs instead a kernel that is one endless jump (a multiboot image: ``jmp $``), under
 TCG so that it behaves the same on hosts whose KVM aborts at once. Everything else (TCG guests,
 libvirt's capability probes) runs the real QEMU untouched. Each such KVM start is logged, one
-line with the guest's name, to ``SilentKvm.boots_log``.
+line with the guest's name, to ``SilentKvm.boots_log``. ``install(..., spin_under=("kvm", "tcg"))``
+makes TCG guests spin too: an appliance whose boot never ends.
 """
 
 from __future__ import annotations
@@ -40,12 +41,12 @@ def spinning_kernel() -> bytes:
 _WRAPPER = """#!/bin/bash
 # Written by tests/silent_kvm.py: QEMU, except that a guest started under KVM spins silently.
 args=("$@")
-kvm=no
+spin=no
 for ((i = 0; i + 1 < ${{#args[@]}}; i++)); do
-    [[ ${{args[i]}} == -accel && ${{args[i+1]}} == kvm ]] && kvm=yes
+    [[ ${{args[i]}} == -accel && " {spin_under} " == *" ${{args[i+1]}} "* ]] && spin=yes
     [[ ${{args[i]}} == -name ]] && name=${{args[i+1]}}
 done
-if [[ $kvm == yes && " ${{args[*]}} " == *" -kernel "* ]]; then
+if [[ $spin == yes && " ${{args[*]}} " == *" -kernel "* ]]; then
     echo "$name" >> {boots_log}
     echo "silent-kvm: spinning instead of booting" >&2
     for ((i = 0; i + 1 < ${{#args[@]}}; i++)); do
@@ -66,13 +67,13 @@ class SilentKvm:
     boots_log: Path
 
     def kvm_boots(self) -> list[str]:
-        """The guests started under KVM so far (QEMU's ``-name`` argument, e.g. ``guest=NAME,...``)."""
+        """The guests made to spin so far (QEMU's ``-name`` argument, e.g. ``guest=NAME,...``)."""
         return self.boots_log.read_text().splitlines()
 
 
-def install(directory: Path) -> SilentKvm:
+def install(directory: Path, spin_under: tuple[str, ...] = ("kvm",)) -> SilentKvm:
     """Write the wrapper, its kernel and an empty boots log into ``directory``, which QEMU's user
-    (libvirt-qemu) must be able to reach."""
+    (libvirt-qemu) must be able to reach; guests started with an accelerator in ``spin_under`` spin."""
     directory.mkdir(parents=True, exist_ok=True)
     os.chmod(directory, 0o755)
     kernel = directory / "spinning-kernel"
@@ -81,7 +82,8 @@ def install(directory: Path) -> SilentKvm:
     boots_log.write_text("")
     os.chmod(boots_log, 0o666)  # QEMU runs as libvirt-qemu
     emulator = directory / "qemu-with-silent-kvm"
-    emulator.write_text(_WRAPPER.format(boots_log=boots_log, kernel=kernel, real=REAL_QEMU))
+    emulator.write_text(_WRAPPER.format(boots_log=boots_log, kernel=kernel, real=REAL_QEMU,
+                                        spin_under=" ".join(spin_under)))
     os.chmod(emulator, 0o755)
     os.chmod(kernel, 0o644)
     return SilentKvm(emulator=emulator, boots_log=boots_log)

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 IDLE_CHECK_INTERVAL_S = 2.0
 UNMOUNT_CHECK_INTERVAL_S = 1.0
+TERMINATE_GRACE_S = 5.0  # after a signal, how long requests being answered may take to finish
 
 
 def check_mountpoint(path: str) -> str:
@@ -138,12 +139,19 @@ async def _terminate_when_unmounted(mountpoint: str) -> None:
     pyfuse3.terminate()
 
 
-async def _terminate_on_signal(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+async def _terminate_on_signal(fuse_loop: trio.CancelScope,
+                               task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """On a signal, let the requests being answered finish (for TERMINATE_GRACE_S at most: one may
+    wait for a boot that takes minutes, or never ends), then stop the FUSE loop (``fuse_loop``)."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         task_status.started()  # from now on a signal unmounts cleanly
         async for signum in signals:
             log.info("received %s: unmounting", signal.Signals(signum).name)
             pyfuse3.terminate()
+            await trio.sleep(TERMINATE_GRACE_S)
+            log.info("requests still unanswered %.0f s after %s are abandoned", TERMINATE_GRACE_S,
+                     signal.Signals(signum).name)
+            fuse_loop.cancel()
             return
 
 
@@ -198,14 +206,16 @@ async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[]
             except RuntimeError as exc:
                 raise VirtmountError(f"cannot mount on {mountpoint}: {exc}") from None
             try:
-                await nursery.start(_terminate_on_signal)  # before readiness: systemd may stop us at once
+                fuse_loop = trio.CancelScope()
+                await nursery.start(_terminate_on_signal, fuse_loop)  # before readiness: systemd may stop us at once
                 nursery.start_soon(_terminate_when_unmounted, mountpoint)
                 nursery.start_soon(_shut_down_idle_appliances, tree, config.idle_seconds)
                 await nursery.start(_end_views_on_state_changes, conn, tree, nursery)
                 on_ready()
                 log.info("mounted %s on %s", uri, mountpoint)
                 serving = True
-                await pyfuse3.main()
+                with fuse_loop:
+                    await pyfuse3.main()
             finally:
                 serving = False
                 with trio.CancelScope(shield=True):

@@ -22,7 +22,7 @@ from typing import Iterator
 
 import pytest
 
-from tests import images
+from tests import images, silent_kvm
 from tests.acceptance.helpers import VIRTMOUNT, appliances_of, assert_one_line_error, run_virtmount
 from virtmount.config import option_names
 from virtmount.status import CONTROL_NAME, MountStatus
@@ -155,6 +155,38 @@ def test_a_foreground_service_tells_systemd_when_it_is_mounted(
     assert process.returncode == 0, stderr
     assert mount_info(mountpoint) is None
     assert "Traceback" not in stderr
+
+
+def test_sigterm_unmounts_while_a_boot_never_ends(nos_guest: images.Guest, mountpoint: Path) -> None:
+    """A request waiting for a boot that never ends does not keep a signalled virtmount alive."""
+    spinning = silent_kvm.install(images.IMAGE_DIR / "spinning-qemu", spin_under=("kvm", "tcg"))
+    process = subprocess.Popen(
+        [VIRTMOUNT, "-f", "-o", f"accel=tcg,fast_start=off,emulator={spinning.emulator}", nos_guest.uri,
+         str(mountpoint)], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    reader = None
+    try:
+        deadline = time.monotonic() + 60
+        while mount_info(mountpoint) is None:
+            assert time.monotonic() < deadline and process.poll() is None, "not mounted"
+            time.sleep(0.2)
+        reader = subprocess.Popen(["ls", str(mountpoint / "domains" / nos_guest.name / "devices")],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while not spinning.kvm_boots():  # the appliance runs, and will never answer
+            assert time.monotonic() < deadline, "no appliance was started"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode == 0, stderr
+        assert mount_info(mountpoint) is None
+        assert "Traceback" not in stderr
+        assert reader.wait(timeout=30) != 0
+        assert appliances_of(process.pid, nos_guest.uri) == []
+    finally:
+        if process.poll() is None:
+            process.kill()
+        if reader is not None and reader.poll() is None:
+            reader.kill()
+        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
 
 
 def test_the_man_page_is_installed_and_agrees_with_help() -> None:

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 IDLE_CHECK_INTERVAL_S = 2.0
 UNMOUNT_CHECK_INTERVAL_S = 1.0
-TERMINATE_GRACE_S = 5.0  # after a signal, how long requests being answered may take to finish
+TERMINATE_GRACE_S = 5.0  # after a signal or an unmount, how long requests being answered may take to finish
 
 
 def check_mountpoint(path: str) -> str:
@@ -125,7 +125,16 @@ def is_mounted_here(mountpoint: str) -> bool:
         return any(line.split(" ", 5)[4] == wanted for line in mountinfo)
 
 
-async def _terminate_when_unmounted(mountpoint: str) -> None:
+async def _stop_fuse_loop(fuse_loop: trio.CancelScope, why: str) -> None:
+    """Stop serving: let the requests being answered finish, for TERMINATE_GRACE_S at most (one may
+    wait for a boot that takes minutes, or never ends), then abandon the others."""
+    pyfuse3.terminate()
+    await trio.sleep(TERMINATE_GRACE_S)
+    log.info("requests still unanswered %.0f s after %s are abandoned", TERMINATE_GRACE_S, why)
+    fuse_loop.cancel()
+
+
+async def _terminate_when_unmounted(mountpoint: str, fuse_loop: trio.CancelScope) -> None:
     """Stop serving once fusermount3 -u took the mount away.
 
     The kernel ends the FUSE session only when the last copy of the mount goes.
@@ -136,22 +145,16 @@ async def _terminate_when_unmounted(mountpoint: str) -> None:
     while is_mounted_here(mountpoint):
         await trio.sleep(UNMOUNT_CHECK_INTERVAL_S)
     log.info("%s was unmounted", mountpoint)
-    pyfuse3.terminate()
+    await _stop_fuse_loop(fuse_loop, "the unmount")
 
 
 async def _terminate_on_signal(fuse_loop: trio.CancelScope,
                                task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """On a signal, let the requests being answered finish (for TERMINATE_GRACE_S at most: one may
-    wait for a boot that takes minutes, or never ends), then stop the FUSE loop (``fuse_loop``)."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         task_status.started()  # from now on a signal unmounts cleanly
         async for signum in signals:
             log.info("received %s: unmounting", signal.Signals(signum).name)
-            pyfuse3.terminate()
-            await trio.sleep(TERMINATE_GRACE_S)
-            log.info("requests still unanswered %.0f s after %s are abandoned", TERMINATE_GRACE_S,
-                     signal.Signals(signum).name)
-            fuse_loop.cancel()
+            await _stop_fuse_loop(fuse_loop, signal.Signals(signum).name)
             return
 
 
@@ -208,7 +211,7 @@ async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[]
             try:
                 fuse_loop = trio.CancelScope()
                 await nursery.start(_terminate_on_signal, fuse_loop)  # before readiness: systemd may stop us at once
-                nursery.start_soon(_terminate_when_unmounted, mountpoint)
+                nursery.start_soon(_terminate_when_unmounted, mountpoint, fuse_loop)
                 nursery.start_soon(_shut_down_idle_appliances, tree, config.idle_seconds)
                 await nursery.start(_end_views_on_state_changes, conn, tree, nursery)
                 on_ready()

@@ -157,8 +157,9 @@ def test_a_foreground_service_tells_systemd_when_it_is_mounted(
     assert "Traceback" not in stderr
 
 
-def test_sigterm_unmounts_while_a_boot_never_ends(nos_guest: images.Guest, mountpoint: Path) -> None:
-    """A request waiting for a boot that never ends does not keep a signalled virtmount alive."""
+@pytest.mark.parametrize("stop", ["SIGTERM", "lazy unmount"])
+def test_virtmount_stops_while_a_boot_never_ends(nos_guest: images.Guest, mountpoint: Path, stop: str) -> None:
+    """A request waiting for a boot that never ends keeps neither a signalled nor an unmounted virtmount alive."""
     spinning = silent_kvm.install(images.IMAGE_DIR / "spinning-qemu", spin_under=("kvm", "tcg"))
     process = subprocess.Popen(
         [VIRTMOUNT, "-f", "-o", f"accel=tcg,fast_start=off,emulator={spinning.emulator}", nos_guest.uri,
@@ -174,7 +175,10 @@ def test_sigterm_unmounts_while_a_boot_never_ends(nos_guest: images.Guest, mount
         while not spinning.kvm_boots():  # the appliance runs, and will never answer
             assert time.monotonic() < deadline, "no appliance was started"
             time.sleep(0.2)
-        process.send_signal(signal.SIGTERM)
+        if stop == "SIGTERM":
+            process.send_signal(signal.SIGTERM)
+        else:
+            subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=True)
         _, stderr = process.communicate(timeout=60)
         assert process.returncode == 0, stderr
         assert mount_info(mountpoint) is None

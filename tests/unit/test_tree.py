@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -130,6 +131,8 @@ class FakeGuestClient:
         }
         self.calls: list[tuple[str, tuple[Any, ...]]] = []
         self.failures: dict[tuple[str, bytes], Exception] = {}
+        self.walk_file = b""
+        self.delay = 0.0  # seconds each listing call takes, as a daemon's round trip does
 
     def count(self, method: str) -> int:
         return sum(1 for name, _ in self.calls if name == method)
@@ -183,6 +186,7 @@ class FakeGuestClient:
         return self._stat(path, "lstatns")
 
     async def readdir(self, path: bytes) -> list[Dirent]:
+        await trio.sleep(self.delay)
         self._record("readdir", path)
         _, directory = self._resolve(path, "readdir")
         if not stat.S_ISDIR(directory.mode):
@@ -192,6 +196,7 @@ class FakeGuestClient:
                 *(Dirent(ino, _ftyp(fs.inodes.get(ino)), name) for name, ino in directory.entries.items())]
 
     async def lstatnslist(self, path: bytes, names: list[bytes]) -> list[Statns | None]:
+        await trio.sleep(self.delay)
         self._record("lstatnslist", path, tuple(names))
         out: list[Statns | None] = []
         for name in names:
@@ -202,6 +207,7 @@ class FakeGuestClient:
         return out
 
     async def readlinklist(self, path: bytes, names: list[bytes]) -> list[bytes]:
+        await trio.sleep(self.delay)
         self._record("readlinklist", path, tuple(names))
         return [self._resolve(path + b"/" + name, "readlinklist")[1].target for name in names]
 
@@ -232,6 +238,41 @@ class FakeGuestClient:
     async def lgetxattrs(self, path: bytes) -> list[Xattr]:
         self._record("lgetxattrs", path)
         return [Xattr(name, value) for name, value in self._resolve(path, "lgetxattrs")[1].xattrs.items()]
+
+    async def debug_sh(self, command: bytes) -> bytes:
+        """Only the subtree walk's command (guestfs/subtree.py): find's output goes to ``walk_file``."""
+        await trio.sleep(self.delay)
+        self._record("debug_sh", command)
+        if self.failures.get(("debug_sh", b"")) is not None:
+            raise self.failures[("debug_sh", b"")]
+        match = re.fullmatch(rb"find \"\$root\"'(?P<start>[^']*)' -mindepth 1 -printf '.*' "
+                             rb"\| head -c (?P<limit>\d+) > .*", command, re.S)
+        assert match is not None, command
+        self.walk_file = b"".join(self._find(match["start"], b""))[:int(match["limit"])]
+        return b""
+
+    def _find(self, directory: bytes, relative: bytes) -> Iterator[bytes]:
+        """find -printf subtree.FIND_FORMAT below ``directory``: each entry, then its own subtree."""
+        for name in self._resolve(directory, "find")[1].entries:
+            path, below = directory + b"/" + name, relative + b"/" + name if relative else name
+            try:
+                st, inode = self._stat(path, "find"), self._resolve(path, "find")[1]
+            except GuestfsError:
+                continue  # find says so on stderr and goes on
+            kind = {stat.S_IFDIR: b"d", stat.S_IFREG: b"f", stat.S_IFLNK: b"l"}[stat.S_IFMT(st.st_mode)]
+            times = b" ".join(b"%d.%09d0" % pair for pair in ((st.st_atime_sec, st.st_atime_nsec),
+                                                               (st.st_mtime_sec, st.st_mtime_nsec),
+                                                               (st.st_ctime_sec, st.st_ctime_nsec)))
+            yield (b"%s %d %d %o %d %d %d %d %d " % (kind, st.st_ino, st.st_dev, st.st_mode & 0o7777, st.st_nlink,
+                                                     st.st_uid, st.st_gid, st.st_size, st.st_blocks)
+                   + times + b"\0" + below + b"\0" + inode.target + b"\0")
+            if stat.S_ISDIR(st.st_mode):
+                yield from self._find(path, below)
+
+    async def download(self, path: bytes) -> bytes:
+        await trio.sleep(self.delay)
+        self._record("download", path)
+        return self.walk_file
 
     async def statvfs(self, path: bytes) -> Statvfs:
         self._record("statvfs", path)

@@ -4,7 +4,8 @@ One piece of code for all kinds of source (sources/): guest nodes addressed by
 their path inside the appliance, with stable inode numbers (inodes.py);
 directory listings fetched with their entries' attributes and link targets
 in batches and kept while the appliance runs (listings.py); subdirectories
-listed ahead of a walker, small files' contents read ahead once two files of
+listed ahead of a walker, whole subtrees listed at once once a walker is seen
+(subtreewalks.py, guestfs/subtree.py), small files' contents read ahead once two files of
 a directory were opened, xattrs fetched for whole listings (prefetch.py);
 large files read in growing windows (readahead.py). Errors become
 ``FsError(errno)``.
@@ -24,6 +25,7 @@ import trio
 from ..concurrency import gather
 from ..guestfs.errors import ConnectionLost, GuestfsClientError, GuestfsError, GuestfsTimeout
 from ..guestfs.procs import PREAD_MAX, Statns, Statvfs, Xattr
+from ..guestfs.subtree import list_subtree
 from ..guestlayout import OS_VIEW, GuestLayout
 from ..lifecycle import GuestUnavailableError, SourceAppliance
 from ..status import iso_time
@@ -31,6 +33,7 @@ from .listings import ListingCache
 from .nodes import Attributes, FileHandle, FsError, GuestNode, Node, NodeTable, ServedSource, Siblings
 from .prefetch import Prefetcher
 from .readahead import LARGEST_WINDOW, ReadAhead
+from .subtreewalks import SubtreeWalk, SubtreeWalks
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,8 @@ XATTR_DEMAND_S = 10.0
 READ_CALL_MAX = min(LARGEST_WINDOW, PREAD_MAX)
 # Entries of directory listings kept for the life of their appliance (see listings.py).
 DEFAULT_CACHED_ENTRIES = 100_000
+# The most output of one subtree walk (guestfs/subtree.py), ~60,000 entries: less than the listings kept.
+SUBTREE_BYTES = 8 * 1024 * 1024
 
 
 class GuestView:
@@ -78,6 +83,7 @@ class GuestView:
         self._xattrs_wanted_at = -XATTR_DEMAND_S
         self._nursery = nursery
         self._listings: ListingCache[Siblings] = ListingCache(cached_entries)
+        self._walks = SubtreeWalks()
         self._listings_ahead: Prefetcher[Siblings] | None = None
         self._contents_ahead: Prefetcher[bytes] | None = None
         if nursery is not None:
@@ -228,22 +234,28 @@ class GuestView:
         ahead or fetched now); its subdirectories are then listed ahead of the walker."""
         assert node.source is not None
         layout = await self._guest_layout_for(node)
-        siblings = await self._listing(node.source, node.view, layout, node.path, node.inode)
+        siblings = await self._listing(node.source, node.view, layout, node)
         self._list_ahead(node.source, node.view, layout, siblings)
         return list(siblings.members)
 
-    async def _listing(self, source: ServedSource, view: str, layout: GuestLayout,
-                       path: bytes, inode: int) -> Siblings:
+    async def _listing(self, source: ServedSource, view: str, layout: GuestLayout, node: GuestNode) -> Siblings:
         """The listing of one directory of this boot: fetched ahead (maybe still on its way), cached,
-        or fetched now; kept in the listing cache as the most recently used."""
-        key = (inode, layout.generation)
+        from a subtree walk (maybe still on its way), or fetched now; kept in the listing cache as
+        the most recently used."""
+        key = (node.inode, layout.generation)
         siblings = None
         if self._listings_ahead is not None:  # claimed even when cached, to free its place ahead
+            if self._listings_ahead.wished(key):
+                self._walk_if_walker(source, view, layout, node)
             siblings = await self._listings_ahead.claim(key)
         if siblings is None:
             siblings = self._listings.get(key)
+        walk = None if siblings is not None else self._walks.covering((source.identity, layout.generation), node.path)
+        if walk is not None:
+            await walk.done.wait()
+            siblings = self._listings.get(key)
         if siblings is None:
-            siblings = await self._fetch_listing(source, view, layout, path)
+            siblings = await self._fetch_listing(source, view, layout, node.path)
         self._listings.put(key, siblings)
         return siblings
 
@@ -259,6 +271,8 @@ class GuestView:
                 continue
             key = (child.inode, layout.generation)
             cached = self._listings.get(key)
+            if cached is None and self._walks.covering((source.identity, layout.generation), child.path) is not None:
+                continue  # a subtree walk lists it
             if cached is None:
                 fetch = functools.partial(self._listing_ahead, source, view, layout, child.path, child.inode)
                 wishes.append((key, fetch, 1))
@@ -281,12 +295,60 @@ class GuestView:
         """A listing fetched before anyone asked (with xattrs while they are in demand);
         its own subdirectories are wished for in turn, so the walk runs ahead depth first."""
         _still_running(layout)
+        if self._walks.covering((source.identity, layout.generation), path) is not None:
+            raise FsError(errno.EAGAIN, "listed by a subtree walk")  # forgotten: the walk brings it
         siblings = await self._fetch_listing(source, view, layout, path)
         self._listings.put((inode, layout.generation), siblings)
         if self._xattrs_in_demand():
             await self._fetch_sibling_xattrs(source, layout, siblings)
         self._list_ahead(source, view, layout, siblings)
         return siblings
+
+    def _walk_if_walker(self, source: ServedSource, view: str, layout: GuestLayout, node: GuestNode) -> None:
+        """A walker went into ``node``, which was wished for ahead: if that makes a walk (subtreewalks.py),
+        list the whole subtree of its parent (whose listing holds ``node``) in the background."""
+        parent = node.siblings
+        walk = self._walks.claimed((source.identity, layout.generation), node.path)
+        if walk is None:
+            return
+        if self._nursery is None or parent is None or parent.directory != walk.start:
+            walk.done.set()
+            return
+        self._nursery.start_soon(self._walk_subtree, source, view, layout, walk, parent)
+
+    async def _walk_subtree(self, source: ServedSource, view: str, layout: GuestLayout, walk: SubtreeWalk,
+                            start: Siblings) -> None:
+        """List every directory below ``walk.start`` in one walk and keep the listings not kept yet;
+        a walk that fails turns walks off for this appliance."""
+        try:
+            try:
+                _still_running(layout)
+                subtree = await list_subtree(layout.client, walk.start, self._walks.blksizes(walk.appliance),
+                                             SUBTREE_BYTES)
+            except (GuestfsClientError, FsError) as exc:
+                log.info("%s: cannot list %r as a whole (%s); listing it directory by directory", source.name,
+                         walk.start, exc)
+                self._walks.turn_off(walk.appliance)
+                return
+            directories = {child.path: child for _, child in start.members
+                           if child.stat is not None and stat.S_ISDIR(child.stat.st_mode)}
+            for path, entries in subtree.listings.items():
+                node = directories.pop(path, None)
+                if node is None:
+                    continue  # the start itself (listed already), or below a directory not listed
+                key = (node.inode, layout.generation)
+                siblings = self._listings.get(key)
+                if siblings is None:
+                    siblings = self._siblings_of(source, view, layout, path,
+                                                 [(e.name, e.st, e.link_target) for e in entries])
+                    self._listings.put(key, siblings)
+                walk.listed.add(path)
+                directories.update((child.path, child) for _, child in siblings.members
+                                   if child.stat is not None and stat.S_ISDIR(child.stat.st_mode))
+            log.debug("%s: listed %r as a whole: %d directories, %d entries%s", source.name, walk.start,
+                      len(walk.listed), subtree.entries, "" if subtree.complete else " (cut)")
+        finally:
+            walk.done.set()
 
     async def _fetch_listing(self, source: ServedSource, view: str, layout: GuestLayout, path: bytes) -> Siblings:
         """Entries of the guest directory ``path`` with attributes and link targets: three daemon
@@ -300,18 +362,24 @@ class GuestView:
             lambda: self._guest_call(source, lambda: client.readlinklist(path, links)) if links else _no_targets(),
         )
         target_of = dict(zip(links, targets))
+        return self._siblings_of(source, view, layout, path,
+                                 [(name, st, target_of.get(name, b"")) for name, st in zip(names, stats)])
+
+    def _siblings_of(self, source: ServedSource, view: str, layout: GuestLayout, path: bytes,
+                     entries: list[tuple[bytes, Statns | None, bytes]]) -> Siblings:
+        """The listing of ``path`` from its entries' names, attributes and link targets."""
         siblings = Siblings(path)
         by_inode: dict[int, GuestNode] = {}  # hard links within the directory share one node
         # by name: most walkers (ls, rsync, file browsers) go in that order, and readdir-order
         # walkers (find, tar) then do too, so the directories listed ahead are the next ones wanted
-        for name, st in sorted(zip(names, stats), key=lambda named: named[0]):
+        for name, st, target in sorted(entries, key=lambda entry: entry[0]):
             if st is None:
                 log.warning("%s: cannot stat %r in %r", source.name, name, path)
                 continue
             child = self._guest_node(source, view, layout, _join(path, name), st)
             child = by_inode.setdefault(child.inode, child)
-            if stat.S_ISLNK(st.st_mode) and target_of.get(name):
-                child.link_target = target_of[name]
+            if stat.S_ISLNK(st.st_mode) and target:
+                child.link_target = target
             child.siblings = siblings
             siblings.members.append((name, child))
         return siblings

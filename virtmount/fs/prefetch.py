@@ -92,6 +92,10 @@ class Prefetcher(Generic[V]):
     def _is_new(self, key: Hashable) -> bool:
         return key not in self._in_flight and key not in self._results
 
+    def wished(self, key: Hashable) -> bool:
+        """Whether ``key`` is wished for, being fetched or fetched and not claimed yet."""
+        return key in self._queued or key in self._in_flight or key in self._results
+
     async def claim(self, key: Hashable) -> V | None:
         """The value fetched for ``key`` (waiting for a fetch in flight), or None: fetch it yourself."""
         wish = self._queued.pop(key, None)

@@ -748,6 +748,14 @@ class GuestfsClient:
         """Proc 138 readdir (libguestfs <= 1.48.x); one reply, 4 MiB limit."""
         return await self.call(procs.READDIR, dir, timeout=timeout)
 
+    async def debug_sh(self, command: bytes, *, timeout: float | None = None) -> bytes:
+        """Run ``command`` with /bin/sh -c in the appliance ($root: the sysroot); its output."""
+        return await self.call(procs.DEBUG, "sh", [command], timeout=timeout)
+
+    async def download(self, path: bytes | str, *, timeout: float | None = None) -> bytes:
+        """The whole content of the file ``path``, streamed (no 4 MiB reply limit)."""
+        return await self.call(procs.DOWNLOAD, path, timeout=timeout)
+
     async def pread(
         self, path: bytes | str, count: int, offset: int, *, timeout: float | None = None
     ) -> bytes:

@@ -340,6 +340,10 @@ def _ret_dirent_stream(u: XdrUnpacker) -> list[Dirent]:
     return decode_dirent_stream(u.rest())
 
 
+def _ret_file_content(u: XdrUnpacker) -> bytes:
+    return u.rest()
+
+
 def _ret_xattr_list(u: XdrUnpacker) -> list[Xattr]:
     return u.unpack_array(lambda: decode_xattr(u))
 
@@ -435,6 +439,13 @@ PREAD = Proc("pread", 207, (("path", _P), ("count", Arg.INT), ("offset", Arg.INT
 PREAD_DEVICE = Proc(
     "pread_device", 276, (("device", _T), ("count", Arg.INT), ("offset", Arg.INT64)), _ret_buffer
 )
+
+# --- whole subtrees (guestfs/subtree.py) -------------------------------
+#: generator/actions_debug.ml: "sh" runs its extra argument with /bin/sh -c, $root set to the
+#: sysroot; the reply is its output.
+DEBUG = Proc("debug", 76, (("subcmd", _T), ("extraargs", Arg.NAMES)), _ret_bytes_string)
+#: The file's content, streamed as FileOut chunks.
+DOWNLOAD = Proc("download", 67, (("remotefilename", _P),), _ret_file_content, fileout=True)
 
 ALL_PROCS: tuple[Proc[Any], ...] = tuple(
     v for v in list(globals().values()) if isinstance(v, Proc)

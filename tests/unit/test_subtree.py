@@ -1,0 +1,176 @@
+"""Whole-subtree listings: find's output parsed (guestfs/subtree.py), and walks started for walkers
+(fs/subtreewalks.py) in the guest view, over the fake guest of test_tree."""
+
+from __future__ import annotations
+
+import errno
+import stat
+from typing import Any, AsyncIterator, cast
+
+import pytest
+import trio
+import trio.testing
+
+from virtmount.fs.nodes import GuestNode
+from virtmount.fs.subtreewalks import WALKER_CLAIMS
+from virtmount.guestfs.client import GuestfsClient
+from virtmount.guestfs.errors import GuestfsError, ProtocolError
+from virtmount.guestfs.subtree import list_subtree, parse_walk, walk_command
+
+from .test_tree import (SDA1_DEV, SDA2_DEV, FakeGuestClient, FakeInode, World, dir_inode, file_inode,
+                        guest_filesystems, guestfs_error, make_world, read_dir)
+
+PACKAGES = 30  # /fs/usr/pkgN, each with two files and a subdirectory holding one file
+
+
+def grown_client() -> FakeGuestClient:
+    """The fake guest with /fs/usr/pkg0..4 (a walker's playground), a symlink and a name with odd bytes."""
+    sda1, sda2 = guest_filesystems()
+    usr = dir_inode(50)
+    sda1.inodes[2].entries[b"usr"] = 50
+    sda1.inodes[50] = usr
+    for n in range(PACKAGES):
+        base = 1000 + 10 * n
+        usr.entries[f"pkg{n}".encode()] = base
+        sda1.inodes[base] = dir_inode(base, a=base + 1, b=base + 2, sub=base + 3)
+        sda1.inodes[base + 1] = file_inode(base + 1, f"a{n}\n".encode())
+        sda1.inodes[base + 2] = FakeInode(base + 2, stat.S_IFLNK | 0o777, target=b"../it's \xff here")
+        sda1.inodes[base + 3] = dir_inode(base + 3, **{"deep file": base + 4})
+        sda1.inodes[base + 4] = file_inode(base + 4, b"deep\n", nlink=1, uid=7, gid=8)
+    return FakeGuestClient(sda1, sda2)
+
+
+@pytest.fixture
+async def world() -> AsyncIterator[World]:
+    async with trio.open_nursery() as nursery:
+        made = make_world(nursery=nursery)
+        grown = grown_client()
+        made.client.mounts, made.client.calls = grown.mounts, grown.calls
+        yield made
+        nursery.cancel_scope.cancel()
+
+
+async def walk_like_find(world: World, start: GuestNode) -> dict[bytes, GuestNode]:
+    """List ``start`` and every directory below it, depth first, as find does; every node seen by path."""
+    seen: dict[bytes, GuestNode] = {}
+
+    async def visit(directory: GuestNode) -> None:
+        for name, node in sorted((await read_dir(world.tree, directory)).items()):
+            assert isinstance(node, GuestNode)
+            seen[node.path] = node
+            if node.stat is not None and stat.S_ISDIR(node.stat.st_mode):
+                await visit(node)
+    await visit(start)
+    return seen
+
+
+async def usr_of(world: World) -> GuestNode:
+    from .test_tree import guest
+    return await guest(world, b"fs", b"usr")
+
+
+async def test_a_walker_gets_the_rest_of_a_subtree_from_one_walk(world: World, autojump_clock: Any) -> None:
+    world.client.delay = 0.01
+    usr = await usr_of(world)
+    seen = await walk_like_find(world, usr)
+    client = world.client
+    assert client.count("debug_sh") == 1 and client.count("download") == 1
+    listed_one_by_one = {args[0] for args in client.args_of("readdir")}
+    # the walker's first directories were listed one by one; the rest of /fs/usr came from the walk
+    assert len(listed_one_by_one) < 1 + 2 * PACKAGES and len(listed_one_by_one) == client.count("readdir")
+    assert f"/fs/usr/pkg{PACKAGES - 1}/sub".encode() not in listed_one_by_one
+    for path, node in seen.items():  # the walk's attributes are the lstat ones (st_blksize: per filesystem)
+        expected = client._stat(path, "lstatns")
+        assert _same_but_blksize(node.stat, expected), path
+        if stat.S_ISLNK(expected.st_mode):
+            assert node.link_target == b"../it's \xff here"
+
+
+def _same_but_blksize(got: Any, expected: Any) -> bool:
+    from dataclasses import fields
+    return all(getattr(got, f.name) == getattr(expected, f.name) for f in fields(expected) if f.name != "st_blksize")
+
+
+async def test_a_failed_walk_lists_directory_by_directory_and_is_not_tried_again(world: World) -> None:
+    world.client.failures[("debug_sh", b"")] = guestfs_error(None, "", "debug")
+    usr = await usr_of(world)
+    seen = await walk_like_find(world, usr)
+    assert world.client.count("debug_sh") == 1
+    assert {args[0] for args in world.client.args_of("readdir")} >= {p for p, n in seen.items()
+                                                                      if n.stat and stat.S_ISDIR(n.stat.st_mode)}
+
+
+async def test_one_folder_opened_starts_no_walk(world: World) -> None:
+    usr = await usr_of(world)
+    listed = await read_dir(world.tree, usr)
+    await trio.testing.wait_all_tasks_blocked()
+    for name in [f"pkg{n}".encode() for n in range(WALKER_CLAIMS - 1)]:
+        await read_dir(world.tree, listed[name])
+    await trio.testing.wait_all_tasks_blocked()
+    assert world.client.count("debug_sh") == 0
+
+
+# --- find's output -----------------------------------------------------------------------------------
+
+
+async def fake_walk(start: bytes, limit: int) -> tuple[FakeGuestClient, Any]:
+    client = grown_client()
+    subtree = await list_subtree(cast(GuestfsClient, client), start, {}, limit)
+    return client, subtree
+
+
+async def test_a_whole_walk_lists_every_directory_with_lstat_attributes() -> None:
+    client, subtree = await fake_walk(b"/fs/usr", 1 << 20)
+    assert subtree.complete
+    assert sorted(subtree.listings) == [b"/fs/usr", *sorted(
+        p for n in range(PACKAGES) for p in (f"/fs/usr/pkg{n}".encode(), f"/fs/usr/pkg{n}/sub".encode()))]
+    [deep] = subtree.listings[b"/fs/usr/pkg3/sub"]
+    assert deep.name == b"deep file"
+    assert _same_but_blksize(deep.st, client._stat(b"/fs/usr/pkg3/sub/deep file", "lstatns"))
+    assert deep.st.st_blksize == 4096  # learnt with one lstat for the filesystem
+    assert client.count("lstatns") == 1
+
+
+async def test_a_walk_across_filesystems_learns_each_blksize() -> None:
+    client, subtree = await fake_walk(b"/fs", 1 << 20)
+    devices = {entry.st.st_dev for entries in subtree.listings.values() for entry in entries}
+    assert devices == {SDA1_DEV, SDA2_DEV} and client.count("lstatns") == 2
+
+
+async def test_a_cut_walk_gives_only_the_directories_it_finished() -> None:
+    whole = grown_client()
+    await whole.debug_sh(walk_command(b"/fs/usr", 1 << 20))
+    cut_at = whole.walk_file.index(b"pkg3/sub\0") - 40  # inside the record of /fs/usr/pkg3/sub
+    _, subtree = await fake_walk(b"/fs/usr", cut_at)
+    assert not subtree.complete
+    assert sorted(subtree.listings) == sorted(
+        p for n in range(3) for p in (f"/fs/usr/pkg{n}".encode(), f"/fs/usr/pkg{n}/sub".encode()))
+
+
+def test_malformed_output_is_a_protocol_error() -> None:
+    with pytest.raises(ProtocolError):
+        parse_walk(b"f 1 2 644 1 0 0 5 8 1.0 1.0 1.0\0name\0", 1 << 20)  # not a whole record
+    with pytest.raises(ProtocolError):
+        parse_walk(b"x 1 2 644 1 0 0 5 8 1.0 1.0 1.0\0name\0\0", 1 << 20)  # unknown type
+    with pytest.raises(ProtocolError):
+        parse_walk(b"f 1 2\0name\0\0", 1 << 20)
+
+
+async def test_times_before_1970_and_odd_names_survive() -> None:
+    class Client:
+        async def debug_sh(self, command: bytes) -> bytes:
+            return b""
+
+        async def download(self, path: bytes) -> bytes:
+            return b"f 12 2049 4755 1 0 0 3 8 -1.2500000000 0.0000000010 1700000000.9999999990\0a\nb\xff\0\0"
+
+        async def lstatns(self, path: bytes) -> Any:
+            raise GuestfsError(errno.EIO, "EIO", "no", "lstatns")
+
+    subtree = await list_subtree(cast(GuestfsClient, Client()), b"/fs", {2049: 4096})
+    [entry] = subtree.listings[b"/fs"]
+    st = entry.st
+    assert entry.name == b"a\nb\xff" and stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o4755
+    assert (st.st_atime_sec, st.st_atime_nsec) == (-2, 750_000_000)
+    assert (st.st_mtime_sec, st.st_mtime_nsec) == (0, 1)
+    assert (st.st_ctime_sec, st.st_ctime_nsec) == (1_700_000_000, 999_999_999)

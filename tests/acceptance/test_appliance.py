@@ -17,7 +17,7 @@ import libvirt
 import pytest
 import trio
 
-from tests import images
+from tests import images, volumes
 from tests.acceptance.helpers import (
     appliances_of,
     assert_one_line_error,
@@ -28,6 +28,7 @@ from virtmount.appliance import ApplianceSettings, boot_appliance
 from virtmount.sources.domain import domain_source
 from virtmount.inspection import inspect_guest
 from virtmount.virt.connection import close_connection, open_connection
+from virtmount.virt import provision as provision_module
 from virtmount.virt.provision import provision, volume_names
 
 pytestmark = pytest.mark.acceptance
@@ -214,3 +215,36 @@ def test_appliance_that_fails_to_boot_shows_its_console(nos_guest: images.Guest)
     assert_one_line_error(result, "failed to boot", "last console lines:", "Kernel panic")
     assert time.monotonic() - started < 240
     assert wait_for_no_appliances(nos_guest.uri) == []
+
+
+async def test_concurrent_provisions_upload_once_and_a_dead_uploaders_lock_is_broken(
+        libvirtd: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two virtmounts provisioning one pool at once (one upload, the other waits for its marker), after
+    an uploader that died left its lock behind."""
+    pool_name = "virtmount-test-provision"
+    volumes.start_dir_pool(libvirtd, pool_name)
+    monkeypatch.setattr(provision_module, "UPLOAD_LOCK_STALE_S", 1.0)
+    conn = await open_connection(libvirtd)
+    try:
+        local = await trio.to_thread.run_sync(provision_module.prepare_local_appliance)
+        pool = conn.storagePoolLookupByName(pool_name)
+        names = volume_names(local.content_hash)
+        provision_module._create_raw_volume(pool, names["uploading"], 0)  # a dead uploader's
+        await trio.sleep(1.5)
+        results: list[provision_module.HostAppliance] = []
+
+        async def provision_into_pool() -> None:
+            results.append(await provision(conn, pool_name))
+
+        async with trio.open_nursery() as both:
+            both.start_soon(provision_into_pool)
+            both.start_soon(provision_into_pool)
+        assert len(results) == 2 and results[0] == results[1]
+        with open(results[0].root_path, "rb") as host_root:
+            assert host_root.read() == local.root_qcow2.read_bytes()
+        assert names["uploading"] not in pool.listVolumes()
+        for volume in pool.listAllVolumes(0):
+            volume.delete(0)
+    finally:
+        await close_connection(conn)
+        volumes.stop_pool(libvirtd, pool_name)

@@ -10,6 +10,7 @@ version once. A marker volume, created last, says an upload completed.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -41,6 +42,8 @@ SUPERMIN_D_CANDIDATES = (
 )
 APPLIANCE_FILES = ("kernel", "initrd", "root")
 UPLOAD_CHUNK = 4 * 1024 * 1024
+UPLOAD_LOCK_STALE_S = 900.0  # an upload of ~200 MB that takes longer is taken as dead
+UPLOAD_WAIT_STEP_S = 1.0
 
 
 class ProvisionError(VirtmountError):
@@ -200,7 +203,7 @@ def _compressed_root(root: Path, digest: str, unchanged: Callable[[], bool]) -> 
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".partial")
+    partial = target.with_suffix(f".partial-{os.getpid()}")
     started = time.monotonic()
     result = subprocess.run(
         ["qemu-img", "convert", "-c", "-O", "qcow2", "-f", "raw", str(root), str(partial)],
@@ -226,7 +229,17 @@ def prepare_local_appliance() -> LocalAppliance:
     Another libguestfs user may have supermin rebuild the appliance meanwhile (it renames a new
     directory into place): hash, root UUID and compressed root are taken again until they all come
     from one version, else the appliance would wait forever for a root UUID that is not there.
+    Other virtmounts of this user wait for one preparation at a time (a lock file in the cache):
+    two compressing at once once mixed their outputs into a root that never booted.
     """
+    lock_path = cache_dir() / "appliances" / ".lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _prepare_local_appliance()
+
+
+def _prepare_local_appliance() -> LocalAppliance:
     for _ in range(_PREPARE_ATTEMPTS):
         directory = find_appliance_dir()
         files = [directory / name for name in APPLIANCE_FILES]
@@ -257,19 +270,21 @@ def volume_names(digest: str) -> dict[str, str]:
         "initrd": f"{prefix}-initrd",
         "root": f"{prefix}-root.qcow2",
         "marker": f"{prefix}-complete",
+        "uploading": f"{prefix}-uploading",  # held by the one virtmount uploading this version
     }
 
 
-def _default_pool_directory(conn: libvirt.virConnect) -> str:
-    """Beside the host's 'default' pool when it has one (e.g. /var/lib/libvirt/virtmount)."""
+def _default_pool_directory(conn: libvirt.virConnect, name: str) -> str:
+    """A directory named as the pool beside the host's 'default' pool when it has one (e.g.
+    /var/lib/libvirt/virtmount), else in /var/lib/libvirt; each pool gets a directory of its own."""
     try:
         default = conn.storagePoolLookupByName("default")
         path = ET.fromstring(default.XMLDesc(0)).findtext("./target/path")
         if path:
-            return os.path.join(os.path.dirname(path.rstrip("/")), "virtmount")
+            return os.path.join(os.path.dirname(path.rstrip("/")), name)
     except libvirt.libvirtError:
         pass
-    return "/var/lib/libvirt/virtmount"
+    return os.path.join("/var/lib/libvirt", name)
 
 
 def ensure_pool(conn: libvirt.virConnect, name: str) -> libvirt.virStoragePool:
@@ -282,14 +297,17 @@ def ensure_pool(conn: libvirt.virConnect, name: str) -> libvirt.virStoragePool:
         pool_xml = ET.Element("pool", type="dir")
         ET.SubElement(pool_xml, "name").text = name
         target = ET.SubElement(pool_xml, "target")
-        ET.SubElement(target, "path").text = _default_pool_directory(conn)
+        ET.SubElement(target, "path").text = _default_pool_directory(conn, name)
         pool = conn.storagePoolDefineXML(ET.tostring(pool_xml, encoding="unicode"), 0)
         pool.build(0)
         pool.setAutostart(1)
         log.info("defined storage pool %s", name)
     if not pool.isActive():
         pool.create(0)
-    pool.refresh(0)
+    try:
+        pool.refresh(0)  # volumes made on the host without libvirt
+    except libvirt.libvirtError as exc:  # e.g. "has asynchronous jobs running": another virtmount uploads
+        log.debug("pool %s not refreshed: %s", name, libvirt_message(exc))
     return pool
 
 
@@ -350,6 +368,63 @@ async def _upload_sparse(conn: libvirt.virConnect, volume: libvirt.virStorageVol
         raise
 
 
+async def _upload_once(conn: libvirt.virConnect, pool: libvirt.virStoragePool, pool_name: str,
+                       names: dict[str, str], sources: dict[str, Path]) -> None:
+    """Upload the appliance unless another virtmount is uploading it to this pool: then wait for its
+    marker. The uploader holds the ``uploading`` volume (made exclusively); one older than
+    UPLOAD_LOCK_STALE_S was left by an uploader that died. Two uploaders once deleted each other's
+    volumes, and a marker came before a whole root."""
+    while True:
+        try:
+            await run_blocking(_create_raw_volume, pool, names["uploading"], 0)
+            break
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != libvirt.VIR_ERR_STORAGE_VOL_EXIST:
+                raise
+        if await run_blocking(lookup_volume, pool, names["marker"]) is not None:
+            return
+        age = await run_blocking(_delete_if_older, pool, names["uploading"], UPLOAD_LOCK_STALE_S)
+        if age is not None:
+            log.warning("pool %s: an upload of the appliance began %.0f s ago and never ended; uploading again",
+                        pool_name, age)
+            continue
+        await trio.sleep(UPLOAD_WAIT_STEP_S)
+    try:
+        if await run_blocking(lookup_volume, pool, names["marker"]) is not None:
+            return  # finished by the uploader we waited for
+        started = time.monotonic()
+        total = 0
+        for role, path in sources.items():
+            await run_blocking(delete_volume, pool, names[role])  # left by an upload that did not finish
+            volume = await run_blocking(_create_raw_volume, pool, names[role], path.stat().st_size)
+            await _upload_sparse(conn, volume, path)
+            total += path.stat().st_size
+        await run_blocking(_create_raw_volume, pool, names["marker"], 0)
+        log.info("uploaded the appliance (%d MB) to pool %s in %.1f s", total >> 20, pool_name,
+                 time.monotonic() - started)
+    finally:
+        with trio.CancelScope(shield=True):
+            try:
+                await run_blocking(delete_volume, pool, names["uploading"])
+            except libvirt.libvirtError as exc:
+                log.warning("pool %s: cannot delete %s: %s", pool_name, names["uploading"], libvirt_message(exc))
+
+
+def _delete_if_older(pool: libvirt.virStoragePool, name: str, seconds: float) -> float | None:
+    """Delete the named volume if it was made (its ctime on the host) more than ``seconds`` ago; its
+    age if it was deleted, else None (blocking). Age and deletion come milliseconds apart, so a lock
+    another virtmount has just taken is not broken."""
+    volume = lookup_volume(pool, name)
+    if volume is None:
+        return None
+    ctime = ET.fromstring(volume.XMLDesc(0)).findtext("./target/timestamps/ctime")
+    age = None if not ctime else time.time() - float(ctime)
+    if age is None or age <= seconds:
+        return None
+    volume.delete(0)
+    return age
+
+
 async def provision(conn: libvirt.virConnect, pool_name: str) -> HostAppliance:
     """Make sure the host holds this client's appliance; upload it if not."""
     local = await trio.to_thread.run_sync(prepare_local_appliance)
@@ -359,15 +434,7 @@ async def provision(conn: libvirt.virConnect, pool_name: str) -> HostAppliance:
         marker = await run_blocking(lookup_volume, pool, names["marker"])
         sources = {"kernel": local.kernel, "initrd": local.initrd, "root": local.root_qcow2}
         if marker is None:
-            started = time.monotonic()
-            total = 0
-            for role, path in sources.items():
-                await run_blocking(delete_volume, pool, names[role])  # left by an upload that did not finish
-                volume = await run_blocking(_create_raw_volume, pool, names[role], path.stat().st_size)
-                await _upload_sparse(conn, volume, path)
-                total += path.stat().st_size
-            await run_blocking(_create_raw_volume, pool, names["marker"], 0)
-            log.info("uploaded the appliance (%d MB) to pool %s in %.1f s", total >> 20, pool_name, time.monotonic() - started)
+            await _upload_once(conn, pool, pool_name, names, sources)
         paths = {}
         for role in sources:
             volume = await run_blocking(lookup_volume, pool, names[role])

@@ -352,14 +352,16 @@ class GuestfsClient:
             raise ProtocolError(f"unexpected event {event!r}")
 
     def _handle_reply(self, reply: Reply) -> None:
-        call = self._pending.pop(reply.serial, None)
+        call = self._pending.get(reply.serial)
         if call is None:
             raise ProtocolError(f"reply with unknown serial {reply.serial}")
         if reply.proc != call.proc.number:
+            # still pending, so that the protocol error fails it instead of leaving it to its timeout
             raise ProtocolError(
                 f"reply for serial {reply.serial} names proc {reply.proc}, "
                 f"expected {call.proc.number} ({call.proc.name})"
             )
+        del self._pending[reply.serial]
         if reply.error is not None:
             call.fail(
                 GuestfsError.from_reply(reply.error.errno_name, reply.error.message, call.proc.name)

@@ -92,6 +92,7 @@ async def lay_out_os(
     except GuestfsError as exc:
         # one damaged filesystem fails the whole inspection: the others stay readable in devices/
         log.warning("%s: inspection failed (%s); fs/ is not shown, devices/ is", guest_name, exc)
+        await client.umount_all()  # a failed inspection leaves the filesystem it was reading mounted
         roots = []
     layout = GuestLayout(client=client, has_os=bool(roots), generation=generation, naming=naming)
     if not roots:

@@ -169,13 +169,18 @@ async def test_a_failed_inspection_leaves_devices_readable(caplog: pytest.LogCap
 
     class DamagedDisk(FakeDaemon):
         async def inspect_os(self) -> list[str]:
+            self.mounted[b"/"] = "/dev/sda1"  # what libguestfs' inspection leaves behind when it fails
             raise GuestfsError(errno.EBADMSG, "EBADMSG", "lstat: /grub/menu.lst: Bad message", "inspect_os")
+
+        async def umount_all(self) -> None:
+            self.mounted.clear()
 
     daemon = DamagedDisk(roots=[])
     with caplog.at_level(logging.WARNING, logger="virtmount.guestlayout"):
         layout = await lay_out_os(cast(GuestfsClient, daemon), "guest", 1)
     assert not layout.has_os
     assert any("inspection failed" in message for message in caplog.messages)
+    assert daemon.mounted == {}
     await mount_devices(layout, "guest")
     assert sorted(layout.devices) == ["sda1", "vg0-data", "vg0-root"]
 

@@ -44,17 +44,19 @@ def odd_names() -> dict[bytes, bytes]:
 
 def _digest(*parts: object) -> str:
     """A cache key over what makes an image (the recipe's own source among them)."""
-    digest = hashlib.sha256(inspect.getsource(_mke2fs).encode())
+    digest = hashlib.sha256(inspect.getsource(make_ext_image).encode())
     for part in parts:
         digest.update(repr(part).encode())
     return digest.hexdigest()[:12]
 
 
-def _mke2fs(fstype: str, image: Path, size: int, tree: Path, *extra: str) -> None:
+def make_ext_image(fstype: str, image: Path, size: int, tree: Path, *extra: str) -> None:
+    """An ext2/3/4 image of ``size`` bytes holding a copy of the directory ``tree`` (``mke2fs -d``)."""
     with open(image, "wb") as f:
         f.truncate(size)
     subprocess.run(["mke2fs", "-q", "-F", "-t", fstype, "-E", "root_owner=0:0", *extra, "-d", str(tree), str(image)],
-                   check=True, capture_output=True, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "E2FSPROGS_FAKE_TIME": str(images.FILE_MTIME)})
+                   check=True, capture_output=True,
+                   env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "E2FSPROGS_FAKE_TIME": str(images.FILE_MTIME)})
 
 
 def odd_names_image() -> Path:
@@ -70,7 +72,7 @@ def odd_names_image() -> Path:
             for name, content in odd_names().items():
                 with open(bytes(names) + b"/" + name, "wb") as f:
                     f.write(content)
-            _mke2fs("ext4", tmp, 256 * images.MiB, Path(tree), "-N", str(BIG_DIR_ENTRIES + 2000))
+            make_ext_image("ext4", tmp, 256 * images.MiB, Path(tree), "-N", str(BIG_DIR_ENTRIES + 2000))
         g = images.new_handle()
         try:
             g.add_drive_opts(str(tmp), format="raw", readonly=False)
@@ -159,7 +161,7 @@ def _make_corrupt_images(directory: Path, plan_file: Path) -> None:
         _small_tree(Path(tree))
         for fstype in CORRUPT_FSTYPES:
             base = directory / f"pristine.{fstype}"
-            _mke2fs(fstype, base, CORRUPT_SIZE, Path(tree), "-b", "1024")
+            make_ext_image(fstype, base, CORRUPT_SIZE, Path(tree), "-b", "1024")
             pristine[fstype] = (base.read_bytes(), _regions(base, fstype))
             base.unlink()
     rng = random.Random(CORRUPT_SEED)

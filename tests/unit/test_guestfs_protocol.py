@@ -146,11 +146,11 @@ def test_procedure_numbers_match_libguestfs_1_48_6() -> None:
         "inspect_get_product_name": 487, "inspect_get_major_version": 489,
         "inspect_get_minor_version": 490, "inspect_get_hostname": 492,
         "inspect_get_mountpoints": 500, "inspect_get_filesystems": 501,
-        "internal_readdir": 511,
+        "internal_readdir": 511, "ls0": 347,
     }
     for name, number in expected.items():
         assert procs.BY_NAME[name].number == number, name
-    assert procs.FILEOUT_NUMBERS == frozenset({511})
+    assert procs.FILEOUT_NUMBERS == frozenset({511, 347})
 
 
 # ---------------------------------------------------------------------------

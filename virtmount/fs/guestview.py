@@ -301,6 +301,9 @@ class GuestView:
             lambda: self._guest_call(source, lambda: client.lstatnslist(path, names)),
             lambda: self._guest_call(source, lambda: client.readlinklist(path, links)) if links else _no_targets(),
         )
+        if any(d.ftyp == "u" for d in dirents):  # types unknown (see GuestfsClient.readdir): the links from lstat
+            links = [name for name, st in zip(names, stats) if st is not None and stat.S_ISLNK(st.st_mode)]
+            targets = await self._guest_call(source, lambda: client.readlinklist(path, links)) if links else []
         target_of = dict(zip(links, targets))
         siblings = Siblings(path)
         by_inode: dict[int, GuestNode] = {}  # hard links within the directory share one node

@@ -733,10 +733,16 @@ class GuestfsClient:
         return self._probe.get(proc_name)
 
     async def readdir(self, dir: bytes | str, *, timeout: float | None = None) -> list[Dirent]:
-        """Directory entries including . and ..; internal_readdir or readdir."""
-        return await self._call_probed(
-            procs.INTERNAL_READDIR, procs.READDIR, dir, timeout=timeout
-        )
+        """Directory entries including . and ..; internal_readdir or readdir. A listing too large for
+        one readdir reply (4 MiB: ~100,000 names of 24 bytes) comes from ls0: names only, their type
+        ``u`` (unknown) and inode number -1, without . and .."""
+        try:
+            return await self._call_probed(procs.INTERNAL_READDIR, procs.READDIR, dir, timeout=timeout)
+        except GuestfsError as exc:
+            if not exc.is_reply_too_large:
+                raise
+        log.debug("readdir %r: the listing is too large for one reply; listing names with ls0", dir)
+        return [Dirent(-1, "u", name) for name in await self.call(procs.LS0, dir, timeout=timeout)]
 
     async def internal_readdir(
         self, dir: bytes | str, *, timeout: float | None = None

@@ -6,7 +6,8 @@ kernels do, when a mount serves them).
 
 * ``odd_names_image()``: one ext4 filesystem with ``/names`` (a file per byte value 0x01-0xff but
   0x2f, named ``<byte>-<hex>``, holding its hex; plus one file whose 254-byte name is every such byte
-  in order, holding its own name) and ``/big`` (``BIG_DIR_ENTRIES`` empty files ``00000000``…).
+  in order, holding its own name), ``/big`` (``BIG_DIR_ENTRIES`` empty files ``00000000``…) and
+  ``/long`` (``LONG_DIR_ENTRIES`` empty files named ``long_name(i)``, 100 bytes each).
 * ``corrupt_images()``: ``CORRUPT_COUNT`` small ext2/ext3/ext4 images of one tree, each damaged
   with a fixed seed in its superblock, its inode table or its directory blocks (or all three).
 """
@@ -18,6 +19,7 @@ import inspect
 import random
 import re
 import subprocess
+import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,8 @@ from typing import Callable
 from tests import images
 
 BIG_DIR_ENTRIES = 100_000
+# /long: names of 100 bytes; 40,000 of them as dirents are 4.6 MB, past the 4 MiB of one readdir reply
+LONG_DIR_ENTRIES = 40_000
 CORRUPT_COUNT = 200
 CORRUPT_SEED = 16_3  # issue 16, item 3
 CORRUPT_SIZE = 4 * images.MiB
@@ -40,6 +44,19 @@ def odd_names() -> dict[bytes, bytes]:
     files = {bytes([b]) + b"-%02x" % b: b"%02x\n" % b for b in NAME_BYTES}
     files[NAME_BYTES] = NAME_BYTES
     return files
+
+
+def long_name(number: int) -> bytes:
+    return b"%0100d" % number
+
+
+def _long_names_tar(path: Path) -> None:
+    """A tar of LONG_DIR_ENTRIES empty files with long names (GNU format: a 100-byte name fits its header)."""
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for number in range(LONG_DIR_ENTRIES):
+            info = tarfile.TarInfo(long_name(number).decode())
+            info.mtime = images.FILE_MTIME
+            tar.addfile(info)
 
 
 def _digest(*parts: object) -> str:
@@ -60,10 +77,11 @@ def make_ext_image(fstype: str, image: Path, size: int, tree: Path, *extra: str)
 
 
 def odd_names_image() -> Path:
-    """The image with /names and /big (cached). ``mke2fs -d`` would take minutes over /big (it adds
-    entries to an unindexed directory one by one), so /big is made by libguestfs' fill_dir in an
-    appliance instead: one call."""
-    target = images.IMAGE_DIR / f"hostile-names-{_digest(inspect.getsource(odd_names), BIG_DIR_ENTRIES)}.img"
+    """The image with /names, /big and /long (cached). ``mke2fs -d`` would take minutes over /big (it
+    adds entries to an unindexed directory one by one), so /big and /long are made in an appliance
+    instead: libguestfs' fill_dir (one call) and tar_in."""
+    recipe = [inspect.getsource(f) for f in (odd_names, long_name, _long_names_tar)]
+    target = images.IMAGE_DIR / f"hostile-names-{_digest(recipe, BIG_DIR_ENTRIES, LONG_DIR_ENTRIES)}.img"
 
     def fill(tmp: Path) -> None:
         with tempfile.TemporaryDirectory(dir=images.IMAGE_DIR) as tree:
@@ -72,7 +90,8 @@ def odd_names_image() -> Path:
             for name, content in odd_names().items():
                 with open(bytes(names) + b"/" + name, "wb") as f:
                     f.write(content)
-            make_ext_image("ext4", tmp, 256 * images.MiB, Path(tree), "-N", str(BIG_DIR_ENTRIES + 2000))
+            inodes = BIG_DIR_ENTRIES + LONG_DIR_ENTRIES + 2000
+            make_ext_image("ext4", tmp, 256 * images.MiB, Path(tree), "-N", str(inodes))
         g = images.new_handle()
         try:
             g.add_drive_opts(str(tmp), format="raw", readonly=False)
@@ -80,6 +99,10 @@ def odd_names_image() -> Path:
             g.mount("/dev/sda", "/")
             g.mkdir("/big")
             g.fill_dir("/big", BIG_DIR_ENTRIES)
+            with tempfile.TemporaryDirectory(dir=images.IMAGE_DIR) as scratch:
+                _long_names_tar(Path(scratch, "long.tar"))
+                g.mkdir("/long")
+                g.tar_in(str(Path(scratch, "long.tar")), "/long")
             g.umount_all()
             g.shutdown()
         finally:

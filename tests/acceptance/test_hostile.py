@@ -83,6 +83,14 @@ def test_a_directory_of_100000_entries_in_bounded_memory(odd_names: bytes, hosti
     assert peak < PEAK_RSS_BOUND_KIB
 
 
+def test_a_directory_too_large_for_one_readdir_reply(odd_names: bytes) -> None:
+    """40,000 names of 100 bytes: libguestfs 1.48's readdir cannot send them in one 4 MiB reply (it answers
+    with an error), so the listing comes from ls0, streamed."""
+    long = odd_names + b"/long"
+    assert set(os.listdir(long)) == {hostile_images.long_name(i) for i in range(hostile_images.LONG_DIR_ENTRIES)}
+    assert stat.S_ISREG(os.lstat(long + b"/" + hostile_images.long_name(12345)).st_mode)
+
+
 @pytest.fixture(scope="module")
 def corrupt_guests(libvirtd: str) -> list[tuple[str, list[hostile_images.CorruptImage]]]:
     made = hostile_images.corrupt_images()

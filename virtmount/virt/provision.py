@@ -10,7 +10,6 @@ version once. A marker volume, created last, says an upload completed.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -201,15 +200,6 @@ def _compressed_root(root: Path, digest: str, unchanged: Callable[[], bool]) -> 
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    # one process compresses, others wait for it (two writing one partial file collide: qemu-img's image lock)
-    with open(target.parent / "lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if target.exists():
-            return target
-        return _compress(root, target, unchanged)
-
-
-def _compress(root: Path, target: Path, unchanged: Callable[[], bool]) -> Path | None:
     partial = target.with_suffix(".partial")
     started = time.monotonic()
     result = subprocess.run(

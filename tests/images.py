@@ -512,7 +512,12 @@ def domain_xml(name: str, image: Path, memory_mib: int = 256) -> str:
 
 
 def ensure_domain(uri: str, name: str, image: Path) -> None:
-    """Make `name` a persistent, shut-off domain defined by domain_xml().
+    """Make `name` a persistent, shut-off domain defined by domain_xml()."""
+    ensure_domain_xml(uri, name, domain_xml(name, image))
+
+
+def ensure_domain_xml(uri: str, name: str, xml: str) -> None:
+    """Make `name` a persistent, shut-off domain defined by ``xml``.
 
     The hash of the XML we define is kept in the domain's <metadata>; the
     domain is redefined when it differs (e.g. a rebuilt image).  A running
@@ -520,7 +525,6 @@ def ensure_domain(uri: str, name: str, image: Path) -> None:
     """
     import libvirt
 
-    xml = domain_xml(name, image)
     digest = hashlib.sha256(xml.encode()).hexdigest()
     conn = libvirt.open(uri)
     try:

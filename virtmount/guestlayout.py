@@ -87,7 +87,13 @@ async def lay_out_os(
             log.info("%s: disks unchanged since their last inspection; mounted as remembered", guest_name)
             return layout
         log.info("%s: the disks changed since the last inspection; inspecting again", guest_name)
-    roots = await client.inspect_os()
+    try:
+        roots = await client.inspect_os()
+    except GuestfsError as exc:
+        # one damaged filesystem fails the whole inspection: the others stay readable in devices/
+        log.warning("%s: inspection failed (%s); fs/ is not shown, devices/ is", guest_name, exc)
+        await client.umount_all()  # a failed inspection leaves the filesystem it was reading mounted
+        roots = []
     layout = GuestLayout(client=client, has_os=bool(roots), generation=generation, naming=naming)
     if not roots:
         return layout
@@ -95,7 +101,7 @@ async def lay_out_os(
         log.info("%s: several operating systems found; fs/ shows %s", guest_name, roots[0])
     mountpoints = await client.inspect_get_mountpoints(roots[0])
     await client.mkmountpoint(OS_VIEW)
-    if not await _mount_in_os_view(client, guest_name, layout, "/", mountpoints["/"]):
+    if not await _mount_in_os_view(client, guest_name, layout, "/", mountpoints.get("/", roots[0])):
         layout.has_os = False
         return layout
     await _mount_below_root(client, guest_name, layout, mountpoints)
@@ -183,12 +189,13 @@ async def mount_devices(layout: GuestLayout, guest_name: str) -> None:
         await client.mkmountpoint(path)
         try:
             await _mount_read_only(client, device, fstype, path)
+            root = await client.lstatns(path)
         except GuestfsError as exc:
             log.warning("%s: cannot mount %s (%s): %s", guest_name, device, fstype, exc.message)
             continue
         layout.devices[view_name] = device
         # a filesystem the OS view mounted already keeps its name (inode numbers depend on it)
-        layout.fs_by_dev.setdefault((await client.lstatns(path)).st_dev, view_name)
+        layout.fs_by_dev.setdefault(root.st_dev, view_name)
     layout.devices_mounted = True
 
 

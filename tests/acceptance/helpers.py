@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -77,3 +78,21 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: 
     assert "Traceback" not in result.stderr
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
+
+
+def mount_foreground(uri: str, mountpoint: Path, *options: str) -> subprocess.Popen[bytes]:
+    """virtmount -f -v with ``options``, its log in MOUNTPOINT.log; returns once mounted."""
+    with mountpoint.with_suffix(".log").open("w") as log:
+        process = subprocess.Popen([VIRTMOUNT, "-f", "-v", "-o", ",".join(options), uri, str(mountpoint)],
+                                   stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not os.path.ismount(mountpoint):
+        assert process.poll() is None and time.monotonic() < deadline, mountpoint.with_suffix(".log").read_text()
+        time.sleep(0.2)
+    return process
+
+
+def peak_rss_kib(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) of a process, in KiB."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])

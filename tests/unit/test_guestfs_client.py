@@ -230,6 +230,52 @@ async def test_readdir_falls_back_when_internal_readdir_is_unknown(
     assert path_arg(daemon.calls[2]) == b"/etc"
 
 
+TOO_LARGE = ("guestfsd: failed to encode reply body\n"
+             "(maybe the reply exceeds the maximum message size in the protocol?)")
+
+
+async def test_a_listing_too_large_for_one_readdir_reply_comes_from_ls0(
+    pair: tuple[GuestfsClient, FakeDaemon],
+) -> None:
+    """guestfsd 1.48 answers readdir of a huge directory (over 4 MiB of dirents) with an error; ls0 streams."""
+    client, daemon = pair
+    names = [b"%060d" % i for i in range(3000)] + [b"\xff odd"]
+    stream = b"".join(name + b"\0" for name in names)
+
+    def handler(call: CallHeader) -> bytes:
+        if call.proc == 511:
+            return encode_error_reply(511, call.serial, "", UNKNOWN_PROC.format(511))
+        if call.proc == 138:
+            return encode_error_reply(138, call.serial, "", TOO_LARGE)
+        assert call.proc == procs.LS0.number and path_arg(call) == b"/huge"
+        chunks = [encode_chunk(stream[i:i + 8192]) for i in range(0, len(stream), 8192)]
+        return encode_reply(call.proc, call.serial) + b"".join(chunks) + encode_chunk(b"")
+
+    async with trio.open_nursery() as n:
+        n.start_soon(daemon.serve, handler)
+        listed = await client.readdir(b"/huge")
+        n.cancel_scope.cancel()
+    assert [d.name for d in listed] == names
+    assert {(d.ino, d.ftyp) for d in listed} == {(-1, "u")}
+
+
+async def test_other_readdir_errors_are_not_retried_with_ls0(pair: tuple[GuestfsClient, FakeDaemon]) -> None:
+    client, daemon = pair
+
+    def handler(call: CallHeader) -> bytes:
+        if call.proc == 511:
+            return encode_error_reply(511, call.serial, "", UNKNOWN_PROC.format(511))
+        return encode_error_reply(call.proc, call.serial, "ENOTDIR", "opendir: /f: Not a directory")
+
+    async with trio.open_nursery() as n:
+        n.start_soon(daemon.serve, handler)
+        with pytest.raises(GuestfsError) as info:
+            await client.readdir(b"/f")
+        n.cancel_scope.cancel()
+    assert info.value.errno == errno.ENOTDIR
+    assert procs.LS0.number not in [c.proc for c in daemon.calls]
+
+
 async def test_readdir_uses_fileout_when_available(
     pair: tuple[GuestfsClient, FakeDaemon],
 ) -> None:

@@ -13,6 +13,7 @@ from virtmount.guestfs.procs import Dirent, Statns, Xattr
 from virtmount.guestfs.protocol import (
     CANCEL_FLAG_BYTES,
     LAUNCH_FLAG_BYTES,
+    MAX_PROGRESS_RUN,
     MESSAGE_MAX,
     CallSplitter,
     DaemonProtocol,
@@ -146,11 +147,11 @@ def test_procedure_numbers_match_libguestfs_1_48_6() -> None:
         "inspect_get_product_name": 487, "inspect_get_major_version": 489,
         "inspect_get_minor_version": 490, "inspect_get_hostname": 492,
         "inspect_get_mountpoints": 500, "inspect_get_filesystems": 501,
-        "internal_readdir": 511, "download": 67, "debug": 76,
+        "internal_readdir": 511, "download": 67, "debug": 76, "ls0": 347,
     }
     for name, number in expected.items():
         assert procs.BY_NAME[name].number == number, name
-    assert procs.FILEOUT_NUMBERS == frozenset({511, 67})
+    assert procs.FILEOUT_NUMBERS == frozenset({511, 67, 347})
 
 
 # ---------------------------------------------------------------------------
@@ -389,3 +390,18 @@ def test_dirent_stream_rejects_truncation() -> None:
         procs.decode_dirent_stream(data[:-2])
     u = XdrUnpacker(b"")
     assert u.remaining() == 0
+
+
+def test_progress_messages_in_a_row_are_bounded() -> None:
+    """guestfsd sends at most three a second; MAX_PROGRESS_RUN in a row pass, one more is a flood.
+    A reply or a chunk starts the count afresh."""
+    progress = encode_progress(422, 1, 1, 2)
+    burst = progress * MAX_PROGRESS_RUN
+    events = feed_whole(burst + encode_reply(422, 1, b"\0" * 176) + burst)
+    assert len(events) == 2 * MAX_PROGRESS_RUN + 1
+    proto = DaemonProtocol()
+    proto.receive_data(burst + progress)
+    for _ in range(MAX_PROGRESS_RUN):
+        assert isinstance(proto.next_event(), Progress)
+    with pytest.raises(ProtocolError, match="flood"):
+        proto.next_event()

@@ -163,6 +163,41 @@ async def test_no_os_mounts_nothing_until_devices_are_asked_for() -> None:
     assert sorted(layout.devices) == ["sda1", "vg0-data", "vg0-root"]
 
 
+async def test_a_failed_inspection_leaves_devices_readable(caplog: pytest.LogCaptureFixture) -> None:
+    """A damaged filesystem fails libguestfs' whole inspection (seen: EBADMSG from a corrupt ext2
+    directory): no fs/, but every other filesystem is still in devices/."""
+
+    class DamagedDisk(FakeDaemon):
+        async def inspect_os(self) -> list[str]:
+            self.mounted[b"/"] = "/dev/sda1"  # what libguestfs' inspection leaves behind when it fails
+            raise GuestfsError(errno.EBADMSG, "EBADMSG", "lstat: /grub/menu.lst: Bad message", "inspect_os")
+
+        async def umount_all(self) -> None:
+            self.mounted.clear()
+
+    daemon = DamagedDisk(roots=[])
+    with caplog.at_level(logging.WARNING, logger="virtmount.guestlayout"):
+        layout = await lay_out_os(cast(GuestfsClient, daemon), "guest", 1)
+    assert not layout.has_os
+    assert any("inspection failed" in message for message in caplog.messages)
+    assert daemon.mounted == {}
+    await mount_devices(layout, "guest")
+    assert sorted(layout.devices) == ["sda1", "vg0-data", "vg0-root"]
+
+
+async def test_a_filesystem_whose_root_cannot_be_read_is_left_out_of_devices() -> None:
+    class UnreadableRoot(FakeDaemon):
+        async def lstatns(self, path: bytes) -> Statns:
+            if self.mounted.get(path) == "/dev/sda1":
+                raise GuestfsError(errno.EUCLEAN, "EUCLEAN", "lstatns: Structure needs cleaning", "lstatns")
+            return await super().lstatns(path)
+
+    daemon = UnreadableRoot(roots=[])
+    layout = await lay_out_os(cast(GuestfsClient, daemon), "guest", 1)
+    await mount_devices(layout, "guest")
+    assert sorted(layout.devices) == ["vg0-data", "vg0-root"]
+
+
 async def test_an_inspection_is_remembered_with_the_identity_of_fstab() -> None:
     daemon = FakeDaemon(roots=["/dev/vg0/root"])
     layout = await lay_out_os(cast(GuestfsClient, daemon), "guest", 1)

@@ -795,6 +795,21 @@ async def test_symlink_targets_come_from_the_batched_listing(world: World) -> No
     assert world.client.count("readlink") == 0
 
 
+async def test_symlink_targets_come_with_a_listing_of_unknown_types(world: World) -> None:
+    """A listing from ls0 (too large for one readdir reply) has no types: the links are found by lstat."""
+    readdir = world.client.readdir
+
+    async def untyped(path: bytes) -> list[Dirent]:
+        return [Dirent(-1, "u", d.name) for d in await readdir(path) if d.name not in (b".", b"..")]
+
+    world.client.readdir = untyped  # type: ignore[method-assign]
+    fs_root = await guest(world, b"fs")
+    link = (await read_dir(world.tree, fs_root))[b"link"]
+    assert await world.tree.readlink(link.inode) == b"etc/hostname"
+    assert world.client.args_of("readlinklist") == [(b"/fs", (b"link",))]
+    assert world.client.count("readlink") == 0
+
+
 async def test_listing_without_symlinks_does_not_ask_for_targets(world: World) -> None:
     etc = await guest(world, b"fs", b"etc")
     await world.tree.list_directory(etc.inode)

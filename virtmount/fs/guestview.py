@@ -30,7 +30,7 @@ from ..guestlayout import OS_VIEW, GuestLayout
 from ..lifecycle import GuestUnavailableError, SourceAppliance
 from ..status import iso_time
 from .listings import ListingCache
-from .nodes import Attributes, FileHandle, FsError, GuestNode, Node, NodeTable, ServedSource, Siblings
+from .nodes import Attributes, FileHandle, FsError, GuestNode, Node, NodeTable, ServedSource, Siblings, is_entry_name
 from .prefetch import Prefetcher
 from .readahead import LARGEST_WINDOW, ReadAhead
 from .subtreewalks import SubtreeWalk, SubtreeWalks
@@ -355,12 +355,17 @@ class GuestView:
         calls (readdir, then lstatnslist and readlinklist sent together) per thousand entries."""
         client = layout.client
         dirents = await self._guest_call(source, lambda: client.readdir(path))
-        names = [d.name for d in dirents if d.name not in (b".", b"..")]
-        links = [d.name for d in dirents if d.ftyp == "l"]
+        names = [d.name for d in dirents if is_entry_name(d.name)]
+        if refused := [d.name for d in dirents if d.name not in (b".", b"..") and not is_entry_name(d.name)]:
+            log.warning("%s: the appliance listed impossible names in %r, left out: %r", source.name, path, refused)
+        links = [d.name for d in dirents if d.ftyp == "l" and is_entry_name(d.name)]
         stats, targets = await gather(
             lambda: self._guest_call(source, lambda: client.lstatnslist(path, names)),
             lambda: self._guest_call(source, lambda: client.readlinklist(path, links)) if links else _no_targets(),
         )
+        if any(d.ftyp == "u" for d in dirents):  # types unknown (see GuestfsClient.readdir): the links from lstat
+            links = [name for name, st in zip(names, stats) if st is not None and stat.S_ISLNK(st.st_mode)]
+            targets = await self._guest_call(source, lambda: client.readlinklist(path, links)) if links else []
         target_of = dict(zip(links, targets))
         return self._siblings_of(source, view, layout, path,
                                  [(name, st, target_of.get(name, b"")) for name, st in zip(names, stats)])

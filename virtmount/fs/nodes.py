@@ -66,6 +66,12 @@ class VirtualFile(Node):
     content: Callable[[], Awaitable[bytes]] | None = None
 
 
+def is_entry_name(name: bytes) -> bool:
+    """Whether ``name`` can be a directory entry: the kernel fails a whole readdir that holds a name
+    with ``/`` (and a NUL would end it early); ``""``, ``.`` and ``..`` name no child."""
+    return name not in (b"", b".", b"..") and b"/" not in name and b"\0" not in name
+
+
 @dataclass(eq=False, slots=True)
 class Siblings:
     """One guest directory listing: kept in the listing cache, its entries' xattrs fetched together."""

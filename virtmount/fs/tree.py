@@ -35,7 +35,8 @@ from ..status import CONTROL_NAME, SourceStatus
 from ..virt.connection import libvirt_message, run_blocking
 from ..virt.domainxml import APPLIANCE_NAME_PREFIX
 from .guestview import DEFAULT_CACHED_ENTRIES, GuestView, guest_attributes
-from .nodes import Attributes, FileHandle, FsError, GuestNode, Node, NodeTable, ServedSource, VirtualDir, VirtualFile
+from .nodes import (Attributes, FileHandle, FsError, GuestNode, Node, NodeTable, ServedSource, VirtualDir, VirtualFile,
+                    is_entry_name)
 
 log = logging.getLogger(__name__)
 
@@ -205,8 +206,12 @@ class ConnectionTree:
         async def children() -> list[tuple[bytes, Node]]:
             entries: list[tuple[bytes, Node]] = []
             for name in await names():
+                encoded = name.encode("utf-8", "surrogateescape")
+                if not is_entry_name(encoded):
+                    log.warning("libvirt named something %r, which cannot be a file name; not shown", name)
+                    continue
                 try:
-                    entries.append((name.encode(), await directory(name)))
+                    entries.append((encoded, await directory(name)))
                 except FsError:
                     continue
             return entries

@@ -352,14 +352,16 @@ class GuestfsClient:
             raise ProtocolError(f"unexpected event {event!r}")
 
     def _handle_reply(self, reply: Reply) -> None:
-        call = self._pending.pop(reply.serial, None)
+        call = self._pending.get(reply.serial)
         if call is None:
             raise ProtocolError(f"reply with unknown serial {reply.serial}")
         if reply.proc != call.proc.number:
+            # still pending, so that the protocol error fails it instead of leaving it to its timeout
             raise ProtocolError(
                 f"reply for serial {reply.serial} names proc {reply.proc}, "
                 f"expected {call.proc.number} ({call.proc.name})"
             )
+        del self._pending[reply.serial]
         if reply.error is not None:
             call.fail(
                 GuestfsError.from_reply(reply.error.errno_name, reply.error.message, call.proc.name)
@@ -731,10 +733,16 @@ class GuestfsClient:
         return self._probe.get(proc_name)
 
     async def readdir(self, dir: bytes | str, *, timeout: float | None = None) -> list[Dirent]:
-        """Directory entries including . and ..; internal_readdir or readdir."""
-        return await self._call_probed(
-            procs.INTERNAL_READDIR, procs.READDIR, dir, timeout=timeout
-        )
+        """Directory entries including . and ..; internal_readdir or readdir. A listing too large for
+        one readdir reply (4 MiB: ~100,000 names of 24 bytes) comes from ls0: names only, their type
+        ``u`` (unknown) and inode number -1, without . and .."""
+        try:
+            return await self._call_probed(procs.INTERNAL_READDIR, procs.READDIR, dir, timeout=timeout)
+        except GuestfsError as exc:
+            if not exc.is_reply_too_large:
+                raise
+        log.debug("readdir %r: the listing is too large for one reply; listing names with ls0", dir)
+        return [Dirent(-1, "u", name) for name in await self.call(procs.LS0, dir, timeout=timeout)]
 
     async def internal_readdir(
         self, dir: bytes | str, *, timeout: float | None = None

@@ -68,6 +68,12 @@ class GuestfsError(GuestfsClientError):
         """
         return self.errno_name == "" and "unknown procedure number" in self.message
 
+    @property
+    def is_reply_too_large(self) -> bool:
+        """True when the daemon could not send its answer in one message (daemon/proto.c reply():
+        "failed to encode reply body (maybe the reply exceeds the maximum message size ...)")."""
+        return self.errno_name == "" and "exceeds the maximum message size" in self.message
+
     def __str__(self) -> str:
         suffix = f" [{self.errno_name}]" if self.errno_name else ""
         return f"{self.proc_name}: {self.message}{suffix}"

@@ -344,6 +344,14 @@ def _ret_file_content(u: XdrUnpacker) -> bytes:
     return u.rest()
 
 
+def _ret_name_stream(u: XdrUnpacker) -> list[bytes]:
+    """ls0's file content: every name followed by a NUL."""
+    data = u.rest()
+    if data and not data.endswith(b"\0"):
+        raise XdrError("ls0: the last name is not NUL-terminated")
+    return data.split(b"\0")[:-1]
+
+
 def _ret_xattr_list(u: XdrUnpacker) -> list[Xattr]:
     return u.unpack_array(lambda: decode_xattr(u))
 
@@ -435,6 +443,9 @@ READDIR = Proc("readdir", 138, (("dir", _P),), _ret_dirent_list)
 INTERNAL_READDIR = Proc(
     "internal_readdir", 511, (("dir", _P),), _ret_dirent_stream, fileout=True
 )
+#: Names only (no "." or ".."), NUL-terminated, as FileOut: no size limit. For directories whose
+#: readdir reply would pass GUESTFS_MESSAGE_MAX on daemons without internal_readdir.
+LS0 = Proc("ls0", 347, (("dir", _P),), _ret_name_stream, fileout=True)
 PREAD = Proc("pread", 207, (("path", _P), ("count", Arg.INT), ("offset", Arg.INT64)), _ret_buffer)
 PREAD_DEVICE = Proc(
     "pread_device", 276, (("device", _T), ("count", Arg.INT), ("offset", Arg.INT64)), _ret_buffer

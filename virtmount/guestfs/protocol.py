@@ -15,7 +15,10 @@ Wire format (libguestfs 1.48.6, ``generator/XDR.ml``, ``lib/proto.c``,
   - ``LAUNCH_FLAG`` 0xf5f55ff5: sent once, alone, by guestfsd when ready.
   - ``PROGRESS_FLAG`` 0xffff5555: followed by exactly 24 bytes
     (guestfs_progress: proc, serial, uint64 position, uint64 total).  Can
-    appear at any message boundary, also between FileOut chunks.
+    appear at any message boundary, also between FileOut chunks.  guestfsd
+    sends them for the call in progress 2 s into it, then at most every
+    1/3 s, and one at 100% (daemon/proto.c notify_progress): more than
+    ``MAX_PROGRESS_RUN`` in a row is a flood, not a daemon at work.
   - ``CANCEL_FLAG`` 0xffffeeee: the daemon only sends it alone during
     FileIn uploads (which we never do); stray ones are ignored, as
     lib/proto.c does.
@@ -48,6 +51,7 @@ __all__ = [
     "ERRNO_STRING_MAX",
     "LAUNCH_FLAG",
     "MAX_CHUNK_SIZE",
+    "MAX_PROGRESS_RUN",
     "MESSAGE_MAX",
     "PROGRAM",
     "PROGRESS_FLAG",
@@ -92,6 +96,9 @@ ERRNO_STRING_MAX = 32
 MAX_CHUNK_SIZE = 8192
 #: Size of the raw guestfs_progress body after PROGRESS_FLAG (lib/proto.c).
 PROGRESS_SIZE = 24
+#: Progress messages in a row (no reply or chunk between them) that end the connection: guestfsd's own
+#: rate (at most three a second) takes almost an hour to send this many for one call.
+MAX_PROGRESS_RUN = 10_000
 #: Encoded size of guestfs_message_header.
 HEADER_SIZE = 4 * 5 + 8 * 2 + 4
 
@@ -349,6 +356,7 @@ class DaemonProtocol:
         self._buf = _Buffer()
         self._transfer: Reply | None = None
         self._error: ProtocolError | None = None
+        self._progress_run = 0
 
     @property
     def in_file_transfer(self) -> bool:
@@ -392,6 +400,9 @@ class DaemonProtocol:
             if word == PROGRESS_FLAG:
                 if len(self._buf) < 4 + PROGRESS_SIZE:
                     return _NEED_DATA
+                self._progress_run += 1
+                if self._progress_run > MAX_PROGRESS_RUN:
+                    raise ProtocolError(f"a flood of more than {MAX_PROGRESS_RUN} progress messages in a row")
                 self._buf.take(4)
                 u = XdrUnpacker(self._buf.take(PROGRESS_SIZE))
                 return Progress(
@@ -408,6 +419,7 @@ class DaemonProtocol:
                 return _NEED_DATA
             self._buf.take(4)
             body = self._buf.take(word)
+            self._progress_run = 0
             if self._transfer is not None:
                 return self._parse_chunk(body)
             return self._parse_reply(body)

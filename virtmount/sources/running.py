@@ -86,7 +86,10 @@ class AnyStateDomainRef:
 
 def _has_guestfs_channel(live_xml: str) -> bool:
     """Whether the domain carries a guestfs daemon's channel that libvirt can open (``type='unix'``)."""
-    root = ET.fromstring(live_xml)
+    try:
+        root = ET.fromstring(live_xml)
+    except ET.ParseError as exc:
+        raise SourceUnavailable(f"the XML of the running domain does not parse: {exc}") from None
     return any(channel.get("type") == "unix" and channel.find(f"./target[@name='{DAEMON_CHANNEL}']") is not None
                for channel in root.findall("./devices/channel"))
 

@@ -1,0 +1,251 @@
+"""-o rw against the real components: a shut-off domain of our own (a qcow2 overlay of the cached
+standard image, so the shared image is never written), served by one writable mount for the module.
+
+POSIX calls on ext4 (the root, fs/) and XFS (fs/srv/data), caches after writes, devices/ linking to
+fs/, never two writers (QEMU's image locks), and durability: what was fsynced (or released) is in the
+image after virtmount is SIGKILLed mid-write, and the filesystem is clean. The SIGKILL test runs last.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import stat
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests import images
+from tests.acceptance.conftest import unmount
+from tests.acceptance.helpers import appliances_of, run_virtmount
+from tests.writing import (RENAME_EXCHANGE, RENAME_NOREPLACE, UTIME_OMIT, ScratchGuest, guestfs_handle,
+                           make_scratch_guest, remove_scratch_guest, renameat2, utimensat)
+
+GUEST = "virtmount-test-writing"
+SYNCED = b"fsynced before the kill\n" * 40_000  # ~1 MiB
+RELEASED = b"written, then the appliance was released\n" * 1000
+
+
+@dataclass(frozen=True)
+class RwMount:
+    path: Path
+    pid: int
+    guest: ScratchGuest
+
+    @property
+    def fs(self) -> Path:
+        return self.path / "domains" / GUEST / "fs"
+
+
+@pytest.fixture(scope="module")
+def rw(libvirtd: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RwMount]:
+    guest = make_scratch_guest(libvirtd, GUEST, images.STANDARD)
+    mountpoint = tmp_path_factory.mktemp("virtmount-rw")
+    try:
+        result = run_virtmount("-o", "rw,idle=600", libvirtd, str(mountpoint))
+        assert result.returncode == 0, result.stderr
+        pid = json.loads((mountpoint / ".virtmount").read_text())["pid"]
+        yield RwMount(mountpoint, pid, guest)
+    finally:
+        if os.path.ismount(mountpoint):
+            unmount(mountpoint)
+        subprocess.run(["fusermount3", "-uz", str(mountpoint)], capture_output=True)
+        remove_scratch_guest(guest)
+
+
+def _errno_of(call: object, *args: object) -> int:
+    try:
+        call(*args)  # type: ignore[operator]
+    except OSError as exc:
+        return exc.errno or 0
+    return 0
+
+
+@pytest.mark.parametrize("where", ["w-ext4", "srv/data/w-xfs"])
+def test_posix_calls(rw: RwMount, where: str) -> None:
+    top = rw.fs / where
+    parent = top.parent
+    mtime_before = parent.stat().st_mtime_ns
+    time.sleep(0.01)
+    top.mkdir(0o750)
+    assert stat.S_IMODE(top.stat().st_mode) == 0o750 and top.stat().st_nlink == 2
+    assert parent.stat().st_mtime_ns > mtime_before  # the parent's times follow
+    f = top / "file"
+    with open(f, "xb") as out:  # O_CREAT|O_EXCL
+        out.write(b"hello ")
+        out.flush()
+        assert f.read_bytes() == b"hello "  # read back through another handle while open
+        out.write(b"world")
+    assert f.read_bytes() == b"hello world" and f.stat().st_size == 11
+    assert _errno_of(lambda: open(f, "xb")) == errno.EEXIST
+    with open(f, "ab") as out:  # O_APPEND
+        out.write(b"!")
+    with open(f, "r+b") as out:  # overwrite in the middle, extend past the end
+        out.seek(6)
+        out.write(b"W")
+        out.seek(20)
+        out.write(b"end")
+    assert f.read_bytes() == b"hello World!" + bytes(8) + b"end"
+    os.truncate(f, 5)
+    assert f.read_bytes() == b"hello"
+    with open(f, "wb") as out:  # O_TRUNC
+        out.write(b"new")
+    assert f.read_bytes() == b"new"
+    big = os.urandom(3 * 1024 * 1024 + 5)
+    (top / "big").write_bytes(big)
+    assert (top / "big").read_bytes() == big
+    # hard links: every name shows the new link count
+    os.link(f, top / "link")
+    assert f.stat().st_nlink == 2 and (top / "link").stat().st_ino == f.stat().st_ino
+    os.unlink(top / "link")
+    assert f.stat().st_nlink == 1
+    os.symlink("file", top / "sym")
+    assert os.readlink(top / "sym") == "file" and (top / "sym").read_bytes() == b"new"
+    os.mkfifo(top / "fifo", 0o640)
+    assert stat.S_ISFIFO(os.lstat(top / "fifo").st_mode) and stat.S_IMODE(os.lstat(top / "fifo").st_mode) == 0o640
+    os.mknod(top / "null", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    assert os.lstat(top / "null").st_rdev == os.makedev(1, 3)
+    os.chmod(f, 0o4751)
+    assert stat.S_IMODE(f.stat().st_mode) == 0o4751
+    os.chown(f, 1234, 5678)
+    assert (f.stat().st_uid, f.stat().st_gid) == (1234, 5678)
+    os.utime(f, ns=(1_500_000_000_123_456_789, 1_600_000_000_987_654_321))
+    assert (f.stat().st_atime_ns, f.stat().st_mtime_ns) == (1_500_000_000_123_456_789, 1_600_000_000_987_654_321)
+    utimensat(f, (0, UTIME_OMIT), (1_700_000_000, 5))  # UTIME_OMIT leaves atime alone
+    assert (f.stat().st_atime_ns, f.stat().st_mtime_ns) == (1_500_000_000_123_456_789, 1_700_000_000_000_000_005)
+    os.setxattr(f, "user.note", b"a\0b")
+    assert os.getxattr(f, "user.note") == b"a\0b" and "user.note" in os.listxattr(f)
+    os.removexattr(f, "user.note")
+    assert "user.note" not in os.listxattr(f)
+    assert _errno_of(os.removexattr, f, "user.note") == errno.ENODATA
+    subprocess.run(["setfacl", "-m", "u:4321:rw", str(f)], check=True)
+    assert "user:4321:rw-" in subprocess.run(["getfacl", "-cn", str(f)], capture_output=True, text=True).stdout
+    # renames: within and across directories, over a file, over an empty directory, NOREPLACE, EXCHANGE
+    (top / "sub").mkdir()
+    (top / "sub" / "inner").write_bytes(b"inside")
+    os.rename(f, top / "sub" / "moved")
+    assert not f.exists() and (top / "sub" / "moved").read_bytes() == b"new"
+    os.rename(top / "sub", top / "sub2")  # the nodes below follow their directory
+    assert (top / "sub2" / "inner").read_bytes() == b"inside"
+    (top / "sub2" / "inner").write_bytes(b"inside again")
+    assert (top / "sub2" / "inner").read_bytes() == b"inside again"
+    (top / "other").write_bytes(b"other")
+    os.rename(top / "other", top / "sub2" / "inner")  # replaces a file
+    assert (top / "sub2" / "inner").read_bytes() == b"other"
+    (top / "empty").mkdir()
+    (top / "d").mkdir()
+    os.rename(top / "d", top / "empty")  # replaces an empty directory
+    assert (top / "empty").is_dir() and not (top / "d").exists()
+    (top / "x").write_bytes(b"x")
+    assert _errno_of(renameat2, top / "x", top / "big", RENAME_NOREPLACE) == errno.EEXIST
+    renameat2(top / "x", top / "y", RENAME_NOREPLACE)
+    assert (top / "y").read_bytes() == b"x"
+    assert _errno_of(renameat2, top / "y", top / "big", RENAME_EXCHANGE) == errno.EINVAL
+    # errors
+    assert _errno_of(os.mkdir, top / "empty") == errno.EEXIST
+    assert _errno_of(os.rmdir, top / "sub2") == errno.ENOTEMPTY
+    assert _errno_of(os.unlink, top / "sub2") == errno.EISDIR
+    assert _errno_of(os.rmdir, top / "y") == errno.ENOTDIR
+    assert _errno_of(os.open, top / "nothere" / "f", os.O_CREAT | os.O_WRONLY) == errno.ENOENT
+    assert _errno_of(os.open, top / ("n" * 256), os.O_CREAT | os.O_WRONLY) == errno.ENAMETOOLONG
+    assert _errno_of(os.rename, top / "y", rw.fs / "boot" / "y") == errno.EXDEV
+    # listings follow: what was made shows, what was removed does not
+    for name in ("y", "big", "fifo", "null", "sym"):
+        os.unlink(top / name)
+    os.rmdir(top / "empty")
+    assert sorted(os.listdir(top)) == ["sub2"]
+    assert statvfs_is_sane(top)
+
+
+def statvfs_is_sane(path: Path) -> bool:
+    """statfs answers (pyfuse3 does not say which filesystem is asked about: the mount's figures)."""
+    return os.statvfs(path).f_namemax == 255
+
+
+def test_devices_link_to_their_place_in_fs(rw: RwMount) -> None:
+    devices = rw.path / "domains" / GUEST / "devices"
+    assert os.readlink(devices / "sda1") == "../fs/boot"
+    assert os.readlink(devices / "vg0-root") == "../fs"
+    assert os.readlink(devices / "vg0-data") == "../fs/srv/data"
+    (devices / "sda1" / "through-devices").write_bytes(b"one mount")
+    assert (rw.fs / "boot" / "through-devices").read_bytes() == b"one mount"
+    assert (rw.fs / "boot" / "virtmount-boot").read_bytes() == images.STANDARD.files["/boot/virtmount-boot"]
+
+
+def _lock_refusal(command: list[str]) -> str:
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0, result
+    return result.stderr
+
+
+def test_never_two_writers(rw: RwMount, libvirtd: str, tmp_path: Path) -> None:
+    assert (rw.fs / "etc" / "virtmount-test").read_bytes()  # the appliance holds the disk for writing
+    started = _lock_refusal(["virsh", "-c", libvirtd, "start", GUEST])
+    assert "lock" in started, started
+    handle = guestfs_handle(rw.guest.disk, readonly=False)
+    with pytest.raises(RuntimeError, match="lock"):
+        handle.launch()
+    handle.close()
+    second = tmp_path / "second"
+    second.mkdir()
+    result = run_virtmount("-o", "rw,fast_start=off", libvirtd, str(second))
+    assert result.returncode == 0, result.stderr
+    try:
+        assert _errno_of(os.listdir, second / "domains" / GUEST / "fs") == errno.EIO
+    finally:
+        unmount(second)
+    assert (rw.fs / "etc" / "virtmount-test").read_bytes()  # the first writer carries on
+
+
+def test_what_was_fsynced_or_released_survives_a_sigkill(rw: RwMount) -> None:
+    released = rw.fs / "released"
+    released.write_bytes(RELEASED)  # no fsync: releasing the appliance syncs
+    os.getxattr(rw.path / "domains" / GUEST, "user.virtmount.release")
+    synced = rw.fs / "synced"
+    with open(synced, "wb") as out:
+        out.write(SYNCED)
+        started = time.monotonic()
+        os.fsync(out.fileno())
+        fsync_seconds = time.monotonic() - started
+    print(f"fsync of {len(SYNCED)} bytes: {fsync_seconds:.2f} s")
+    stop = threading.Event()
+
+    def write_on() -> None:
+        try:
+            with open(rw.fs / "unsynced", "wb") as out:
+                while not stop.is_set():
+                    out.write(os.urandom(128 * 1024))
+        except OSError:
+            pass  # the mount died under it
+
+    writer = threading.Thread(target=write_on)
+    writer.start()
+    time.sleep(2)
+    os.kill(rw.pid, signal.SIGKILL)
+    stop.set()
+    writer.join(30)
+    killed = time.monotonic()
+    deadline = killed + 60
+    while appliances_of(rw.pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not appliances_of(rw.pid), "the killed mount's appliance is still running"
+    print(f"appliance gone {time.monotonic() - killed:.1f} s after the SIGKILL")
+    handle = guestfs_handle(rw.guest.disk, readonly=True)  # writes of its own go to a throw-away overlay
+    try:
+        handle.launch()
+        handle.mount("/dev/vg0/root", "/")  # replays the journal, as the guest would
+        assert handle.read_file("/synced") == SYNCED
+        assert handle.read_file("/released") == RELEASED
+        assert handle.read_file("/etc/virtmount-test") == images.STANDARD.files["/etc/virtmount-test"]
+        handle.umount_all()
+        assert handle.fsck("ext4", "/dev/vg0/root") == 0  # nothing to correct
+        assert handle.fsck("ext4", "/dev/sda1") == 0
+    finally:
+        handle.close()

@@ -516,6 +516,11 @@ class GuestView:
     def kept_listings(self) -> list[Siblings]:
         return self._listings.listings()
 
+    def forget_kernel_entry(self, parent_inode: int, name: bytes) -> None:
+        """The kernel is to forget the entry ``name`` (gone behind its back)."""
+        if self._forget_kernel_entry is not None:
+            self._forget_kernel_entry(parent_inode, name)
+
     @property
     def cached_entries(self) -> int:
         """Directory entries kept in the listing cache, all sources together."""

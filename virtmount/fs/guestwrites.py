@@ -17,6 +17,11 @@ each, what the mount keeps is brought up to date before the reply:
   whose last known name went away keeps another name of it if a kept listing
   shows one, or none (a later lookup gives it one).
 
+The daemon reaches files by name only, so a file removed (or replaced by a
+rename) while this mount has it open is renamed to ``.virtmount-hidden-<inode>``
+in its directory instead, and removed at its last close, as NFS and libfuse do
+(a mount killed meanwhile leaves it behind).
+
 The kernel keeps its own caches right for what passes through this mount
 (it updates or drops a written inode's attributes and its directory's), and
 guest files are opened without ``keep_cache``. What the daemon lacks: no
@@ -46,6 +51,7 @@ NAME_MAX = 255
 RENAME_NOREPLACE = 1  # linux/fs.h
 RENAME_EXCHANGE = 2
 UTIME_OMIT_NSEC = -2  # the daemon's utimens: leave this time alone
+HIDDEN_PREFIX = b".virtmount-hidden-"
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,7 @@ class GuestWrites:
         self._view = view
         self._table = table
         self._open_handles = open_handles
+        self._hidden: dict[GuestNode, GuestNode] = {}  # removed while open -> its directory (see closed)
 
     # --- checks and cache upkeep ---------------------------------------------------------
 
@@ -219,9 +226,38 @@ class GuestWrites:
         layout = await self._parent_layout(parent, name)
         child = await self._view.lookup(parent, name)
         path = _join(parent.path, name)
-        await self._call(parent, lambda: layout.client.rm(path))
+        if not await self._hide_if_open(child, parent, layout, path):
+            await self._call(parent, lambda: layout.client.rm(path))
+            await self._name_gone(child, layout, path)
         await self._entries_changed(parent, layout)
-        await self._name_gone(child, layout, path)
+
+    async def _hide_if_open(self, node: GuestNode, parent: GuestNode, layout: GuestLayout, path: bytes) -> bool:
+        """Rename a file about to lose its last name while open here; True if it was."""
+        st = node.stat
+        if st is None or not stat.S_ISREG(st.st_mode) or st.st_nlink > 1 or not self._open_handles(node):
+            return False
+        hidden = _join(parent.path, HIDDEN_PREFIX + str(st.st_ino).encode())
+        await self._call(parent, lambda: layout.client.rename(path, hidden))
+        node.path = hidden
+        self._hidden[node] = parent
+        return True
+
+    async def closed(self, node: GuestNode) -> None:
+        """A handle of ``node`` was released: at the last one, a hidden file goes (errors are logged)."""
+        parent = self._hidden.get(node)
+        if parent is None or self._open_handles(node):
+            return
+        del self._hidden[node]
+        hidden = node.path
+        try:
+            layout = await self.writable_layout(node)
+            await self._call(node, lambda: layout.client.rm(hidden))
+            await self._entries_changed(parent, layout)
+        except FsError as exc:
+            log.warning("cannot remove %r, a file removed while it was open: %s", hidden, exc)
+            return
+        node.path = b""
+        self._view.forget_kernel_entry(parent.inode, hidden.rpartition(b"/")[2])  # a listing may have shown it
 
     async def rmdir(self, parent: GuestNode, name: bytes) -> None:
         layout = await self._parent_layout(parent, name)
@@ -253,8 +289,9 @@ class GuestWrites:
         old, new = _join(old_parent.path, old_name), _join(new_parent.path, new_name)
         if replaced is moved:  # two names of one file: rename(2) does nothing
             return
+        hidden = replaced is not None and await self._hide_if_open(replaced, new_parent, layout, new)
         await self._call(old_parent, lambda: layout.client.rename(old, new))
-        if replaced is not None:
+        if replaced is not None and not hidden:
             if replaced.stat is not None and stat.S_ISDIR(replaced.stat.st_mode):
                 self._view.forget_listing(replaced, layout)
                 replaced.path = b""

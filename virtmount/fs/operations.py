@@ -153,7 +153,12 @@ class Operations(pyfuse3.Operations):
         return await self._guarded(lambda: self._tree.read(fh, off, size))
 
     async def release(self, fh: int) -> None:
-        self._tree.release(fh)
+        node = self._tree.release(fh)
+        if node is not None:
+            try:
+                await self._tree.closed(node)
+            except Exception:
+                log.exception("release of handle %d failed", fh)
 
     async def flush(self, fh: int) -> None:
         """Nothing is ever held back: each write reaches the guest before it is answered (and fsync

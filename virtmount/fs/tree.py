@@ -494,10 +494,17 @@ class ConnectionTree:
         assert handle.reader is not None
         return await handle.reader.read(offset, size)
 
-    def release(self, handle_number: int) -> None:
+    def release(self, handle_number: int) -> GuestNode | None:
+        """Close a handle; returns its guest node, for ``closed``."""
         handle = self._handles.pop(handle_number, None)
         if handle is not None and isinstance(handle.node, GuestNode):
             self.guests.release(handle.node)
+            return handle.node
+        return None
+
+    async def closed(self, node: GuestNode) -> None:
+        """After ``release``: a file removed while open goes with its last handle."""
+        await self.writes.closed(node)
 
     async def listxattr(self, inode: int) -> list[bytes]:
         node = self.node(inode)

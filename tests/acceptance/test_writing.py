@@ -221,6 +221,38 @@ def test_untar_and_sequential_write(rw: RwMount, tmp_path: Path) -> None:
           f"({len(data) / write / 1e6:.1f} MB/s)")
 
 
+def test_a_full_filesystem_answers_enospc_and_the_mount_goes_on(rw: RwMount) -> None:
+    filler = rw.fs / "boot" / "filler"  # /boot: a 200 MiB ext4
+    chunk = bytes(4 * 1024 * 1024)
+    with pytest.raises(OSError) as full:
+        with open(filler, "wb") as out:
+            for _ in range(100):
+                out.write(chunk)
+                out.flush()
+    assert full.value.errno == errno.ENOSPC
+    os.unlink(filler)
+    (rw.fs / "boot" / "after-enospc").write_bytes(b"room again")
+    assert (rw.fs / "boot" / "after-enospc").read_bytes() == b"room again"
+
+
+def test_an_appliance_that_dies_fails_its_open_files_and_the_next_access_boots_another(rw: RwMount) -> None:
+    path = rw.fs / "srv" / "data" / "during-a-crash"
+    with open(path, "wb", buffering=0) as out:
+        out.write(b"before")
+        os.fsync(out.fileno())
+        [appliance] = appliances_of(rw.pid)
+        subprocess.run(["virsh", "-q", "-c", rw.guest.uri, "destroy", appliance], check=True, capture_output=True)
+        with pytest.raises(OSError) as failed:
+            out.write(b"during")
+        assert failed.value.errno == errno.EIO
+        with pytest.raises(OSError) as still_failing:  # this file was opened in the appliance that died
+            out.write(b"after")
+        assert still_failing.value.errno == errno.EIO
+    assert path.read_bytes() == b"before"  # a fresh appliance, the fsynced bytes there
+    path.write_bytes(b"written again")
+    assert path.read_bytes() == b"written again"
+
+
 def _lock_refusal(command: list[str]) -> str:
     """What the command said when it failed (with libguestfs's debug output, where QEMU's error is)."""
     env = {**os.environ, "LIBGUESTFS_BACKEND": "direct", "LIBGUESTFS_BACKEND_SETTINGS": "force_tcg",

@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -60,9 +60,9 @@ def rw(libvirtd: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RwMo
         remove_scratch_guest(guest)
 
 
-def _errno_of(call: object, *args: object) -> int:
+def _errno_of(call: Callable[..., object], *args: object) -> int:
     try:
-        call(*args)  # type: ignore[operator]
+        call(*args)
     except OSError as exc:
         return exc.errno or 0
     return 0

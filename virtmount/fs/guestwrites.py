@@ -40,6 +40,7 @@ import stat
 from dataclasses import dataclass, replace
 from typing import Awaitable, Callable, Iterable
 
+from ..concurrency import gather
 from ..guestfs.procs import Statns
 from ..guestlayout import GuestLayout
 from .guestview import GuestView
@@ -118,6 +119,14 @@ class GuestWrites:
         self._view.forget_listing(directory, layout)
         await self._restat(directory, layout)
 
+    async def _entries_added(self, parent: GuestNode, layout: GuestLayout, name: bytes) -> GuestNode:
+        """``name`` was made in ``parent``: its node, and the directory's new attributes (both stat'ed
+        at once: the daemon answers in order, after the write)."""
+        _, node = await gather(lambda: self._entries_changed(parent, layout),
+                               lambda: self._new_node(parent, layout, name))
+        assert isinstance(node, GuestNode)
+        return node
+
     async def _new_node(self, parent: GuestNode, layout: GuestLayout, name: bytes) -> GuestNode:
         assert parent.source is not None
         path = _join(parent.path, name)
@@ -190,24 +199,21 @@ class GuestWrites:
         await self._call(parent, lambda: layout.client.mknod(kind | stat.S_IMODE(mode), os.major(rdev),
                                                              os.minor(rdev), path))
         await self._own(parent, layout, path, caller, mode)
-        await self._entries_changed(parent, layout)
-        return await self._new_node(parent, layout, name)
+        return await self._entries_added(parent, layout, name)
 
     async def mkdir(self, parent: GuestNode, name: bytes, mode: int, caller: Caller) -> GuestNode:
         layout = await self._parent_layout(parent, name)
         path = _join(parent.path, name)
         await self._call(parent, lambda: layout.client.mkdir_mode(path, stat.S_IMODE(mode)))
         await self._own(parent, layout, path, caller, stat.S_IMODE(mode) & ~(stat.S_ISUID | stat.S_ISGID))
-        await self._entries_changed(parent, layout)
-        return await self._new_node(parent, layout, name)
+        return await self._entries_added(parent, layout, name)
 
     async def symlink(self, parent: GuestNode, name: bytes, target: bytes, caller: Caller) -> GuestNode:
         layout = await self._parent_layout(parent, name)
         path = _join(parent.path, name)
         await self._call(parent, lambda: layout.client.ln_s(target, path))
         await self._own(parent, layout, path, caller, stat.S_IFLNK)
-        await self._entries_changed(parent, layout)
-        node = await self._new_node(parent, layout, name)
+        node = await self._entries_added(parent, layout, name)
         node.link_target = target
         return node
 
@@ -219,8 +225,7 @@ class GuestWrites:
         await self._call(parent, lambda: layout.client.ln(node.path, path))
         self._written(node)
         await self._restat(node, layout)
-        await self._entries_changed(parent, layout)
-        return await self._new_node(parent, layout, name)
+        return await self._entries_added(parent, layout, name)
 
     async def unlink(self, parent: GuestNode, name: bytes) -> None:
         layout = await self._parent_layout(parent, name)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from typing import Any, Awaitable, Callable, NoReturn, Sequence, TypeVar
+from typing import Awaitable, Callable, Sequence, TypeVar
 
 import pyfuse3
 

@@ -200,7 +200,7 @@ def _compressed_root(root: Path, digest: str, unchanged: Callable[[], bool]) -> 
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".partial")
+    partial = target.with_suffix(f".partial-{os.getpid()}")  # two processes may compress at once
     started = time.monotonic()
     result = subprocess.run(
         ["qemu-img", "convert", "-c", "-O", "qcow2", "-f", "raw", str(root), str(partial)],

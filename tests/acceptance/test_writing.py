@@ -8,6 +8,7 @@ image after virtmount is SIGKILLed mid-write, and the filesystem is clean. The S
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -22,7 +23,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from tests import images
+from tests import images, volumes
 from tests.acceptance.conftest import unmount
 from tests.acceptance.helpers import appliances_of, run_virtmount
 from tests.writing import (RENAME_EXCHANGE, RENAME_NOREPLACE, UTIME_OMIT, ScratchGuest, guestfs_handle,
@@ -251,6 +252,29 @@ def test_an_appliance_that_dies_fails_its_open_files_and_the_next_access_boots_a
     assert path.read_bytes() == b"before"  # a fresh appliance, the fsynced bytes there
     path.write_bytes(b"written again")
     assert path.read_bytes() == b"written again"
+
+
+def test_a_volume_is_written_too(rw: RwMount, libvirtd: str) -> None:
+    pool, name = "virtmount-test-vol-writing", "noos-overlay.qcow2"
+    base = images.build(images.NOOS)
+    base_mtime = base.stat().st_mtime_ns
+    volumes.start_dir_pool(libvirtd, pool)
+    try:
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base),
+                        str(volumes.POOL_PARENT / pool / name)], check=True)
+        volumes.virsh(libvirtd, "pool-refresh", pool)
+        device = rw.path / "volumes" / pool / name / "devices" / "sda"
+        assert (device / "hello.txt").read_bytes() == images.NOOS.files["/hello.txt"]
+        (device / "new.txt").write_bytes(b"written to a volume")
+        assert sorted(os.listdir(device)) == ["hello.txt", "lost+found", "new.txt"]
+        assert (device / "new.txt").read_bytes() == b"written to a volume"
+        os.getxattr(rw.path / "volumes" / pool / name, "user.virtmount.release")  # syncs, shuts down
+        assert (device / "new.txt").read_bytes() == b"written to a volume"  # a fresh appliance reads it
+    finally:
+        with contextlib.suppress(OSError):
+            os.getxattr(rw.path / "volumes" / pool / name, "user.virtmount.release")
+        volumes.stop_pool(libvirtd, pool)
+    assert base.stat().st_mtime_ns == base_mtime  # the shared cached image behind the overlay is untouched
 
 
 def _lock_refusal(command: list[str]) -> str:

@@ -273,6 +273,7 @@ def test_a_volume_is_written_too(rw: RwMount, libvirtd: str) -> None:
     finally:
         with contextlib.suppress(OSError):
             os.getxattr(rw.path / "volumes" / pool / name, "user.virtmount.release")
+        volumes.virsh(libvirtd, "vol-delete", "--pool", pool, name, check=False)
         volumes.stop_pool(libvirtd, pool)
     assert base.stat().st_mtime_ns == base_mtime  # the shared cached image behind the overlay is untouched
 

@@ -131,7 +131,9 @@ class GuestWrites:
         assert parent.source is not None
         path = _join(parent.path, name)
         st = await self._view.guest_call(parent.source, lambda: layout.client.lstatns(path))
-        return self._view.guest_node(parent.source, parent.view, layout, path, st)
+        node = self._view.guest_node(parent.source, parent.view, layout, path, st)
+        node.xattrs = node.link_target = None  # its inode number may be a removed file's, reused
+        return node
 
     def _restart_readers(self, node: GuestNode) -> None:
         for handle in self._open_handles(node):

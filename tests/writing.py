@@ -4,6 +4,7 @@ independent reader of a guest image (libguestfs, its own appliance)."""
 from __future__ import annotations
 
 import ctypes
+import random
 import os
 import subprocess
 from dataclasses import dataclass
@@ -71,3 +72,84 @@ def guestfs_handle(disk: Path, *, readonly: bool) -> Any:
     handle = images.new_handle()
     handle.add_drive_opts(str(disk), format="qcow2", readonly=readonly)
     return handle
+
+
+class FileModel:
+    """What a few files in one directory must hold after random operations through open descriptors and
+    names: the reference a randomized test compares every read and stat with (hard links share an inode,
+    a removed file stays open)."""
+
+    def __init__(self, directory: Path, seed: int) -> None:
+        self.directory = directory
+        self.random = random.Random(seed)
+        self.names: dict[str, bytearray] = {}  # name -> inode content (shared by hard links)
+        self.fds: dict[int, bytearray] = {}  # open descriptor -> inode content
+        self.log: list[str] = []
+
+    def step(self) -> None:
+        """One random operation, checked against the model."""
+        r = self.random
+        choice = r.random()
+        if not self.names or choice < 0.08:
+            name = f"f{r.randrange(6)}"
+            if name not in self.names:
+                self._do(f"create {name}")
+                fd = os.open(self.directory / name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                self.names[name] = self.fds[fd] = bytearray()
+            return
+        fd = r.choice(list(self.fds))
+        content = self.fds[fd]
+        name = r.choice(list(self.names))
+        if choice < 0.40:
+            offset, data = r.randrange(len(content) + 70_000), r.randbytes(r.choice((1, 100, 4096, 70_000, 300_000)))
+            self._do(f"pwrite fd{fd} {len(data)}@{offset}")
+            assert os.pwrite(fd, data, offset) == len(data)
+            content.extend(bytes(max(0, offset + len(data) - len(content))))
+            content[offset:offset + len(data)] = data
+        elif choice < 0.65:
+            offset, size = r.randrange(len(content) + 10), r.choice((1, 4096, 131072, 1 << 20))
+            self._do(f"pread fd{fd} {size}@{offset}")
+            assert os.pread(fd, size, offset) == bytes(content[offset:offset + size]), self.log[-8:]
+        elif choice < 0.72:
+            size = r.randrange(len(content) + 10_000)
+            self._do(f"ftruncate fd{fd} {size}")
+            os.ftruncate(fd, size)
+            del content[size:]
+            content.extend(bytes(size - len(content)))
+        elif choice < 0.82:
+            self._do(f"check {name}")
+            expected = self.names[name]
+            assert os.stat(self.directory / name).st_size == len(expected), self.log[-8:]
+            assert (self.directory / name).read_bytes() == bytes(expected), self.log[-8:]
+            links = sum(1 for other in self.names.values() if other is expected)
+            assert os.stat(self.directory / name).st_nlink == links, self.log[-8:]
+            listed = {n for n in os.listdir(self.directory) if not n.startswith(".virtmount-hidden-")}
+            assert listed == set(self.names), self.log[-8:]
+        elif choice < 0.87:
+            new = f"f{r.randrange(6)}"
+            self._do(f"rename {name} {new}")
+            os.rename(self.directory / name, self.directory / new)
+            if new != name and self.names.get(new) is not self.names[name]:
+                self.names[new] = self.names.pop(name)
+        elif choice < 0.92:
+            new = f"f{r.randrange(6)}"
+            if new not in self.names:
+                self._do(f"link {name} {new}")
+                os.link(self.directory / name, self.directory / new)
+                self.names[new] = self.names[name]
+        elif choice < 0.97:
+            self._do(f"unlink {name}")
+            os.unlink(self.directory / name)
+            del self.names[name]
+        else:
+            self._do(f"close fd{fd}")
+            os.close(fd)
+            del self.fds[fd]
+
+    def _do(self, what: str) -> None:
+        self.log.append(what)
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()

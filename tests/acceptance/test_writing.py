@@ -26,11 +26,12 @@ import pytest
 from tests import images, volumes
 from tests.acceptance.conftest import unmount
 from tests.acceptance.helpers import appliances_of, run_virtmount
-from tests.writing import (RENAME_EXCHANGE, RENAME_NOREPLACE, UTIME_OMIT, ScratchGuest, guestfs_handle,
+from tests.writing import (FileModel, RENAME_EXCHANGE, RENAME_NOREPLACE, UTIME_OMIT, ScratchGuest, guestfs_handle,
                            make_scratch_guest, remove_scratch_guest, renameat2, utimensat)
 
 GUEST = "virtmount-test-writing"
 SYNCED = b"fsynced before the kill\n" * 40_000  # ~1 MiB
+OPERATIONS = int(os.environ.get("VIRTMOUNT_RANDOM_OPERATIONS", "1500"))  # per filesystem (~11 ms each)
 RELEASED = b"written, then the appliance was released\n" * 1000
 
 
@@ -194,6 +195,22 @@ def test_a_file_removed_while_open_stays_readable_until_closed(rw: RwMount) -> N
     while [n for n in os.listdir(path.parent) if n.startswith(".virtmount-hidden-")]:
         assert time.monotonic() < deadline, "the hidden file outlived its last close"
         time.sleep(0.2)
+
+
+@pytest.mark.parametrize("where", ["srv/data", "boot"])
+def test_random_operations_match_a_model(rw: RwMount, where: str) -> None:
+    """An fsx-like run: random writes, reads, truncates, renames, links and removals through open
+    descriptors and names, every read and stat compared with an in-memory model."""
+    directory = rw.fs / where / "random"
+    directory.mkdir()
+    model = FileModel(directory, seed=14)
+    started = time.monotonic()
+    try:
+        while len(model.log) < OPERATIONS:
+            model.step()
+    finally:
+        model.close()
+    print(f"{len(model.log)} random operations in {where}: {time.monotonic() - started:.1f} s")
 
 
 def test_untar_and_sequential_write(rw: RwMount, tmp_path: Path) -> None:

@@ -140,11 +140,11 @@ class GuestWrites:
             handle.data = None
             handle.reader = self._view.reader_for(node)
 
-    async def _name_gone(self, node: GuestNode, layout: GuestLayout, path: bytes) -> None:
-        """``path`` no longer names ``node``: keep another of its names if one is known, and its new
-        attributes (link count, ctime) if it still exists."""
+    async def _name_gone(self, node: GuestNode, parent: GuestNode, layout: GuestLayout, path: bytes) -> None:
+        """``path`` (in ``parent``) no longer names ``node``: keep another of its names if one is known,
+        and its new attributes (link count, ctime) if it still exists."""
         if node.path == path:
-            node.path = self._other_name(node, path)
+            node.path = await self._other_name(node, parent, path)
         if node.path:
             try:
                 await self._restat(node, layout)
@@ -154,8 +154,9 @@ class GuestWrites:
         if node.stat is not None:
             node.stat = replace(node.stat, st_nlink=max(0, node.stat.st_nlink - 1))
 
-    def _other_name(self, node: GuestNode, gone: bytes) -> bytes:
-        """Another path of a hard-linked node, from the kept listings; b"" if none is known."""
+    async def _other_name(self, node: GuestNode, parent: GuestNode, gone: bytes) -> bytes:
+        """Another path of a hard-linked node: from the kept listings, else from its directory listed
+        again (hard links elsewhere are found by a later lookup); b"" if none is known."""
         if node.stat is None or stat.S_ISDIR(node.stat.st_mode) or node.stat.st_nlink < 2:
             return b""
         for siblings in self._view.kept_listings():
@@ -163,6 +164,11 @@ class GuestWrites:
                 path = _join(siblings.directory, name)
                 if member is node and path != gone:
                     return path
+        self._written(parent)
+        self._view.forget_listing(parent, await self._view.layout_for(parent))
+        for name, listed in await self._view.list_directory(parent):
+            if listed is node:
+                return _join(parent.path, name)
         return b""
 
     def _moved(self, old: bytes, new: bytes) -> None:
@@ -235,7 +241,7 @@ class GuestWrites:
         path = _join(parent.path, name)
         if not await self._hide_if_open(child, parent, layout, path):
             await self._call(parent, lambda: layout.client.rm(path))
-            await self._name_gone(child, layout, path)
+            await self._name_gone(child, parent, layout, path)
         await self._entries_changed(parent, layout)
 
     async def _hide_if_open(self, node: GuestNode, parent: GuestNode, layout: GuestLayout, path: bytes) -> bool:
@@ -303,7 +309,7 @@ class GuestWrites:
                 self._view.forget_listing(replaced, layout)
                 replaced.path = b""
             else:
-                await self._name_gone(replaced, layout, new)
+                await self._name_gone(replaced, new_parent, layout, new)
         await self._entries_changed(old_parent, layout)
         if new_parent is not old_parent:
             await self._entries_changed(new_parent, layout)

@@ -13,9 +13,10 @@ each, what the mount keeps is brought up to date before the reply:
   cache, and every write counts on its source (``ServedSource.writes``), so
   listings, xattrs and file contents fetched ahead before a write are not kept;
 - open files: their read-ahead is started afresh after a write or truncate;
-- paths: a renamed directory's nodes below it get their new paths; a node
-  whose last known name went away keeps another name of it if a kept listing
-  shows one, or none (a later lookup gives it one).
+- paths: a renamed directory's nodes below it get their new paths; a
+  hard-linked node whose name went away takes another from a kept listing or
+  its directory listed again; one whose other names are all in other
+  directories has none until a lookup gives it one (ESTALE meanwhile).
 
 The daemon reaches files by name only, so a file removed (or replaced by a
 rename) while this mount has it open is renamed to ``.virtmount-hidden-<inode>``
@@ -24,10 +25,10 @@ in its directory instead, and removed at its last close, as NFS and libfuse do
 
 The kernel keeps its own caches right for what passes through this mount
 (it updates or drops a written inode's attributes and its directory's), and
-guest files are opened without ``keep_cache``. What the daemon lacks: no
-renameat2 (RENAME_EXCHANGE answers EINVAL; RENAME_NOREPLACE and O_EXCL are
-checked here, in the mount's single writer, not atomically in the guest) and
-no per-file fsync (fsync syncs the whole appliance: the daemon's ``sync`` also
+guest files are opened without ``keep_cache``. O_EXCL is the guest's own
+(mknod fails with EEXIST). What the daemon lacks: no renameat2
+(RENAME_EXCHANGE answers EINVAL; RENAME_NOREPLACE is checked here, by the
+mount's single writer, not atomically in the guest) and no per-file fsync (fsync syncs the whole appliance: the daemon's ``sync`` also
 flushes every disk's cache, so the data is in the host's image file).
 """
 

@@ -134,14 +134,15 @@ _DROPPED = frozenset({
     "dev", "nodev", "suid", "nosuid",
 })
 _DROPPED_PREFIXES = ("x-", "comment=")
-_WRITING_REFUSED = ("option rw: virtmount does not write to guests yet; mount with -o ro "
-                    "(mount(8) passes rw unless ro is given)")
 
 
 def _standard_option(config: Config, item: str) -> Config | None:
     """``config`` with the standard mount option ``item`` applied, or None if it is not one."""
-    if item == "rw":
-        raise UsageError(_WRITING_REFUSED)
+    if item in ("rw", "ro"):
+        # the last of the two wins, as with mount(8); rw writes to shut-off domains and volumes only
+        others = tuple(flag for flag in config.kernel_flags if flag != "ro")
+        return replace(config, kernel_flags=others + (("ro",) if item == "ro" else ()),
+                       appliance=replace(config.appliance, writable=item == "rw"))
     if item in _KERNEL_FLAGS:
         # the last of two opposites wins, as with mount(8)
         kept = (flag for flag in config.kernel_flags if flag not in (item, _OPPOSITE_FLAGS.get(item)))
@@ -161,7 +162,7 @@ def options_help() -> str:
     standard = ("  standard mount options: ro, noexec, sync, dirsync and noatime go to the kernel; "
                 "defaults, _netdev, nofail, auto, noauto, user, users, the atime policies, dev, suid, nodev, "
                 "nosuid, x-* and comment= are accepted (the mount is always nodev,nosuid); "
-                "rw is refused until virtmount can write")
+                "rw writes to shut-off domains and volumes (running domains stay read-only)")
     return "\n".join([*own, standard])
 
 

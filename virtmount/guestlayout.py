@@ -1,10 +1,15 @@
 """What one appliance shows of its source's disks, and where it mounts them inside the appliance.
 
-Every guest filesystem is mounted read-only, twice: once in the guest OS's
-own layout under ``/fs`` (root first, then its fstab mountpoints; from the
-inspection cache when the disks still match) and once on its own under
-``/d/<name>`` for the devices/ views. Swap, LVM members, LUKS containers and
-unrecognised content are not filesystems and are not shown.
+Read-only (the default), every guest filesystem is mounted twice: once in
+the guest OS's own layout under ``/fs`` (root first, then its fstab
+mountpoints; from the inspection cache when the disks still match) and once
+on its own under ``/d/<name>`` for the devices/ views. Writable (``-o rw``),
+each filesystem is mounted once, read-write, with its journal replayed as the
+guest would: a filesystem of the OS view is shown in devices/ as a link to
+its place in fs/ (two mounts would be two views whose caches cannot follow
+each other's writes); one that does not mount read-write is mounted read-only
+and answers EROFS. Swap, LVM members, LUKS containers and unrecognised
+content are not filesystems and are not shown.
 """
 
 from __future__ import annotations
@@ -43,13 +48,42 @@ class GuestLayout:
     devices_mounted: bool = False  # ``devices`` is complete (see mount_devices)
     remembered: RememberedLayout | None = None  # what the next boot may reuse; None: inspect again
     naming: DiskNaming = COLD_BOOTED  # how this appliance names the guest's disks
+    writable: bool = False  # filesystems are mounted read-write, once (see the module's docstring)
+    read_only_filesystems: set[str] = field(default_factory=set)  # of a writable layout: mounted read-only
+    os_mountpoints: dict[str, str] = field(default_factory=dict)  # view name -> the OS's mountpoint ("/boot")
 
     def device_path(self, view_name: str) -> bytes:
         return DEVICES_DIR + b"/" + view_name.encode()
 
+    def device_link(self, view_name: str) -> bytes | None:
+        """Where devices/<view_name> links to in a writable layout, relative to devices/: its
+        filesystem's place in fs/; None where it is a directory of its own."""
+        mountpoint = self.os_mountpoints.get(view_name) if self.writable else None
+        if mountpoint is None:
+            return None
+        return b"../fs" + (b"" if mountpoint == "/" else mountpoint.encode("utf-8", "surrogateescape"))
+
+    def writable_filesystem(self, filesystem: str) -> bool:
+        """Whether files of this filesystem (a name from ``fs_by_dev``) may be written."""
+        return self.writable and filesystem in self.fs_by_dev.values() \
+            and filesystem not in self.read_only_filesystems
+
     def view_name(self, device: str) -> str:
         """The devices/ name (and filesystem name) of a device as the appliance names it."""
         return device_view_name(self.naming.to_guest(device))
+
+
+async def _mount(layout: GuestLayout, device: str, fstype: str | None, mountpoint: bytes) -> None:
+    """Mount ``device`` read-write in a writable layout (read-only, and noted so, if that fails),
+    else read-only."""
+    if layout.writable:
+        try:
+            await layout.client.mount(device, mountpoint)
+            return
+        except GuestfsError as exc:
+            log.warning("cannot mount %s read-write (%s); it is served read-only", device, exc.message)
+            layout.read_only_filesystems.add(layout.view_name(device))
+    await _mount_read_only(layout.client, device, fstype, mountpoint)
 
 
 async def _mount_read_only(client: GuestfsClient, device: str, fstype: str | None, mountpoint: bytes) -> None:
@@ -74,15 +108,18 @@ async def lay_out_os(
     generation: int,
     remembered: RememberedLayout | None = None,
     naming: DiskNaming = COLD_BOOTED,
+    writable: bool = False,
 ) -> GuestLayout:
-    """Mount the guest OS's filesystems in its own layout, from ``remembered`` if the disks still
-    match it, else after inspecting them.
+    """Mount the guest OS's filesystems in its own layout (read-write if ``writable``), from
+    ``remembered`` if the disks still match it, else after inspecting them.
 
     The per-device views are mounted later, on first use (``mount_devices``):
     listing every filesystem costs seconds that the first look at fs/ need not wait for.
     """
+    if writable:
+        await client.umask(0)  # files are made with exactly the mode asked for
     if remembered is not None:
-        layout = await _lay_out_remembered(client, guest_name, generation, remembered, naming)
+        layout = await _lay_out_remembered(client, guest_name, generation, remembered, naming, writable)
         if layout is not None:
             log.info("%s: disks unchanged since their last inspection; mounted as remembered", guest_name)
             return layout
@@ -94,7 +131,7 @@ async def lay_out_os(
         log.warning("%s: inspection failed (%s); fs/ is not shown, devices/ is", guest_name, exc)
         await client.umount_all()  # a failed inspection leaves the filesystem it was reading mounted
         roots = []
-    layout = GuestLayout(client=client, has_os=bool(roots), generation=generation, naming=naming)
+    layout = GuestLayout(client=client, has_os=bool(roots), generation=generation, naming=naming, writable=writable)
     if not roots:
         return layout
     if len(roots) > 1:
@@ -113,15 +150,18 @@ async def lay_out_os(
 
 
 async def _lay_out_remembered(
-    client: GuestfsClient, guest_name: str, generation: int, remembered: RememberedLayout, naming: DiskNaming
+    client: GuestfsClient, guest_name: str, generation: int, remembered: RememberedLayout, naming: DiskNaming,
+    writable: bool,
 ) -> GuestLayout | None:
     """The OS view as ``remembered`` says, or None (nothing left mounted) if the root device does not
     mount or its /etc/fstab is not the very file the inspection saw."""
     mountpoints = {mountpoint: naming.to_appliance(device) for mountpoint, device in remembered.mountpoints.items()}
     await client.mkmountpoint(OS_VIEW)
     root_device = mountpoints["/"]
+    layout = GuestLayout(client=client, has_os=True, generation=generation, remembered=remembered, naming=naming,
+                         writable=writable)
     try:
-        await _mount_read_only(client, root_device, None, OS_VIEW)
+        await _mount(layout, root_device, None, OS_VIEW)
     except GuestfsError:
         await client.rmmountpoint(OS_VIEW)
         return None
@@ -129,8 +169,8 @@ async def _lay_out_remembered(
         await client.umount(OS_VIEW)
         await client.rmmountpoint(OS_VIEW)
         return None
-    layout = GuestLayout(client=client, has_os=True, generation=generation, remembered=remembered, naming=naming)
     layout.fs_by_dev[(await client.lstatns(OS_VIEW)).st_dev] = layout.view_name(root_device)
+    layout.os_mountpoints[layout.view_name(root_device)] = "/"
     await _mount_below_root(client, guest_name, layout, mountpoints)
     return layout
 
@@ -149,11 +189,12 @@ async def _mount_in_os_view(
     """Mount ``device`` at the OS's ``mountpoint`` under the OS view; a failure is logged, not raised."""
     target = OS_VIEW if mountpoint == "/" else OS_VIEW + mountpoint.encode("utf-8", "surrogateescape")
     try:
-        await _mount_read_only(client, device, None, target)
+        await _mount(layout, device, None, target)
     except GuestfsError as exc:
         log.warning("%s: cannot mount %s at %s: %s", guest_name, device, mountpoint, exc.message)
         return False
     layout.fs_by_dev.setdefault((await client.lstatns(target)).st_dev, layout.view_name(device))
+    layout.os_mountpoints.setdefault(layout.view_name(device), mountpoint)
     return True
 
 
@@ -172,7 +213,8 @@ async def _fstab_fingerprint(client: GuestfsClient) -> FstabFingerprint | None:
 
 
 async def mount_devices(layout: GuestLayout, guest_name: str) -> None:
-    """Mount every guest filesystem on its own, read-only, for the devices/ views."""
+    """Mount every guest filesystem on its own for the devices/ views: read-only, or in a writable
+    layout read-write, except those of the OS view (their views link to fs/)."""
     client = layout.client
     found = await client.list_filesystems()
     filesystems = {device: fstype for device, fstype in found.items() if fstype not in _SKIPPED_FSTYPES}
@@ -185,10 +227,13 @@ async def mount_devices(layout: GuestLayout, guest_name: str) -> None:
     await client.mkmountpoint(DEVICES_DIR)
     for device, fstype in sorted(filesystems.items()):
         view_name = layout.view_name(device)
+        if layout.device_link(view_name) is not None:
+            layout.devices[view_name] = device
+            continue
         path = layout.device_path(view_name)
         await client.mkmountpoint(path)
         try:
-            await _mount_read_only(client, device, fstype, path)
+            await _mount(layout, device, fstype, path)
             root = await client.lstatns(path)
         except GuestfsError as exc:
             log.warning("%s: cannot mount %s (%s): %s", guest_name, device, fstype, exc.message)

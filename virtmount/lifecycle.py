@@ -30,7 +30,7 @@ from .errors import VirtmountError
 from .guestfs.errors import GuestfsClientError
 from .guestlayout import GuestLayout, lay_out_os, mount_devices
 from .inspection_cache import InspectionCache
-from .sources import Hold, Source, SourceRef, SourceUnavailable, attach_mode
+from .sources import Attach, Hold, Source, SourceRef, SourceUnavailable, attach_mode
 from .status import DiskStatus, SourceStatus, clock, iso_time
 from .virt.provision import HostAppliance, provision
 from .watchdog import Watchdog, WatchdogSource
@@ -254,7 +254,10 @@ class SourceAppliance:
         """The OS view, from the layout remembered for these disks when it still holds."""
         cache, key = self._inspection_cache, appliance.disks_key
         remembered = cache.load(key) if cache is not None else None
-        layout = await lay_out_os(appliance.client, self.name, self._generation, remembered, appliance.naming)
+        served = self._served
+        writable = served is not None and served.attach is Attach.READ_WRITE and not served.own_daemon
+        layout = await lay_out_os(appliance.client, self.name, self._generation, remembered, appliance.naming,
+                                  writable)
         if cache is not None and layout.remembered != remembered:
             if layout.remembered is None:
                 cache.forget(key)

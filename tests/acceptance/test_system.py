@@ -106,7 +106,6 @@ def test_an_fstab_line_whose_uri_holds_separators(tcp_uri: str, mountpoint: Path
 
 
 @pytest.mark.parametrize(("options", "fragment"), [
-    (None, "option rw: virtmount does not write to guests yet; mount with -o ro"),  # mount(8) adds rw
     ("ro,idle=30,bogus", "unknown option 'bogus'"),
     ("ro,idle=soon", "option idle needs a number"),
 ])

@@ -198,9 +198,14 @@ def test_options_help_lists_every_option() -> None:
 
 # --- standard mount options (mount(8), mount.fuse3, fstab, systemd) ------------------------------
 
-def test_what_mount_fuse3_passes_by_default_is_refused_until_writing_exists() -> None:
-    message = usage_error("rw,dev,suid")
-    assert message.startswith("option rw: virtmount does not write to guests yet; mount with -o ro")
+def test_rw_writes_and_the_last_of_ro_and_rw_wins() -> None:
+    assert not parse_options([]).appliance.writable  # read-only is the default
+    config = parse_options(["rw,dev,suid"])
+    assert config.appliance.writable and "ro" not in config.kernel_flags
+    config = parse_options(["rw", "ro"])
+    assert not config.appliance.writable and config.kernel_flags == ("ro",)
+    config = parse_options(["ro,noatime,rw"])
+    assert config.appliance.writable and config.kernel_flags == ("noatime",)
 
 
 def test_an_fstab_line_s_options_are_accepted() -> None:

@@ -463,3 +463,13 @@ def test_scsi_disk_name(index: int, name: str) -> None:
 def test_scsi_disk_names_are_distinct() -> None:
     names = [scsi_disk_name(i) for i in range(1000)]
     assert len(set(names)) == 1000
+
+
+def test_a_written_disk_honours_flushes_and_has_no_overlay() -> None:
+    unsafe = ET.fromstring("<disk type='file' device='disk'><driver name='qemu' type='qcow2' cache='unsafe'/>"
+                           "<source file='/a.qcow2'/></disk>")
+    written = appliance_disk(unsafe, 0, writable=True)
+    assert only(written, "driver").attrib == {"name": "qemu", "type": "qcow2"}  # QEMU's default: writeback
+    assert written.find("transient") is None and written.find("readonly") is None
+    read = appliance_disk(unsafe, 0, writable=False)
+    assert only(read, "driver").get("cache") == "unsafe" and read.find("transient") is not None

@@ -155,6 +155,37 @@ async def test_a_dirty_journal_is_not_replayed() -> None:
     assert 64769 in layout.fs_by_dev
 
 
+class WritingDaemon(FakeDaemon):
+    """Mounts read-write too; devices in ``broken_rw`` refuse it (e.g. a filesystem with errors)."""
+
+    broken_rw: frozenset[str] = frozenset({"/dev/vg0/data"})
+
+    async def umask(self, mask: int) -> int:
+        self.calls.append(("umask", (mask,)))
+        return 0o022
+
+    async def mount(self, device: str, mountpoint: bytes) -> None:
+        self.calls.append(("mount", (device, mountpoint)))
+        if device in self.broken_rw:
+            raise GuestfsError(None, "", "mount: cannot mount read-write", "mount")
+        self.mounted[mountpoint] = device
+
+
+async def test_writable_filesystems_are_mounted_once_and_devices_link_to_fs() -> None:
+    daemon = WritingDaemon(roots=["/dev/vg0/root"])
+    layout = await lay_out_os(cast(GuestfsClient, daemon), "guest", 1, writable=True)
+    assert daemon.calls[0] == ("umask", (0,))  # new files get exactly the modes asked for
+    assert [args for name, args in daemon.calls if name == "mount"] == [
+        ("/dev/vg0/root", b"/fs"), ("/dev/sda1", b"/fs/boot"), ("/dev/vg0/data", b"/fs/srv/data")]
+    assert ("mount_ro", ("/dev/vg0/data", b"/fs/srv/data")) in daemon.calls  # read-write failed: read-only
+    assert layout.writable_filesystem("vg0-root") and not layout.writable_filesystem("vg0-data")
+    daemon.calls.clear()
+    await mount_devices(layout, "guest")
+    assert not [name for name in daemon.names() if name.startswith("mount")]  # no second mount of any of them
+    assert sorted(layout.devices) == ["sda1", "vg0-data", "vg0-root"]
+    assert (layout.device_link("vg0-root"), layout.device_link("sda1")) == (b"../fs", b"../fs/boot")
+
+
 async def test_no_os_mounts_nothing_until_devices_are_asked_for() -> None:
     daemon = FakeDaemon(roots=[])
     layout = await lay_out_os(cast(GuestfsClient, daemon), "guest", 1)

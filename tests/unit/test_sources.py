@@ -226,3 +226,19 @@ async def test_a_disk_naming_a_missing_pool_cannot_be_served() -> None:
     with pytest.raises(SourceUnavailable, match="cannot find volume f of pool p"):
         await DomainRef("web1", UUID).resolve(cast(Any, PoolsConnection(Domain(VOLUME_DISKS_XML), {})),
                                               Attach.READ_ONLY_OVERLAY)
+
+
+@pytest.mark.parametrize("disk, writable", [
+    ("<disk type='file'><source file='/a.qcow2'/></disk>", True),
+    ("<disk type='block'><source dev='/dev/sdx'/></disk>", True),
+    ("<disk type='file'><source file='/a.qcow2'/><readonly/></disk>", False),
+    ("<disk type='file'><source file='/a.qcow2'/><shareable/></disk>", False),
+    ("<disk type='network'><source protocol='nbd' name='x'/></disk>", False),
+    ("<disk type='volume'><source pool='ceph' volume='x'/></disk>", False),
+])
+def test_only_disks_an_image_lock_guards_are_written(disk: str, writable: bool) -> None:
+    from virtmount.sources import writable_attach
+    disks = (ET.fromstring("<disk type='file'><source file='/b.qcow2'/></disk>"), ET.fromstring(disk))
+    expected = Attach.READ_WRITE if writable else Attach.READ_ONLY_OVERLAY
+    assert writable_attach("g", disks, Attach.READ_WRITE) is expected
+    assert writable_attach("g", disks, Attach.READ_ONLY_OVERLAY) is Attach.READ_ONLY_OVERLAY

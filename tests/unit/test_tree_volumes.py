@@ -208,7 +208,7 @@ async def test_a_pool_stopped_while_mounted_is_enoent_below_and_releases_its_vol
 
 async def test_release_xattr_on_a_volume_dir(world: World) -> None:
     volume = await walk(world.tree, b"volumes", b"images", b"disk.qcow2")
-    await world.tree.setxattr(volume.inode, RELEASE_XATTR)
+    await world.tree.setxattr(volume.inode, RELEASE_XATTR, b"")
     assert world.appliance("images/disk.qcow2").release_calls == 1
 
 

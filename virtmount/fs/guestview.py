@@ -134,14 +134,14 @@ class GuestView:
 
         async def device_children() -> list[tuple[bytes, Node]]:
             layout = await self._layout(box[0], with_devices=True)
-            return [(view.encode(), await self._view_root(box[0], view)) for view in sorted(layout.devices)]
+            return [(view.encode(), await self._device_entry(box[0], layout, view)) for view in sorted(layout.devices)]
 
         async def device_child(child: bytes) -> Node:
             layout = await self._layout(box[0], with_devices=True)
             view = child.decode("utf-8", "surrogateescape")
             if view not in layout.devices:
                 raise FsError(errno.ENOENT)
-            return await self._view_root(box[0], view)
+            return await self._device_entry(box[0], layout, view)
 
         source = ServedSource(
             name=name,
@@ -153,6 +153,16 @@ class GuestView:
         box.append(source)
         appliance.on_discard = lambda: self._forget_views_in_kernel(source)
         return source
+
+    async def _device_entry(self, source: ServedSource, layout: GuestLayout, view: str) -> Node:
+        """devices/<view>: its own view root, or (writable layouts) a link to its filesystem in fs/."""
+        target = layout.device_link(view)
+        if target is None:
+            return await self._view_root(source, view)
+        link = source.device_links.get(view)
+        if link is None or link.target != target:
+            link = source.device_links[view] = self._table.virtual_link(target)
+        return link
 
     def _forget_views_in_kernel(self, source: ServedSource) -> None:
         """The next appliance may see other disk contents: the kernel must ask again, not within
@@ -255,7 +265,10 @@ class GuestView:
             await walk.done.wait()
             siblings = self._listings.get(key)
         if siblings is None:
+            writes = source.writes
             siblings = await self._fetch_listing(source, view, layout, node.path)
+            if source.writes != writes:  # the directory may have changed meanwhile: serve it, do not keep it
+                return siblings
         self._listings.put(key, siblings)
         return siblings
 
@@ -297,7 +310,10 @@ class GuestView:
         _still_running(layout)
         if self._walks.covering((source.identity, layout.generation), path) is not None:
             raise FsError(errno.EAGAIN, "listed by a subtree walk")  # forgotten: the walk brings it
+        writes = source.writes
         siblings = await self._fetch_listing(source, view, layout, path)
+        if source.writes != writes:
+            raise FsError(errno.EAGAIN, "written to meanwhile")
         self._listings.put((inode, layout.generation), siblings)
         if self._xattrs_in_demand():
             await self._fetch_sibling_xattrs(source, layout, siblings)
@@ -321,6 +337,7 @@ class GuestView:
         """List every directory below ``walk.start`` in one walk and keep the listings not kept yet;
         a walk that fails turns walks off for this appliance."""
         try:
+            writes = source.writes
             try:
                 _still_running(layout)
                 subtree = await list_subtree(layout.client, walk.start, self._walks.blksizes(walk.appliance),
@@ -329,6 +346,9 @@ class GuestView:
                 log.info("%s: cannot list %r as a whole (%s); listing it directory by directory", source.name,
                          walk.start, exc)
                 self._walks.turn_off(walk.appliance)
+                return
+            if source.writes != writes:  # what it listed may have changed meanwhile
+                log.debug("%s: written to during the walk of %r; its listings are not kept", source.name, walk.start)
                 return
             directories = {child.path: child for _, child in start.members
                            if child.stat is not None and stat.S_ISDIR(child.stat.st_mode)}
@@ -461,7 +481,7 @@ class GuestView:
         if stat.S_ISREG(node.stat.st_mode) and node.stat.st_size == 0:
             handle.data = b""  # nothing to read in an empty file of a guest filesystem
         elif self._contents_ahead is not None:
-            handle.data = await self._contents_ahead.claim((node.inode, node.generation))
+            handle.data = await self._contents_ahead.claim((node.inode, node.generation, node.source.writes))
         if handle.data is None:
             handle.reader = self._guest_reader(node)
         node.source.appliance.handle_opened()
@@ -499,7 +519,7 @@ class GuestView:
             if (member.inode not in siblings.opened and st is not None and stat.S_ISREG(st.st_mode)
                     and 0 < st.st_size <= SMALL_FILE_MAX):
                 fetch = functools.partial(self._content_ahead, source, member.path, st.st_size, member.generation)
-                wishes.append(((member.inode, member.generation), fetch, st.st_size))
+                wishes.append(((member.inode, member.generation, source.writes), fetch, st.st_size))
         self._contents_ahead.want(wishes)
 
     async def _content_ahead(self, source: ServedSource, path: bytes, size: int, generation: int) -> bytes:
@@ -539,7 +559,10 @@ class GuestView:
         if not wanted:
             return
         names = [name for name, _ in wanted]
+        writes = source.writes
         lists = await self._guest_call(source, lambda: layout.client.lxattrlist(siblings.directory, names))
+        if source.writes != writes:  # perhaps an xattr was set meanwhile: each node asks on its own
+            return
         for (_, member), xattrs in zip(wanted, lists):
             if xattrs is not None:  # None: listing failed; the node asks again on its own
                 member.xattrs = _shown_xattrs(xattrs)
@@ -548,6 +571,32 @@ class GuestView:
         layout = await self._guest_layout_for(node)
         assert node.source is not None
         return await self._guest_call(node.source, lambda: layout.client.statvfs(node.path))
+
+    # --- what the writes (guestwrites.py) use ------------------------------------------
+
+    async def layout_for(self, node: GuestNode) -> GuestLayout:
+        return await self._guest_layout_for(node)
+
+    async def guest_call(self, source: ServedSource, call: Callable[[], Awaitable[T]]) -> T:
+        return await self._guest_call(source, call)
+
+    def guest_node(self, source: ServedSource, view: str, layout: GuestLayout, path: bytes, st: Statns) -> GuestNode:
+        return self._guest_node(source, view, layout, path, st)
+
+    def reader_for(self, node: GuestNode) -> ReadAhead:
+        return self._guest_reader(node)
+
+    def forget_listing(self, directory: GuestNode, layout: GuestLayout) -> None:
+        """The kept listing of ``directory`` is no longer true (written to)."""
+        self._listings.drop((directory.inode, layout.generation))
+
+    def kept_listings(self) -> list[Siblings]:
+        return self._listings.listings()
+
+    def forget_kernel_entry(self, parent_inode: int, name: bytes) -> None:
+        """The kernel is to forget the entry ``name`` (gone behind its back)."""
+        if self._forget_kernel_entry is not None:
+            self._forget_kernel_entry(parent_inode, name)
 
     @property
     def cached_entries(self) -> int:

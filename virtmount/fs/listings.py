@@ -2,7 +2,8 @@
 
 While an appliance runs, the guest's disks cannot change under it, so a
 listing (names, attributes, link targets, xattrs once fetched) stays true
-until that appliance goes. Keeping listings lets a second walk (ls -lR after
+until that appliance goes, or until the mount itself writes to that
+directory (``drop``). Keeping listings lets a second walk (ls -lR after
 find, rsync after ls, a backup run after a browse) and every path lookup in
 a listed directory go without daemon calls. Least recently used listings are
 dropped first once the entries held exceed ``max_entries``.
@@ -40,6 +41,12 @@ class ListingCache(Generic[L]):
         if listing is not None:
             self._listings.move_to_end(key)
         return listing
+
+    def drop(self, key: Hashable) -> None:
+        """Forget the listing under ``key`` (its directory was written to)."""
+        old = self._listings.pop(key, None)
+        if old is not None:
+            self.entries -= len(old)
 
     def put(self, key: Hashable, listing: L) -> None:
         """Keep ``listing``, dropping the least recently used ones beyond the bound."""

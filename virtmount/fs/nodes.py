@@ -73,6 +73,13 @@ def is_entry_name(name: bytes) -> bool:
 
 
 @dataclass(eq=False, slots=True)
+class VirtualLink(Node):
+    """A symbolic link virtmount makes up (devices/<fs> of a writable source's OS filesystem -> ../fs/…)."""
+
+    target: bytes = b""
+
+
+@dataclass(eq=False, slots=True)
 class Siblings:
     """One guest directory listing: kept in the listing cache, its entries' xattrs fetched together."""
 
@@ -115,6 +122,8 @@ class ServedSource:
     directory: VirtualDir
     devices_dir: VirtualDir
     view_roots: dict[str, GuestNode] = field(default_factory=dict)
+    device_links: dict[str, VirtualLink] = field(default_factory=dict)  # devices/ entries that link to fs/
+    writes: int = 0  # writes so far: what was fetched ahead before one is not kept (see guestwrites.py)
 
 
 @dataclass
@@ -122,6 +131,7 @@ class FileHandle:
     node: Node
     data: bytes | None = None  # whole content, for virtual files and small guest files read ahead
     reader: ReadAhead | None = None  # for guest files
+    writable_in: int | None = None  # opened for writing: the appliance generation it writes through
 
 
 class NodeTable:
@@ -154,6 +164,15 @@ class NodeTable:
         node = VirtualFile(self.numbers.new_virtual(), lookups=1, content=content)
         self.add(node)
         return node
+
+    def virtual_link(self, target: bytes) -> VirtualLink:
+        node = VirtualLink(self.numbers.new_virtual(), lookups=1, target=target)
+        self.add(node)
+        return node
+
+    def guest_nodes(self) -> list[GuestNode]:
+        """Every guest node the kernel may ask about (to follow a renamed directory)."""
+        return [node for node in self._nodes.values() if isinstance(node, GuestNode)]
 
     def count_lookup(self, node: Node) -> None:
         """The kernel now holds one more reference to ``node``.

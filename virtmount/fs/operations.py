@@ -1,8 +1,9 @@
 """The pyfuse3 adapter: FUSE requests -> the model, and the only place errors become FUSEError.
 
-Read-only semantics: everything that would write answers EROFS (except the
-release control, see ``model.RELEASE_XATTR``). Directory handles hold a
-snapshot of the listing so that readdir offsets are stable cookies.
+Writes go to the tree (guestwrites.py), which answers EROFS for everything
+that is not a writable source's filesystem (the virtual tree, running
+domains, read-only mounts). Directory handles hold a snapshot of the listing
+so that readdir offsets are stable cookies.
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from typing import Any, Awaitable, Callable, NoReturn, Sequence, TypeVar
+from typing import Awaitable, Callable, Sequence, TypeVar
 
 import pyfuse3
 
+from .guestwrites import AttributeChanges, Caller
 from .nodes import Attributes, FsError, GuestNode, Node
 from .tree import ConnectionTree
 
@@ -21,7 +23,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-GUEST_CACHE_TIMEOUT_S = 60.0  # guest files do not change while an appliance holds the disks
+# Guest files change only through this mount while an appliance holds the disks, and the kernel
+# updates or drops what it caches of what it writes itself.
+GUEST_CACHE_TIMEOUT_S = 60.0
 VIRTUAL_CACHE_TIMEOUT_S = 1.0  # domains come and go
 
 
@@ -46,10 +50,6 @@ def entry_attributes(attributes: Attributes, timeout: float) -> pyfuse3.EntryAtt
     return entry
 
 
-async def _read_only(*_args: Any) -> NoReturn:
-    raise pyfuse3.FUSEError(errno.EROFS)
-
-
 class Operations(pyfuse3.Operations):
     """FUSE request handlers over a ``ConnectionTree``."""
 
@@ -59,6 +59,7 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self._tree = tree
         self._listings: dict[int, list[tuple[bytes, Node]]] = {}
+        self._listing_inodes: dict[int, int] = {}  # directory handle -> its inode (for fsyncdir)
         self._next_dir_handle = 1
 
     async def _guarded(self, operation: Callable[[], Awaitable[T]]) -> T:
@@ -112,6 +113,7 @@ class Operations(pyfuse3.Operations):
             handle = self._next_dir_handle
             self._next_dir_handle += 1
             self._listings[handle] = listing
+            self._listing_inodes[handle] = inode
             return handle
         return await self._guarded(run)
 
@@ -130,26 +132,37 @@ class Operations(pyfuse3.Operations):
 
     async def releasedir(self, fh: int) -> None:
         self._listings.pop(fh, None)
+        self._listing_inodes.pop(fh, None)
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         async def run() -> pyfuse3.FileInfo:
-            handle = await self._tree.open(inode, flags)
-            info = pyfuse3.FileInfo(fh=handle)
-            if self._tree.node(inode) is self._tree.control_file:
-                info.direct_io = True  # made afresh on each open: its size is not known beforehand
-            else:
-                info.keep_cache = True  # guest content is static while mounted
-            return info
+            return self._file_info(inode, await self._tree.open(inode, flags))
         return await self._guarded(run)
+
+    def _file_info(self, inode: int, handle: int) -> pyfuse3.FileInfo:
+        info = pyfuse3.FileInfo(fh=handle)
+        if self._tree.node(inode) is self._tree.control_file:
+            info.direct_io = True  # made afresh on each open: its size is not known beforehand
+        else:
+            # read-only guest content is static while mounted; a writable source's is read afresh
+            # on each open, so that nothing the kernel kept from before a write can be served
+            info.keep_cache = not self._tree.writable(inode)
+        return info
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         return await self._guarded(lambda: self._tree.read(fh, off, size))
 
     async def release(self, fh: int) -> None:
-        self._tree.release(fh)
+        node = self._tree.release(fh)
+        if node is not None:
+            try:
+                await self._tree.closed(node)
+            except Exception:
+                log.exception("release of handle %d failed", fh)
 
     async def flush(self, fh: int) -> None:
-        """Nothing is ever written back. ENOSYS makes the kernel stop sending FLUSH on every close(2)
+        """Nothing is ever held back: each write reaches the guest before it is answered (and fsync
+        syncs the disks). ENOSYS makes the kernel stop sending FLUSH on every close(2)
         (fc->no_flush), which saves a request per file opened, as much as the read of a small file."""
         raise pyfuse3.FUSEError(errno.ENOSYS)
 
@@ -169,19 +182,91 @@ class Operations(pyfuse3.Operations):
         return await self._guarded(lambda: self._tree.getxattr(inode, name))
 
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self._guarded(lambda: self._tree.setxattr(inode, name))
+        await self._guarded(lambda: self._tree.setxattr(inode, name, value))
+
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._guarded(lambda: self._tree.removexattr(inode, name))
 
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
-        return not mode & os.W_OK
+        return not mode & os.W_OK or self._tree.writable(inode)
 
-    setattr = _read_only  # type: ignore[assignment]
-    mknod = _read_only  # type: ignore[assignment]
-    mkdir = _read_only  # type: ignore[assignment]
-    unlink = _read_only  # type: ignore[assignment]
-    rmdir = _read_only  # type: ignore[assignment]
-    symlink = _read_only  # type: ignore[assignment]
-    rename = _read_only  # type: ignore[assignment]
-    link = _read_only  # type: ignore[assignment]
-    write = _read_only  # type: ignore[assignment]
-    create = _read_only  # type: ignore[assignment]
-    removexattr = _read_only  # type: ignore[assignment]
+    # --- writes ------------------------------------------------------------------------------
+
+    async def _new_entry(self, make: Callable[[], Awaitable[Node]]) -> pyfuse3.EntryAttributes:
+        async def run() -> pyfuse3.EntryAttributes:
+            node = await make()  # counted one kernel reference
+            try:
+                return await self._entry(node)
+            except BaseException:
+                self._tree.forget(node.inode, 1)
+                raise
+        return await self._guarded(run)
+
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        async def run() -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+            handle, node = await self._tree.create(parent_inode, name, mode, flags, _caller(ctx))
+            try:
+                return self._file_info(node.inode, handle), await self._entry(node)
+            except BaseException:
+                self._tree.release(handle)
+                self._tree.forget(node.inode, 1)
+                raise
+        return await self._guarded(run)
+
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return await self._new_entry(lambda: self._tree.mknod(parent_inode, name, mode, rdev, _caller(ctx)))
+
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return await self._new_entry(lambda: self._tree.mkdir(parent_inode, name, mode, _caller(ctx)))
+
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return await self._new_entry(lambda: self._tree.symlink(parent_inode, name, target, _caller(ctx)))
+
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return await self._new_entry(lambda: self._tree.link(inode, new_parent_inode, new_name))
+
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._guarded(lambda: self._tree.unlink(parent_inode, name))
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._guarded(lambda: self._tree.rmdir(parent_inode, name))
+
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
+                     flags: int, ctx: pyfuse3.RequestContext) -> None:
+        await self._guarded(lambda: self._tree.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags))
+
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                      fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        changes = AttributeChanges(
+            size=attr.st_size if fields.update_size else None,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+        )
+
+        async def run() -> pyfuse3.EntryAttributes:
+            node = self._tree.node(inode)
+            return entry_attributes(await self._tree.setattr(inode, changes), self._timeout(node))
+        return await self._guarded(run)
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return await self._guarded(lambda: self._tree.write(fh, off, buf))
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self._guarded(lambda: self._tree.fsync(self._tree.handle_inode(fh)))
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        inode = self._listing_inodes.get(fh)
+        if inode is not None:
+            await self._guarded(lambda: self._tree.fsync(inode))
+
+
+def _caller(ctx: pyfuse3.RequestContext) -> Caller:
+    return Caller(ctx.uid, ctx.gid)

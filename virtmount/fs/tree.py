@@ -35,8 +35,9 @@ from ..status import CONTROL_NAME, SourceStatus
 from ..virt.connection import libvirt_message, run_blocking
 from ..virt.domainxml import APPLIANCE_NAME_PREFIX
 from .guestview import DEFAULT_CACHED_ENTRIES, GuestView, guest_attributes
-from .nodes import (Attributes, FileHandle, FsError, GuestNode, Node, NodeTable, ServedSource, VirtualDir, VirtualFile,
-                    is_entry_name)
+from .guestwrites import AttributeChanges, Caller, GuestWrites
+from .nodes import (Attributes, FileHandle, FsError, GuestNode, Node, NodeTable, ServedSource, VirtualDir,
+                    VirtualFile, VirtualLink, is_entry_name)
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ class ConnectionTree:
         self._make_appliance = make_appliance
         self._table = NodeTable()
         self.guests = GuestView(self._table, nursery, cached_entries, forget_kernel_entry)
+        self.writes = GuestWrites(self.guests, self._table, self._open_handles_of)
         self._domains: dict[str, tuple[str, ServedSource]] = {}  # name -> (uuid, source)
         self._pools: dict[str, PoolEntry] = {}
         self._domain_names = _Listed(self._list_domain_names)
@@ -346,6 +348,8 @@ class ConnectionTree:
             assert node.content is not None
             size = len(await node.content())
             return self._virtual_attributes(node.inode, stat.S_IFREG | 0o444, size)
+        if isinstance(node, VirtualLink):
+            return self._virtual_attributes(node.inode, stat.S_IFLNK | 0o777, len(node.target))
         return self._virtual_attributes(node.inode, stat.S_IFDIR | 0o555)
 
     def _virtual_attributes(self, inode: int, mode: int, size: int = 0) -> Attributes:
@@ -367,39 +371,144 @@ class ConnectionTree:
 
     async def readlink(self, inode: int) -> bytes:
         node = self.node(inode)
+        if isinstance(node, VirtualLink):
+            return node.target
         if not isinstance(node, GuestNode):
             raise FsError(errno.EINVAL)
         return await self.guests.readlink(node)
 
     async def open(self, inode: int, flags: int) -> int:
         node = self.node(inode)
-        if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_CREAT):
-            raise FsError(errno.EROFS)
-        if isinstance(node, VirtualFile):
+        writing = flags & os.O_ACCMODE != os.O_RDONLY or bool(flags & os.O_TRUNC)
+        if isinstance(node, VirtualFile) and not writing:
             assert node.content is not None
             handle = FileHandle(node, data=await node.content())
         elif isinstance(node, GuestNode):
+            if writing:  # EROFS unless it is writable
+                await self.writes.writable_layout(node)
             handle = await self.guests.open(node)
+            if writing:
+                try:
+                    await self.writes.open_for_writing(node, handle, truncate=bool(flags & os.O_TRUNC))
+                except BaseException:
+                    self.guests.release(node)
+                    raise
+        elif isinstance(node, VirtualFile):
+            raise FsError(errno.EROFS)
         else:
             raise FsError(errno.EISDIR)
+        return self._keep_handle(handle)
+
+    def _keep_handle(self, handle: FileHandle) -> int:
         number = self._next_handle
         self._next_handle += 1
         self._handles[number] = handle
         return number
 
-    async def read(self, handle_number: int, offset: int, size: int) -> bytes:
-        handle = self._handles.get(handle_number)
+    def _open_handles_of(self, node: GuestNode) -> list[FileHandle]:
+        return [handle for handle in self._handles.values() if handle.node is node]
+
+    def _handle(self, number: int) -> FileHandle:
+        handle = self._handles.get(number)
         if handle is None:
             raise FsError(errno.EBADF)
+        return handle
+
+    def handle_inode(self, handle_number: int) -> int:
+        return self._handle(handle_number).node.inode
+
+    def writable(self, inode: int) -> bool:
+        """Whether ``inode`` is a file of a filesystem written read-write now (no boot, no daemon call)."""
+        node = self._table.get(inode)
+        if not isinstance(node, GuestNode) or node.source is None or node.stat is None:
+            return False
+        layout = node.source.appliance.running_layout
+        filesystem = None if layout is None else layout.fs_by_dev.get(node.stat.st_dev)
+        return layout is not None and filesystem is not None and layout.writable_filesystem(filesystem)
+
+    def _guest_node(self, inode: int) -> GuestNode:
+        """A guest node to write to; the virtual tree is never written (EROFS)."""
+        node = self.node(inode)
+        if not isinstance(node, GuestNode):
+            raise FsError(errno.EROFS)
+        return node
+
+    # --- writes (-o rw: guestwrites.py; EROFS where the source is read-only) --------------------
+
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, caller: Caller) -> tuple[int, Node]:
+        """Make a regular file and open it; counts one kernel reference on success."""
+        node = await self.writes.mknod(self._guest_node(parent_inode), name, stat.S_IFREG | stat.S_IMODE(mode), 0,
+                                       caller)
+        self.count_lookup(node)
+        return await self.open(node.inode, flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC)), node
+
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, caller: Caller) -> Node:
+        node = await self.writes.mknod(self._guest_node(parent_inode), name, mode, rdev, caller)
+        self.count_lookup(node)
+        return node
+
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, caller: Caller) -> Node:
+        node = await self.writes.mkdir(self._guest_node(parent_inode), name, mode, caller)
+        self.count_lookup(node)
+        return node
+
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, caller: Caller) -> Node:
+        node = await self.writes.symlink(self._guest_node(parent_inode), name, target, caller)
+        self.count_lookup(node)
+        return node
+
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes) -> Node:
+        node = await self.writes.link(self._guest_node(inode), self._guest_node(new_parent_inode), new_name)
+        self.count_lookup(node)
+        return node
+
+    async def unlink(self, parent_inode: int, name: bytes) -> None:
+        await self.writes.unlink(self._guest_node(parent_inode), name)
+
+    async def rmdir(self, parent_inode: int, name: bytes) -> None:
+        await self.writes.rmdir(self._guest_node(parent_inode), name)
+
+    async def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int) -> None:
+        await self.writes.rename(self._guest_node(old_parent), old_name, self._guest_node(new_parent), new_name, flags)
+
+    async def setattr(self, inode: int, changes: AttributeChanges) -> Attributes:
+        node = self._guest_node(inode)
+        await self.writes.setattr(node, changes)
+        return await self.attributes(node)
+
+    async def write(self, handle_number: int, offset: int, data: bytes) -> int:
+        handle = self._handle(handle_number)
+        if handle.writable_in is None:
+            raise FsError(errno.EBADF)
+        return await self.writes.write(handle, offset, data)
+
+    async def fsync(self, inode: int) -> None:
+        """Everything written to ``inode``'s source is on its disks when this returns."""
+        node = self.node(inode)
+        if isinstance(node, GuestNode) and node.stat is not None:
+            await self.writes.fsync(node)
+
+    async def removexattr(self, inode: int, name: bytes) -> None:
+        await self.writes.removexattr(self._guest_node(inode), name)
+
+    async def read(self, handle_number: int, offset: int, size: int) -> bytes:
+        handle = self._handle(handle_number)
         if handle.data is not None:
             return handle.data[offset:offset + size]
         assert handle.reader is not None
         return await handle.reader.read(offset, size)
 
-    def release(self, handle_number: int) -> None:
+    def release(self, handle_number: int) -> GuestNode | None:
+        """Close a handle; returns its guest node, for ``closed``."""
         handle = self._handles.pop(handle_number, None)
         if handle is not None and isinstance(handle.node, GuestNode):
             self.guests.release(handle.node)
+            return handle.node
+        return None
+
+    async def closed(self, node: GuestNode) -> None:
+        """After ``release``: a file removed while open goes with its last handle."""
+        await self.writes.closed(node)
 
     async def listxattr(self, inode: int) -> list[bytes]:
         node = self.node(inode)
@@ -420,12 +529,12 @@ class ConnectionTree:
             raise FsError(errno.ENODATA)
         return value
 
-    async def setxattr(self, inode: int, name: bytes) -> None:
-        """Only the release control is writable: `setfattr -n user.virtmount.release domains/NAME`
-        (or volumes/POOL/VOLUME)."""
+    async def setxattr(self, inode: int, name: bytes, value: bytes) -> None:
+        """A guest file's xattr (-o rw), or the release control on a source's directory:
+        `setfattr -n user.virtmount.release domains/NAME` (or volumes/POOL/VOLUME)."""
         if name == RELEASE_XATTR and await self._release(self.node(inode)):
             return
-        raise FsError(errno.EROFS)
+        await self.writes.setxattr(self._guest_node(inode), name, value)
 
     async def _release(self, directory: Node) -> bool:
         """Shut down the appliance of the source whose directory this is; False if it is none."""

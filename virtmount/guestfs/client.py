@@ -776,3 +776,55 @@ class GuestfsClient:
         return await self.call(
             procs.PREAD_DEVICE, device, min(count, procs.PREAD_MAX), offset, timeout=timeout
         )
+
+    # ------------------------------------------------------------------
+    # writing (each call acts on one path, as the daemon's calls do)
+
+    async def pwrite(self, path: bytes, content: bytes, offset: int, *, timeout: float | None = None) -> int:
+        """Write ``content`` at ``offset`` (one pwrite(2): the count written may be short)."""
+        return await self.call(procs.PWRITE, path, content, offset, timeout=timeout)
+
+    async def truncate_size(self, path: bytes, size: int, *, timeout: float | None = None) -> None:
+        await self.call(procs.TRUNCATE_SIZE, path, size, timeout=timeout)
+
+    async def mknod(self, mode: int, major: int, minor: int, path: bytes, *, timeout: float | None = None) -> None:
+        await self.call(procs.MKNOD, mode, major, minor, path, timeout=timeout)
+
+    async def mkdir_mode(self, path: bytes, mode: int, *, timeout: float | None = None) -> None:
+        await self.call(procs.MKDIR_MODE, path, mode, timeout=timeout)
+
+    async def rm(self, path: bytes, *, timeout: float | None = None) -> None:
+        await self.call(procs.RM, path, timeout=timeout)
+
+    async def rmdir(self, path: bytes, *, timeout: float | None = None) -> None:
+        await self.call(procs.RMDIR, path, timeout=timeout)
+
+    async def rename(self, old: bytes, new: bytes, *, timeout: float | None = None) -> None:
+        await self.call(procs.RENAME, old, new, timeout=timeout)
+
+    async def ln(self, target: bytes, linkname: bytes, *, timeout: float | None = None) -> None:
+        await self.call(procs.LN, target, linkname, timeout=timeout)
+
+    async def ln_s(self, target: bytes, linkname: bytes, *, timeout: float | None = None) -> None:
+        await self.call(procs.LN_S, target, linkname, timeout=timeout)
+
+    async def chmod(self, mode: int, path: bytes, *, timeout: float | None = None) -> None:
+        await self.call(procs.CHMOD, mode, path, timeout=timeout)
+
+    async def lchown(self, owner: int, group: int, path: bytes, *, timeout: float | None = None) -> None:
+        await self.call(procs.LCHOWN, owner, group, path, timeout=timeout)
+
+    async def utimens(self, path: bytes, atime: tuple[int, int], mtime: tuple[int, int], *,
+                      timeout: float | None = None) -> None:
+        """Set (seconds, nanoseconds) times without following a symlink; nanoseconds -1: now, -2: unchanged."""
+        await self.call(procs.UTIMENS, path, *atime, *mtime, timeout=timeout)
+
+    async def lsetxattr(self, name: bytes, value: bytes, path: bytes, *, timeout: float | None = None) -> None:
+        await self.call(procs.LSETXATTR, name, value, len(value), path, timeout=timeout)
+
+    async def lremovexattr(self, name: bytes, path: bytes, *, timeout: float | None = None) -> None:
+        await self.call(procs.LREMOVEXATTR, name, path, timeout=timeout)
+
+    async def umask(self, mask: int, *, timeout: float | None = None) -> int:
+        """Set the daemon's umask (new files' modes are exactly those asked for with 0); returns the old one."""
+        return await self.call(procs.UMASK, mask, timeout=timeout)

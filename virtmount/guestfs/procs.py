@@ -185,6 +185,7 @@ class Arg(enum.Enum):
     INT = "int"  # int32
     INT64 = "int64"
     BOOL = "bool"
+    BUFFER = "buffer"  # binary data, NUL bytes allowed (BufferIn, xattr values)
 
 
 def _as_bytes(value: Any, what: str) -> bytes:
@@ -212,12 +213,14 @@ def _pack_arg(p: XdrPacker, kind: Arg, value: Any, what: str) -> None:
         p.pack_int64(value)
     elif kind is Arg.BOOL:
         p.pack_bool(bool(value))
+    elif kind is Arg.BUFFER:
+        p.pack_opaque(value)
     else:  # pragma: no cover - exhaustive
         raise AssertionError(kind)
 
 
 def _zero_value(kind: Arg) -> Any:
-    if kind in (Arg.PATH, Arg.TEXT):
+    if kind in (Arg.PATH, Arg.TEXT, Arg.BUFFER):
         return b""
     if kind in (Arg.NAMES, Arg.TEXTS):
         return []
@@ -457,6 +460,29 @@ PREAD_DEVICE = Proc(
 DEBUG = Proc("debug", 76, (("subcmd", _T), ("extraargs", Arg.NAMES)), _ret_bytes_string)
 #: The file's content, streamed as FileOut chunks.
 DOWNLOAD = Proc("download", 67, (("remotefilename", _P),), _ret_file_content, fileout=True)
+
+# --- writing (-o rw; see fs/guestwrites.py) ---------------------------
+#: pwrite(2) of the whole buffer at ``offset``; returns the bytes written (may be short).
+PWRITE = Proc("pwrite", 247, (("path", _P), ("content", Arg.BUFFER), ("offset", Arg.INT64)), _ret_int)
+TRUNCATE_SIZE = Proc("truncate_size", 200, (("path", _P), ("size", Arg.INT64)), _ret_none)
+#: mknod(2) with the type bits in ``mode`` (S_IFREG makes an empty file, EEXIST if the name exists).
+MKNOD = Proc("mknod", 133, (("mode", Arg.INT), ("devmajor", Arg.INT), ("devminor", Arg.INT), ("path", _P)),
+             _ret_none)
+MKDIR_MODE = Proc("mkdir_mode", 202, (("path", _P), ("mode", Arg.INT)), _ret_none)
+RM = Proc("rm", 29, (("path", _P),), _ret_none)
+RMDIR = Proc("rmdir", 30, (("path", _P),), _ret_none)
+RENAME = Proc("rename", 394, (("oldpath", _P), ("newpath", _P)), _ret_none)
+LN = Proc("ln", 164, (("target", _P), ("linkname", _P)), _ret_none)
+LN_S = Proc("ln_s", 166, (("target", _P), ("linkname", _P)), _ret_none)
+CHMOD = Proc("chmod", 34, (("mode", Arg.INT), ("path", _P)), _ret_none)
+LCHOWN = Proc("lchown", 203, (("owner", Arg.INT), ("group", Arg.INT), ("path", _P)), _ret_none)
+#: No symlink following; an nsecs of -1 means now, -2 leaves that time alone (UTIME_NOW/UTIME_OMIT).
+UTIMENS = Proc("utimens", 201, (("path", _P), ("atsecs", Arg.INT64), ("atnsecs", Arg.INT64),
+                                ("mtsecs", Arg.INT64), ("mtnsecs", Arg.INT64)), _ret_none)
+LSETXATTR = Proc("lsetxattr", 144, (("xattr", _P), ("val", Arg.BUFFER), ("vallen", Arg.INT), ("path", _P)),
+                 _ret_none)
+LREMOVEXATTR = Proc("lremovexattr", 146, (("xattr", _P), ("path", _P)), _ret_none)
+UMASK = Proc("umask", 137, (("mask", Arg.INT),), _ret_int)
 
 ALL_PROCS: tuple[Proc[Any], ...] = tuple(
     v for v in list(globals().values()) if isinstance(v, Proc)

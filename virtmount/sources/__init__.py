@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import logging
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -26,6 +27,8 @@ from typing import Protocol
 import libvirt
 
 from ..errors import VirtmountError
+
+log = logging.getLogger(__name__)
 
 
 class Attach(enum.Enum):
@@ -40,6 +43,27 @@ class Attach(enum.Enum):
 def attach_mode(writable: bool) -> Attach:
     """The attach mode the ``rw`` setting asks for."""
     return Attach.READ_WRITE if writable else Attach.READ_ONLY_OVERLAY
+
+
+def writable_attach(name: str, disks: tuple[ET.Element, ...], wanted: Attach) -> Attach:
+    """``wanted``, unless a disk cannot be written safely: read-only or shareable in the guest's XML
+    (written by no one, or by several machines), or not a file or block device (network disks:
+    QEMU's image locking, which keeps a second writer out, covers local files and devices only).
+    Such a source is served read-only (EROFS), with a log line."""
+    if wanted is not Attach.READ_WRITE:
+        return wanted
+    for disk in disks:
+        source = disk.find("source")
+        where = "?" if source is None else source.get("file") or source.get("dev") or source.get("name") or "?"
+        if disk.find("readonly") is not None or disk.find("shareable") is not None:
+            why = "is read-only or shareable in the guest's XML"
+        elif disk.get("type") not in ("file", "block"):
+            why = f"is a {disk.get('type')} disk, which no image lock guards against a second writer"
+        else:
+            continue
+        log.warning("%s: served read-only: its disk %s %s", name, where, why)
+        return Attach.READ_ONLY_OVERLAY
+    return wanted
 
 
 class Hold(Protocol):

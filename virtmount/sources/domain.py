@@ -22,7 +22,7 @@ import libvirt
 
 from ..virt.connection import libvirt_message, run_blocking
 from ..virt.domainxml import read_guest_definition
-from . import Attach, Source, SourceUnavailable, attach_mode
+from . import Attach, Source, SourceUnavailable, attach_mode, writable_attach
 
 _SKIPPED_DEVICES = ("cdrom", "floppy")
 
@@ -52,8 +52,8 @@ class DomainRef:
         definition = read_guest_definition(xml)
         disks = tuple([await _as_resolved(conn, disk) for disk in definition.disks
                        if disk.get("device") not in _SKIPPED_DEVICES])
-        return Source(identity=self.uuid, name=self.name, disks=disks, attach=attach,
-                      seclabels=definition.seclabels)
+        return Source(identity=self.uuid, name=self.name, disks=disks,
+                      attach=writable_attach(self.name, disks, attach), seclabels=definition.seclabels)
 
     async def gone(self, conn: libvirt.virConnect) -> str | None:
         try:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import libvirt
 
 from ..virt.connection import libvirt_message, run_blocking
-from . import Attach, Source, SourceUnavailable
+from . import Attach, Source, SourceUnavailable, writable_attach
 
 # Volume formats libvirt reports under other names than QEMU's block drivers.
 _QEMU_FORMAT = {"iso": "raw", "vhd": "vpc", "none": "raw"}
@@ -60,7 +60,8 @@ class VolumeRef:
         if not active:
             raise SourceUnavailable(f"the pool of volume {self.name} is not active", errno.ENOENT)
         disk = volume_disk(xml, pool_name)
-        return Source(identity=self.identity, name=self.name, disks=(disk,), attach=attach)
+        return Source(identity=self.identity, name=self.name, disks=(disk,),
+                      attach=writable_attach(self.name, (disk,), attach))
 
     async def gone(self, conn: libvirt.virConnect) -> str | None:
         try:

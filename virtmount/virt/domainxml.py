@@ -130,6 +130,9 @@ def appliance_disk(guest_disk: ET.Element, index: int, writable: bool) -> ET.Ele
     if driver is not None:
         for attr in _VIRTIO_BLK_ONLY_DRIVER_ATTRS:
             driver.attrib.pop(attr, None)
+        if writable and driver.get("cache") == "unsafe":
+            # a written disk must honour the appliance's flushes: fsync returns once data is on the host
+            driver.attrib.pop("cache")
     if not writable and disk.find("readonly") is None:
         if disk.get("type") == "file":
             # The guest's image stays untouched but the appliance sees a writable disk: XFS and

@@ -218,6 +218,22 @@ def test_someone_elses_job_is_refused_and_left_alone(writer: running_guest.Runni
         conn.close()
 
 
+def test_a_point_in_time_view_over_a_remote_uri(writer: running_guest.RunningGuest, tcp_uri: str,
+                                                tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Socket, scratch and appliance are made on the host through libvirt only: the same view over
+    qemu+tcp, and nothing left after it."""
+    mountpoint = tmp_path_factory.mktemp("virtmount-run-tcp")
+    mount(tcp_uri, mountpoint)
+    try:
+        assert last_count(counter_file(mountpoint)) > 0, log_of(mountpoint)
+        assert (mountpoint / "domains" / running_guest.NAME / "snapshot-time").read_text().endswith("Z\n")
+        assert running_guest.backup_job(writer.uri) is not None
+    finally:
+        unmount(mountpoint)
+    assert running_guest.backup_job(writer.uri) is None
+    assert running_guest.scratch_volumes(writer.uri) == []
+
+
 def test_the_guest_agent_freezes_the_filesystems_for_the_jobs_start_only(writer: running_guest.RunningGuest,
                                                                          writer_mount: Path) -> None:
     """The writer runs the real qemu-ga: the job begins between a freeze and a thaw of its /data."""

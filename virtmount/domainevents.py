@@ -2,12 +2,15 @@
 
 A running domain's view is a backup job's export, which ends when the guest
 stops: the mount then ends the view at once (its in-flight reads answer EIO)
-so that the next access is served from the domain's disks.
+so that the next access is served from the domain's disks. A domain that is
+undefined or defined anew (other disks, perhaps) must not keep being served by
+an appliance that holds the disks of its old definition.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import math
 from typing import Any, Iterator
 
@@ -17,20 +20,36 @@ import trio
 from .virt.events import call_in_trio
 
 
-@contextlib.contextmanager
-def stopped_domains(conn: libvirt.virConnect) -> Iterator[trio.MemoryReceiveChannel[str]]:
-    """The UUIDs of the connection's domains as they stop, while the context lasts."""
-    token = trio.lowlevel.current_trio_token()
-    send, receive = trio.open_memory_channel[str](math.inf)
+class Change(enum.Enum):
+    """What happened to a domain, as far as its appliance is concerned."""
 
-    def deliver(uuid: str) -> None:
+    STOPPED = "stopped"
+    REDEFINED = "defined anew"
+    UNDEFINED = "undefined"
+
+
+_CHANGES = {
+    libvirt.VIR_DOMAIN_EVENT_STOPPED: Change.STOPPED,
+    libvirt.VIR_DOMAIN_EVENT_DEFINED: Change.REDEFINED,
+    libvirt.VIR_DOMAIN_EVENT_UNDEFINED: Change.UNDEFINED,
+}
+
+
+@contextlib.contextmanager
+def domain_changes(conn: libvirt.virConnect) -> Iterator[trio.MemoryReceiveChannel[tuple[str, Change]]]:
+    """(UUID, change) of the connection's domains as they stop or are (un)defined, while the context lasts."""
+    token = trio.lowlevel.current_trio_token()
+    send, receive = trio.open_memory_channel[tuple[str, Change]](math.inf)
+
+    def deliver(uuid: str, change: Change) -> None:
         with contextlib.suppress(trio.ClosedResourceError):
-            send.send_nowait(uuid)
+            send.send_nowait((uuid, change))
 
     def on_lifecycle(_conn: libvirt.virConnect, domain: libvirt.virDomain, event: int, _detail: int,
                      _opaque: Any) -> None:
-        if event == libvirt.VIR_DOMAIN_EVENT_STOPPED:
-            call_in_trio(token, deliver, domain.UUIDString())
+        change = _CHANGES.get(event)
+        if change is not None:
+            call_in_trio(token, deliver, domain.UUIDString(), change)
 
     callback = conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, on_lifecycle, None)
     try:

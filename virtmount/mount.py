@@ -20,7 +20,7 @@ import trio
 
 from .appliance import ApplianceSettings
 from .config import Config
-from .domainevents import stopped_domains
+from .domainevents import Change, domain_changes
 from .errors import UsageError, VirtmountError
 from .fs.tree import ConnectionTree
 from .fs.operations import Operations
@@ -33,7 +33,8 @@ from .status import MountStatus
 from .watchdog import WatchdogSource
 from .virt.connection import close_connection, libvirt_message, open_connection, run_blocking, uses_embedded_driver
 from .virt.backup import end_leftover_jobs
-from .virt.domainxml import APPLIANCE_NAME_PREFIX
+from .virt.domainxml import APPLIANCE_NAME_PREFIX, appliance_owner
+from .virt.link import LibvirtDown, LibvirtLink
 
 log = logging.getLogger(__name__)
 
@@ -78,16 +79,61 @@ async def _end_leftover_backup_jobs(conn: libvirt.virConnect, pool: str) -> None
         log.warning("cannot look for leftover backup jobs: %s", libvirt_message(exc))
 
 
-async def _end_views_of_stopped_domains(conn: libvirt.virConnect, tree: ConnectionTree, nursery: trio.Nursery,
-                                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """A running domain that stops ends its point-in-time view; the next access reads its disks."""
-    with stopped_domains(conn) as stopped:
+async def _follow_domain_changes(link: LibvirtLink, tree: ConnectionTree, nursery: trio.Nursery,
+                                 task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """A running domain that stops ends its point-in-time view (the next access reads its disks); a
+    domain undefined or defined anew ends its appliance (the next access reads what it is now).
+    Registered again on each connection the link re-opens."""
+    while True:
+        conn = await link.connected()
+        with trio.CancelScope() as scope:
+            try:
+                with domain_changes(conn) as changes:
+                    task_status.started()
+                    task_status = trio.TASK_STATUS_IGNORED
+                    nursery.start_soon(_cancel_when_lost, link, scope)
+                    async for uuid, change in changes:
+                        _end_appliance_after(change, uuid, tree, nursery)
+            except libvirt.libvirtError as exc:  # e.g. the connection closed as we registered
+                log.warning("cannot follow domain events: %s", libvirt_message(exc))
         task_status.started()
-        async for uuid in stopped:
-            for source in tree.served_sources():
-                if source.identity == uuid and source.appliance.snapshot_taken_at is not None:
-                    log.info("%s: the domain stopped; its point-in-time view ends", source.name)
-                    nursery.start_soon(source.appliance.release, "the domain stopped")
+        task_status = trio.TASK_STATUS_IGNORED
+        await link.wait_lost()
+
+
+async def _cancel_when_lost(link: LibvirtLink, scope: trio.CancelScope) -> None:
+    await link.wait_lost()
+    scope.cancel()
+
+
+def _end_appliance_after(change: Change, uuid: str, tree: ConnectionTree, nursery: trio.Nursery) -> None:
+    for source in tree.served_sources():
+        if source.identity != uuid or not (source.appliance.running or source.appliance.booting):
+            continue
+        if change is Change.STOPPED and source.appliance.snapshot_taken_at is None:
+            continue  # a shut-off domain's appliance holds its disks as they are: nothing ended
+        log.info("%s: the domain was %s; its appliance ends", source.name, change.value)
+        nursery.start_soon(source.appliance.release, f"the domain was {change.value}")
+
+
+async def _destroy_own_appliances(conn: libvirt.virConnect) -> None:
+    """After the connection is re-opened: appliances of ours from before are unreachable (their daemon
+    channel went with the old connection) and, if libvirtd restarted, no longer auto-destroyed."""
+    try:
+        domains = await run_blocking(conn.listAllDomains, libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+    except libvirt.libvirtError as exc:
+        log.warning("cannot list the appliances of the lost connection: %s", libvirt_message(exc))
+        return
+    for domain in domains:
+        try:
+            name = await run_blocking(domain.name)
+            if name.startswith(APPLIANCE_NAME_PREFIX) and \
+                    appliance_owner(await run_blocking(domain.XMLDesc, 0)) == str(os.getpid()):
+                log.info("destroying appliance %s of the lost connection", name)
+                await run_blocking(domain.destroy)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                log.warning("cannot destroy an appliance of the lost connection: %s", libvirt_message(exc))
 
 
 async def _shut_down_idle_appliances(tree: ConnectionTree, idle_seconds: float) -> None:
@@ -148,11 +194,12 @@ def _fuse_options(uri: str, config: Config) -> set[str]:
 async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[], None]) -> None:
     """Mount ``uri`` at ``mountpoint`` and serve until unmounted or signalled."""
     conn = await open_connection(uri)
+    link = LibvirtLink(uri, conn)
     try:
         await _remove_leftover_appliances(conn)
         await _end_leftover_backup_jobs(conn, config.appliance.pool)
         async with trio.open_nursery() as nursery:
-            host_appliance = HostApplianceSource(conn, config.appliance.pool)
+            host_appliance = HostApplianceSource(link, config.appliance.pool)
             inspection_cache = None if config.inspection_cache is None else InspectionCache(config.inspection_cache)
             # restores and backup jobs need a watchdog, which needs a client of its own: the embedded driver has none
             watchdogs = None if await run_blocking(uses_embedded_driver, conn) else WatchdogSource(uri)
@@ -160,7 +207,7 @@ async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[]
             def make_appliance(source: SourceRef, settings: ApplianceSettings = config.appliance) -> SourceAppliance:
                 if isinstance(source, DomainRef):  # running domains are served from a point-in-time export
                     source = AnyStateDomainRef(source, settings.pool)
-                return SourceAppliance(conn, source, settings, host_appliance, nursery, inspection_cache, watchdogs)
+                return SourceAppliance(link, source, settings, host_appliance, nursery, inspection_cache, watchdogs)
 
             serving = False
 
@@ -178,7 +225,7 @@ async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[]
                     cached_entries=tree.guests.cached_entries, sources=await tree.source_statuses(config.idle_seconds),
                 ).to_json().encode()
 
-            tree = ConnectionTree(conn, make_appliance, nursery, config.cached_entries, forget_kernel_entry,
+            tree = ConnectionTree(link, make_appliance, nursery, config.cached_entries, forget_kernel_entry,
                                   status_report)
             try:
                 pyfuse3.init(Operations(tree), mountpoint, _fuse_options(uri, config))
@@ -188,7 +235,13 @@ async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[]
                 await nursery.start(_terminate_on_signal)  # before readiness: systemd may stop us at once
                 nursery.start_soon(_terminate_when_unmounted, mountpoint)
                 nursery.start_soon(_shut_down_idle_appliances, tree, config.idle_seconds)
-                await nursery.start(_end_views_of_stopped_domains, conn, tree, nursery)
+                await nursery.start(_follow_domain_changes, link, tree, nursery)
+
+                async def connection_lost() -> None:
+                    for source in tree.served_sources():
+                        nursery.start_soon(source.appliance.connection_lost)
+
+                await nursery.start(link.keep_open, connection_lost, _destroy_own_appliances)
                 on_ready()
                 log.info("mounted %s on %s", uri, mountpoint)
                 serving = True
@@ -206,6 +259,9 @@ async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[]
                 nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
-            await close_connection(conn)
+            try:
+                await close_connection(link.conn)
+            except LibvirtDown:
+                pass  # unmounted while the connection was down
     log.info("unmounted %s", mountpoint)
 

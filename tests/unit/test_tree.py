@@ -26,6 +26,7 @@ from virtmount.guestfs.errors import ConnectionLost, GuestfsError, GuestfsTimeou
 from virtmount.guestfs.procs import PREAD_MAX, Dirent, Statns, Statvfs, Xattr
 from virtmount.guestlayout import GuestLayout
 from virtmount.lifecycle import GuestUnavailableError, SourceAppliance
+from virtmount.virt.link import LibvirtLink
 from virtmount.sources import SourceRef
 
 SDA1_DEV = 2049
@@ -378,7 +379,7 @@ def make_world(conn: FakeConnection | None = None, nursery: trio.Nursery | None 
         made.append(appliance)
         return cast(SourceAppliance, appliance)
 
-    tree = ConnectionTree(cast(libvirt.virConnect, conn), make_appliance, nursery,
+    tree = ConnectionTree(LibvirtLink("test:///default", cast(libvirt.virConnect, conn)), make_appliance, nursery,
                           forget_kernel_entry=forget_kernel_entry)
     return World(conn, tree, client, results, made)
 

@@ -28,6 +28,9 @@ class FakeConnection:
     def __init__(self, **domains: FakeDomain) -> None:
         self.domains = domains
 
+    def getLibVersion(self) -> int:
+        return 9000000
+
     def lookupByName(self, name: str) -> FakeDomain:
         if name not in self.domains:
             raise libvirt.libvirtError("Domain not found")
@@ -35,7 +38,7 @@ class FakeConnection:
 
 
 def run(commands: str, conn: FakeConnection) -> None:
-    _watch(io.StringIO(commands), cast(Any, conn), "100")
+    _watch(io.StringIO(commands), "test:///default", cast(Any, conn), "100")
 
 
 def test_when_the_owner_dies_its_running_restored_appliances_are_destroyed() -> None:

@@ -7,6 +7,7 @@ make is named virtmount-test-run*.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -201,7 +202,7 @@ def test_someone_elses_job_is_refused_and_left_alone(writer: running_guest.Runni
         try:
             with pytest.raises(OSError) as raised:
                 list(devices_of(mountpoint).iterdir())
-            assert raised.value.errno == 5, log_of(mountpoint)
+            assert raised.value.errno == errno.EBUSY, log_of(mountpoint)
             status = run_virtmount("status", str(mountpoint)).stdout
             assert f"a backup job is already running on {running_guest.NAME}" in status
         finally:

@@ -16,6 +16,7 @@ import libvirt
 from .errors import VirtmountError
 from .guestfs.errors import GuestfsError, GuestfsTimeout
 from .virt.connection import libvirt_message
+from .virt.stream import StreamClosed
 
 _LIBVIRT_GONE = frozenset({
     libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_NO_STORAGE_POOL, libvirt.VIR_ERR_NO_STORAGE_VOL,
@@ -47,6 +48,8 @@ def errno_of(exc: BaseException) -> int:
         return errno.ETIMEDOUT
     if isinstance(exc, libvirt.libvirtError):
         return _libvirt_errno(exc)
+    if isinstance(exc, StreamClosed) and _NO_SPACE in str(exc):  # an upload into a full pool
+        return errno.ENOSPC
     return errno.EIO
 
 

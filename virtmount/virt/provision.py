@@ -28,7 +28,7 @@ import libvirt
 import trio
 
 from ..cachedir import cache_dir
-from ..errors import VirtmountError
+from ..failures import ErrnoError, errno_of
 from .connection import libvirt_message, run_blocking
 from .stream import LibvirtByteStream, StreamClosed
 
@@ -43,7 +43,7 @@ APPLIANCE_FILES = ("kernel", "initrd", "root")
 UPLOAD_CHUNK = 4 * 1024 * 1024
 
 
-class ProvisionError(VirtmountError):
+class ProvisionError(ErrnoError):
     """The appliance could not be built locally or placed on the host."""
 
 
@@ -375,7 +375,8 @@ async def provision(conn: libvirt.virConnect, pool_name: str) -> HostAppliance:
                 raise ProvisionError(f"appliance volume {names[role]} vanished from pool {pool_name}")
             paths[role] = await run_blocking(volume.path)
     except libvirt.libvirtError as exc:
-        raise ProvisionError(f"cannot place the appliance in storage pool {pool_name!r}: {libvirt_message(exc)}") from None
+        raise ProvisionError(f"cannot place the appliance in storage pool {pool_name!r}: {libvirt_message(exc)}",
+                             errno_of(exc)) from None
     except StreamClosed as exc:
-        raise ProvisionError(f"uploading the appliance failed: {exc}") from None
+        raise ProvisionError(f"uploading the appliance to pool {pool_name!r} failed: {exc}", errno_of(exc)) from None
     return HostAppliance(paths["kernel"], paths["initrd"], paths["root"], local.root_uuid)

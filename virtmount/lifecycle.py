@@ -94,6 +94,12 @@ class SourceAppliance:
         return self._booting is not None
 
     @property
+    def overlays(self) -> tuple[str, list[str]] | None:
+        """The running appliance's domain name and the throw-away overlays libvirt made for it."""
+        appliance = self._appliance
+        return None if appliance is None or not appliance.owns_domain else (appliance.domain_name, appliance.overlays)
+
+    @property
     def running_layout(self) -> GuestLayout | None:
         """The layout of the appliance running now, without booting one."""
         if self._layout is not None and self._appliance is not None and not self._layout.client.closed:

@@ -35,6 +35,7 @@ from .virt.connection import close_connection, libvirt_message, open_connection,
 from .virt.backup import end_leftover_jobs
 from .virt.domainxml import APPLIANCE_NAME_PREFIX, appliance_owner
 from .virt.link import LibvirtDown, LibvirtLink
+from .virt.overlays import delete_leftover_overlays
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +128,9 @@ async def _destroy_own_appliances(conn: libvirt.virConnect) -> None:
     for domain in domains:
         try:
             name = await run_blocking(domain.name)
-            if name.startswith(APPLIANCE_NAME_PREFIX) and \
-                    appliance_owner(await run_blocking(domain.XMLDesc, 0)) == str(os.getpid()):
+            if not name.startswith(APPLIANCE_NAME_PREFIX):
+                continue
+            if appliance_owner(await run_blocking(domain.XMLDesc, 0)) == str(os.getpid()):
                 log.info("destroying appliance %s of the lost connection", name)
                 await run_blocking(domain.destroy)
         except libvirt.libvirtError as exc:
@@ -143,6 +145,16 @@ async def _shut_down_idle_appliances(tree: ConnectionTree, idle_seconds: float) 
             if source.appliance.running and source.appliance.idle_for() >= idle_seconds:
                 log.info("%s: idle for %.0f s", source.name, idle_seconds)
                 await source.appliance.release("idle")
+
+
+async def _delete_leftover_overlays(conn: libvirt.virConnect, appliances: list[tuple[str, list[str]]]) -> None:
+    """The throw-away overlays of the appliances of the lost connection, if libvirt forgot them (virt/overlays.py)."""
+    for name, paths in appliances:
+        try:
+            for path in await run_blocking(delete_leftover_overlays, conn, name, paths):
+                log.info("deleted %s, left behind by libvirt after a restart", path)
+        except libvirt.libvirtError as exc:
+            log.warning("cannot look for the overlays of %s: %s", name, libvirt_message(exc))
 
 
 def _mountinfo_path(path: str) -> str:
@@ -237,11 +249,20 @@ async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[]
                 nursery.start_soon(_shut_down_idle_appliances, tree, config.idle_seconds)
                 await nursery.start(_follow_domain_changes, link, tree, nursery)
 
+                lost_overlays: list[tuple[str, list[str]]] = []  # (appliance, its throw-away overlays)
+
                 async def connection_lost() -> None:
                     for source in tree.served_sources():
+                        if (overlays := source.appliance.overlays) is not None:
+                            lost_overlays.append(overlays)
                         nursery.start_soon(source.appliance.connection_lost)
 
-                await nursery.start(link.keep_open, connection_lost, _destroy_own_appliances)
+                async def reopened(conn: libvirt.virConnect) -> None:
+                    await _destroy_own_appliances(conn)
+                    await _delete_leftover_overlays(conn, lost_overlays)
+                    lost_overlays.clear()
+
+                await nursery.start(link.keep_open, connection_lost, reopened)
                 on_ready()
                 log.info("mounted %s on %s", uri, mountpoint)
                 serving = True

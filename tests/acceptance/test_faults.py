@@ -11,8 +11,10 @@ import contextlib
 import errno
 import os
 import random
+import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -30,6 +32,7 @@ from virtmount.virt.domainxml import APPLIANCE_NAME_PREFIX, appliance_owner
 
 pytestmark = pytest.mark.acceptance
 
+POOL_DIR = Path("/var/lib/libvirt/virtmount")  # the virtmount pool: appliance roots and their overlays
 NO_HANG_S = 150.0  # generous: a call may wait for a boot (TCG, loaded host); a hang never ends
 
 
@@ -125,6 +128,17 @@ def assert_no_hang_and_only_eio(outcomes: list[tuple[float, str]]) -> None:
     assert {outcome for _, outcome in outcomes} <= {"ok", "EIO"}, outcomes
 
 
+def leftover_overlays(appliances: set[str], directories: list[Path]) -> list[Path]:
+    """libvirt's throw-away overlays (IMAGE.TRANSIENT-DOMAIN) of these appliances where none of them runs."""
+    conn = libvirt.open("qemu:///system")
+    try:
+        running = {domain.name() for domain in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)}
+    finally:
+        conn.close()
+    return [path for directory in directories for name in appliances - running
+            for path in directory.glob(f"*.TRANSIENT-{name}")]
+
+
 def restart_libvirtd() -> None:
     """Stop the system libvirtd (by pid, waiting until it is gone) and start it again with the TCP listener."""
     pids = subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True, text=True).stdout.split()
@@ -133,6 +147,32 @@ def restart_libvirtd() -> None:
     gone = wait_until(lambda: not subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True).stdout, 60)
     assert gone is not None, "libvirtd did not stop"
     subprocess.run([str(START_LIBVIRTD), "--tcp", str(TCP_CONF)], check=True, timeout=300, stdin=subprocess.DEVNULL)
+
+
+def test_appliance_killed_mid_read(test_guest: images.Guest, tmp_path: Path) -> None:
+    """SIGKILL of the appliance's QEMU while a reader reads: reads in flight end (EIO), a new appliance
+    serves the next ones."""
+    with own_mount(test_guest.uri, tmp_path, "-o", "idle=600") as (mountpoint, pid):
+        fs = mountpoint / "domains" / test_guest.name / "fs"
+        random_file = fs / images.DATA_RANDOM_FILE.lstrip("/")
+        assert random_file.read_bytes() == test_guest.files[images.DATA_RANDOM_FILE]
+        before = appliance_ids(pid)
+        [(name, _)] = before
+        with reading(random_file, test_guest.files[images.DATA_RANDOM_FILE]) as reader:
+            time.sleep(1)
+            os.kill(int(Path(f"/run/libvirt/qemu/{name}.pid").read_text()), signal.SIGKILL)
+            back = wait_until(lambda: listing_works(fs / "srv/data/many"), timeout=300)
+            assert back is not None, "the view did not come back"
+            time.sleep(1)
+        outcomes = reader.finish()
+        print(f"fs/ listed again {back:.1f} s after the kill; {len(outcomes)} reads: "
+              f"{sorted({o for _, o in outcomes})}, the slowest {max(s for s, _ in outcomes):.1f} s")
+        assert_no_hang_and_only_eio(outcomes)
+        assert outcomes[-1][1] == "ok"
+        after = appliance_ids(pid)
+        assert len(after) == 1 and not after & before
+    assert appliance_ids(pid) == set()
+    assert leftover_overlays({name for name, _ in before | after}, [test_guest.image.parent, POOL_DIR]) == []
 
 
 def test_libvirtd_restarted_while_mounted(test_guest: images.Guest, tmp_path: Path) -> None:
@@ -163,6 +203,7 @@ def test_libvirtd_restarted_while_mounted(test_guest: images.Guest, tmp_path: Pa
         assert len(after) == 1 and not after & before  # the old one destroyed, a new one serves
         assert test_guest.name in os.listdir(mountpoint / "domains")
     assert appliance_ids(pid) == set()
+    assert leftover_overlays({name for name, _ in before | after}, [test_guest.image.parent, POOL_DIR]) == []
 
 
 def test_tcp_connection_cut_and_restored(test_guest: images.Guest, tcp_uri: str, tmp_path: Path) -> None:
@@ -207,24 +248,41 @@ def redefined_xml(conn: libvirt.virConnect, name: str, image: Path) -> str:
     return ET.tostring(domain_xml, encoding="unicode")
 
 
-def test_domain_redefined_or_undefined_while_mounted(test_guest: images.Guest, nos_guest: images.Guest,
-                                                     tmp_path: Path) -> None:
-    """A domain defined again (same UUID) with another disk shows the new disk, not the old appliance's;
-    an undefined one is gone, and so is its appliance."""
-    name = "virtmount-test-redefined"
+def test_a_domain_whose_disk_and_definition_change_while_mounted(test_guest: images.Guest, nos_guest: images.Guest,
+                                                                 tmp_path: Path) -> None:
+    """The domain's disk truncated while served: no hang; removed: EIO with the mount alive, until the disk
+    is back (retried after 10 s). Then defined again (same UUID) with another disk: the new disk is shown,
+    not the old appliance's; then undefined: gone, and so is its appliance."""
+    name = "virtmount-test-changing"
+    disk = images.IMAGE_DIR / f"{name}-{os.getpid()}.qcow2"
+    shutil.copyfile(nos_guest.image, disk)
     conn = libvirt.open(test_guest.uri)
     try:
         with contextlib.suppress(libvirt.libvirtError):
             conn.lookupByName(name).undefine()
-        conn.defineXML(images.domain_xml(name, nos_guest.image))
+        conn.defineXML(images.domain_xml(name, disk))
         with own_mount(test_guest.uri, tmp_path, "-o", "idle=600") as (mountpoint, pid):
             domain_dir = mountpoint / "domains" / name
-            assert sorted(os.listdir(domain_dir / "devices")) == ["sda"]
-            assert (domain_dir / "devices" / "sda" / "hello.txt").read_bytes() == nos_guest.files["/hello.txt"]
-            [old] = appliance_ids(pid)
+            sda = domain_dir / "devices" / "sda"
+            assert (sda / "hello.txt").read_bytes() == nos_guest.files["/hello.txt"]
+            [first] = appliance_ids(pid)
+
+            os.truncate(disk, 0)
+            started = time.monotonic()
+            errno_of(lambda: os.listdir(sda / "lost+found"))  # whatever the appliance still has, it answers
+            assert time.monotonic() - started < NO_HANG_S
+            disk.unlink()
+            subprocess.run([str(Path(sys.executable).parent / "virtmount"), "release", str(mountpoint), name],
+                           check=True, capture_output=True)
+            assert errno_of(lambda: os.listdir(domain_dir / "devices")) == errno.EIO
+            assert test_guest.name in os.listdir(mountpoint / "domains")
+            shutil.copyfile(nos_guest.image, disk)
+            back = wait_until(lambda: listing_works(sda), timeout=300)
+            assert back is not None and first not in appliance_ids(pid)
+            [second] = appliance_ids(pid)
 
             conn.defineXML(redefined_xml(conn, name, test_guest.image))
-            assert wait_until(lambda: old not in appliance_ids(pid), timeout=60) is not None
+            assert wait_until(lambda: second not in appliance_ids(pid), timeout=60) is not None
             devices = wait_until(lambda: listing_works(domain_dir / "devices")
                                  and "vg0-data" in os.listdir(domain_dir / "devices"), timeout=300)
             assert devices is not None, os.listdir(domain_dir / "devices")
@@ -238,3 +296,39 @@ def test_domain_redefined_or_undefined_while_mounted(test_guest: images.Guest, n
         with contextlib.suppress(libvirt.libvirtError):
             conn.lookupByName(name).undefine()
         conn.close()
+        disk.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def full_pool(directory: Path, name: str) -> Iterator[None]:
+    """A transient dir pool ``name`` on a 4 MiB tmpfs: no room for the appliance (its kernel alone is larger)."""
+    directory.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "virtmount-test-full", str(directory)], check=True)
+    conn = libvirt.open("qemu:///system")
+    try:
+        pool = conn.storagePoolCreateXML(
+            f"<pool type='dir'><name>{name}</name><target><path>{directory}</path></target></pool>", 0)
+        try:
+            yield
+        finally:
+            pool.destroy()
+    finally:
+        conn.close()
+        subprocess.run(["umount", str(directory)], check=True)
+
+
+def test_full_pool_is_a_clear_error_and_the_mount_keeps_working(test_guest: images.Guest, tmp_path: Path) -> None:
+    """No room in the pool for the appliance: ENOSPC below the domain (again after the retry time),
+    while the rest of the mount answers."""
+    pool = f"virtmount-test-full-{os.getpid()}"
+    with full_pool(tmp_path / "pool", pool), \
+            own_mount(test_guest.uri, tmp_path, "-o", f"pool={pool}") as (mountpoint, pid):
+        domain_dir = mountpoint / "domains" / test_guest.name
+        assert errno_of(lambda: os.listdir(domain_dir / "fs")) == errno.ENOSPC
+        assert (domain_dir / "domain.xml").read_text().startswith("<domain")
+        status = subprocess.run([str(Path(sys.executable).parent / "virtmount"), "status", str(mountpoint)],
+                                capture_output=True, text=True, check=True).stdout
+        assert "No space left on device" in status, status
+        time.sleep(11)  # past the retry time: a new attempt, the same answer
+        assert errno_of(lambda: os.listdir(domain_dir / "devices")) == errno.ENOSPC
+        assert appliance_ids(pid) == set()

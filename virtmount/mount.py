@@ -71,10 +71,11 @@ async def _remove_leftover_appliances(conn: libvirt.virConnect) -> None:
                 log.warning("cannot destroy leftover appliance %s: %s", name, libvirt_message(exc))
 
 
-async def _end_leftover_backup_jobs(conn: libvirt.virConnect, pool: str) -> None:
-    """A virtmount of this host that died (and its watchdog too) may have left backup jobs and scratch volumes."""
+async def _end_leftover_backup_jobs(conn: libvirt.virConnect, pool: str, ours_too: bool = False) -> None:
+    """A virtmount of this host that died (and its watchdog too) may have left backup jobs and scratch volumes;
+    so may this one when its connection was lost (``ours_too``: the lost connection could not end them)."""
     try:
-        for name in await run_blocking(end_leftover_jobs, conn, pool):
+        for name in await run_blocking(end_leftover_jobs, conn, pool, ours_too):
             log.info("ended a leftover backup job of virtmount's on %s", name)
     except libvirt.libvirtError as exc:
         log.warning("cannot look for leftover backup jobs: %s", libvirt_message(exc))
@@ -261,6 +262,7 @@ async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[]
                     await _destroy_own_appliances(conn)
                     await _delete_leftover_overlays(conn, lost_overlays)
                     lost_overlays.clear()
+                    await _end_leftover_backup_jobs(conn, config.appliance.pool, ours_too=True)
 
                 await nursery.start(link.keep_open, connection_lost, reopened)
                 on_ready()

@@ -1,9 +1,11 @@
 """Start-up and shut-down of a mount, in one place.
 
 Order on the way up: check the mount point, connect, remove leftover
-appliances and backup jobs, mount FUSE, report readiness. On the way down (fusermount3 -u,
-SIGTERM, SIGINT or SIGHUP): stop serving, sync and destroy every appliance,
-unmount, close the connection.
+appliances and backup jobs, mount FUSE, report readiness. While serving: when
+the libvirt connection is lost, drop the appliances; once it is re-opened,
+destroy what they left on the host (virt/link.py re-opens it). On the way down
+(fusermount3 -u, SIGTERM, SIGINT or SIGHUP): stop serving, sync and destroy
+every appliance, unmount, close the connection.
 """
 
 from __future__ import annotations

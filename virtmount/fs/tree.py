@@ -232,7 +232,8 @@ class ConnectionTree:
     async def _list_pool_names(self) -> list[str]:
         names = await self._libvirt(
             "list storage pools",
-            lambda: [p.name() for p in self._link.conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE)])
+            lambda: [p.name()
+                     for p in self._link.conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE)])
         for gone in set(self._pools) - set(names):
             await self._drop_pool(gone)
         return sorted(names)

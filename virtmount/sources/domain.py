@@ -67,7 +67,8 @@ async def _as_resolved(conn: libvirt.virConnect, disk: ET.Element) -> ET.Element
         volume = await run_blocking(lambda: conn.storagePoolLookupByName(pool_name).storageVolLookupByName(volume_name))
         kind, path = (await run_blocking(volume.info))[0], await run_blocking(volume.path)
     except libvirt.libvirtError as exc:
-        raise SourceUnavailable(f"cannot find volume {volume_name} of pool {pool_name}: {libvirt_message(exc)}", errno_of(exc)) from None
+        raise SourceUnavailable(f"cannot find volume {volume_name} of pool {pool_name}: {libvirt_message(exc)}",
+                                errno_of(exc)) from None
     attribute = {libvirt.VIR_STORAGE_VOL_FILE: "file", libvirt.VIR_STORAGE_VOL_BLOCK: "dev"}.get(kind)
     if attribute is None:
         return disk  # a network volume: libvirt resolves it

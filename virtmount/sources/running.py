@@ -72,7 +72,8 @@ class AnyStateDomainRef:
         try:
             own_daemon = _has_guestfs_channel(str(await run_blocking(domain.XMLDesc, 0)))
         except libvirt.libvirtError as exc:
-            raise SourceUnavailable(f"cannot read running domain {self.name}: {libvirt_message(exc)}", errno_of(exc)) from None
+            raise SourceUnavailable(f"cannot read running domain {self.name}: {libvirt_message(exc)}",
+                                    errno_of(exc)) from None
         if own_daemon:  # reached through its channel as it is: no job, no appliance
             return Source(identity=self.identity, name=self.name, disks=(),
                           attach=Attach.READ_ONLY_OVERLAY, own_daemon=True)
@@ -120,7 +121,8 @@ async def snapshot_source(conn: libvirt.virConnect, domain: libvirt.virDomain, r
         live_xml = str(await run_blocking(domain.XMLDesc, 0))
         existing = await run_blocking(backup.current_job_xml, domain)
     except libvirt.libvirtError as exc:
-        raise SourceUnavailable(f"cannot read running domain {ref.name}: {libvirt_message(exc)}", errno_of(exc)) from None
+        raise SourceUnavailable(f"cannot read running domain {ref.name}: {libvirt_message(exc)}",
+                                errno_of(exc)) from None
     if existing is not None:
         raise SourceUnavailable(f"a backup job is already running on {ref.name}", errno.EBUSY)
     targets = _exportable_targets(live_xml, ref.name)
@@ -134,7 +136,8 @@ async def snapshot_source(conn: libvirt.virConnect, domain: libvirt.virDomain, r
                  for target in targets]
     except libvirt.libvirtError as exc:
         await _delete_made_scratch(conn, pool_name, owner, ref.uuid)
-        raise SourceUnavailable(f"cannot prepare the backup of {ref.name}: {libvirt_message(exc)}", errno_of(exc)) from None
+        raise SourceUnavailable(f"cannot prepare the backup of {ref.name}: {libvirt_message(exc)}",
+                                errno_of(exc)) from None
     job = BackupJob(conn, domain, ref.name, ref.uuid, owner, [d.scratch_path for d in disks])
     try:
         await _begin(domain, ref.name, backup.backup_xml(socket_path, disks), _agent_connected(live_xml))

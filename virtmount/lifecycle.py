@@ -199,7 +199,7 @@ class SourceAppliance:
                 self._appliance, self._layout = appliance, layout
                 log.info("%s: ready (%s)", self.name, "the guest's OS in fs/" if layout.has_os else "no OS found")
                 self.touch()
-        except Exception as exc:  # noqa: BLE001 - a boot's failure is the source's, never the mount's
+        except Exception as exc:  # a boot's failure is the source's, never the mount's
             message = reason_of(exc)
             if isinstance(exc, (VirtmountError, GuestfsClientError, libvirt.libvirtError)):
                 log.error("%s: %s", self.name, message)

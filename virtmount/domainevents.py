@@ -23,9 +23,9 @@ from .virt.events import call_in_trio
 class Change(enum.Enum):
     """What happened to a domain, as far as its appliance is concerned."""
 
-    STOPPED = "stopped"
-    REDEFINED = "defined anew"
-    UNDEFINED = "undefined"
+    STOPPED = "stopped"  # values complete "the domain …" in log lines
+    REDEFINED = "was defined anew"
+    UNDEFINED = "was undefined"
 
 
 _CHANGES = {

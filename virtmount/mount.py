@@ -116,8 +116,8 @@ def _end_appliance_after(change: Change, uuid: str, tree: ConnectionTree, nurser
             continue
         if change is Change.STOPPED and source.appliance.snapshot_taken_at is None:
             continue  # a shut-off domain's appliance holds its disks as they are: nothing ended
-        log.info("%s: the domain was %s; its appliance ends", source.name, change.value)
-        nursery.start_soon(source.appliance.release, f"the domain was {change.value}")
+        log.info("%s: the domain %s; its appliance ends", source.name, change.value)
+        nursery.start_soon(source.appliance.release, f"the domain {change.value}")
 
 
 async def _destroy_own_appliances(conn: libvirt.virConnect) -> None:

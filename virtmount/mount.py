@@ -95,18 +95,18 @@ async def _follow_domain_changes(link: LibvirtLink, tree: ConnectionTree, nurser
                 with domain_changes(conn) as changes:
                     task_status.started()
                     task_status = trio.TASK_STATUS_IGNORED
-                    nursery.start_soon(_cancel_when_lost, link, scope)
+                    nursery.start_soon(_cancel_when_lost, link, conn, scope)
                     async for uuid, change in changes:
                         _end_appliance_after(change, uuid, tree, nursery)
             except libvirt.libvirtError as exc:  # e.g. the connection closed as we registered
                 log.warning("cannot follow domain events: %s", libvirt_message(exc))
         task_status.started()
         task_status = trio.TASK_STATUS_IGNORED
-        await link.wait_lost()
+        await link.wait_lost(conn)
 
 
-async def _cancel_when_lost(link: LibvirtLink, scope: trio.CancelScope) -> None:
-    await link.wait_lost()
+async def _cancel_when_lost(link: LibvirtLink, conn: libvirt.virConnect, scope: trio.CancelScope) -> None:
+    await link.wait_lost(conn)
     scope.cancel()
 
 

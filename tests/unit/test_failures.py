@@ -119,11 +119,14 @@ async def test_a_closed_connection_answers_at_once_and_is_reopened_with_backoff(
 async def test_while_down_every_user_gets_libvirtdown() -> None:
     first = FakeConnection()
     link = LibvirtLink("qemu:///system", cast(libvirt.virConnect, first))
-    link._mark_lost(cast(libvirt.virConnect, first), "the server closed it")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(link.wait_lost, cast(libvirt.virConnect, first))  # returns once it is lost
+        await trio.testing.wait_all_tasks_blocked()
+        link._mark_lost(cast(libvirt.virConnect, first), "the server closed it")
     with pytest.raises(LibvirtDown, match="is down"):
         link.ensure_up()
     with trio.move_on_after(1) as scope:
-        await link.wait_lost()
+        await link.wait_lost(cast(libvirt.virConnect, first))  # an old connection: at once
     assert not scope.cancelled_caught
 
 

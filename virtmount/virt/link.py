@@ -68,9 +68,10 @@ class LibvirtLink:
             await self._up.wait()
         return self._conn
 
-    async def wait_lost(self) -> None:
-        """Return when the connection that is current now closes."""
-        await self._lost.wait()
+    async def wait_lost(self, conn: libvirt.virConnect) -> None:
+        """Return once ``conn`` is not the current connection any more (it closed)."""
+        while self._conn is conn:
+            await self._lost.wait()
 
     def _mark_lost(self, conn: libvirt.virConnect, why: str) -> None:
         if conn is not self._conn:

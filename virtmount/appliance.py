@@ -36,6 +36,7 @@ from .virt.domainxml import (
     appliance_disk,
     build_appliance_xml,
 )
+from .virt.overlays import transient_overlays
 from .virt.provision import HostAppliance, delete_volume
 from .virt.stream import LibvirtByteStream
 from .watchdog import Watchdog
@@ -97,6 +98,7 @@ class Appliance:
         self.disks_key = ""  # identifies the guest's disk set (inspection_cache.disks_identity)
         self.naming = COLD_BOOTED  # how its daemon names the guest's disks (devicenames.py)
         self.watchdog: Watchdog | None = None  # ends it if virtmount dies (restored appliances only)
+        self.overlays: list[str] = []  # libvirt's throw-away overlays of its disks (virt/overlays.py)
 
     async def shutdown(self) -> None:
         """Sync and unmount inside the appliance, then destroy its domain; never raises."""
@@ -173,6 +175,7 @@ async def boot_appliance(
             log.info("appliance for %s: no fast start (%s); booting it cold", guest_name, exc)
         else:
             appliance.disks_key = disks_key
+            await _note_overlays(appliance)
             return appliance
     failure: BootFailed | None = None
     order = plan.domain_types  # a failed KVM leaves the plan (after the fast path, perhaps already)
@@ -188,11 +191,20 @@ async def boot_appliance(
             continue
         plan.worked(domain_type)
         appliance.disks_key = disks_key
+        await _note_overlays(appliance)
         return appliance
     assert failure is not None
     if settings.accelerator == "kvm":
         raise BootFailed(f"{failure}; if KVM does not work on this host, use -o accel=tcg", failure.reason)
     raise failure
+
+
+async def _note_overlays(appliance: Appliance) -> None:
+    """Remember where libvirt put the appliance's throw-away overlays: a libvirtd restart makes it forget."""
+    try:
+        appliance.overlays = transient_overlays(await run_blocking(appliance.domain.XMLDesc, 0))
+    except libvirt.libvirtError as exc:
+        log.debug("%s: cannot read its XML: %s", appliance.domain_name, libvirt_message(exc))
 
 
 async def _attach_to_own_daemon(

@@ -5,14 +5,17 @@ backup job's export, which ends when the guest stops; a shut-off domain's is
 its disks as they are, which a guest that starts would change under the
 appliance (QEMU's image locking keeps most guests from starting meanwhile,
 but not those whose disks it does not lock, such as network disks). Either
-change ends the view at once, and the next access is served the other way.
+change ends the view at once (its in-flight reads answer EIO), and the next
+access is served the other way. A domain that is undefined or defined anew
+(other disks, perhaps) must not keep being served by an appliance that holds
+the disks of its old definition.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import math
-from dataclasses import dataclass
 from typing import Any, Iterator
 
 import libvirt
@@ -21,26 +24,39 @@ import trio
 from .virt.events import call_in_trio
 
 
-@dataclass(frozen=True)
-class StateChange:
-    uuid: str
-    started: bool  # False: stopped
+class Change(enum.Enum):
+    """What happened to a domain, as far as its appliance is concerned."""
+
+    STARTED = "started"  # values complete "the domain …" in log lines
+    STOPPED = "stopped"
+    REDEFINED = "was defined anew"
+    UNDEFINED = "was undefined"
+
+
+_CHANGES = {
+    libvirt.VIR_DOMAIN_EVENT_STARTED: Change.STARTED,
+    libvirt.VIR_DOMAIN_EVENT_STOPPED: Change.STOPPED,
+    libvirt.VIR_DOMAIN_EVENT_DEFINED: Change.REDEFINED,
+    libvirt.VIR_DOMAIN_EVENT_UNDEFINED: Change.UNDEFINED,
+}
 
 
 @contextlib.contextmanager
-def domain_state_changes(conn: libvirt.virConnect) -> Iterator[trio.MemoryReceiveChannel[StateChange]]:
-    """The connection's domains as they start and stop, while the context lasts."""
+def domain_changes(conn: libvirt.virConnect) -> Iterator[trio.MemoryReceiveChannel[tuple[str, Change]]]:
+    """(UUID, change) of the connection's domains as they start, stop or are (un)defined, while the context
+    lasts."""
     token = trio.lowlevel.current_trio_token()
-    send, receive = trio.open_memory_channel[StateChange](math.inf)
+    send, receive = trio.open_memory_channel[tuple[str, Change]](math.inf)
 
-    def deliver(change: StateChange) -> None:
+    def deliver(uuid: str, change: Change) -> None:
         with contextlib.suppress(trio.ClosedResourceError):
-            send.send_nowait(change)
+            send.send_nowait((uuid, change))
 
     def on_lifecycle(_conn: libvirt.virConnect, domain: libvirt.virDomain, event: int, _detail: int,
                      _opaque: Any) -> None:
-        if event in (libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_STOPPED):
-            call_in_trio(token, deliver, StateChange(domain.UUIDString(), event == libvirt.VIR_DOMAIN_EVENT_STARTED))
+        change = _CHANGES.get(event)
+        if change is not None:
+            call_in_trio(token, deliver, domain.UUIDString(), change)
 
     callback = conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, on_lifecycle, None)
     try:

@@ -4,17 +4,17 @@ Each source (see sources/) gets at most one appliance. Concurrent first
 accesses wait for the same boot, which resolves the source (its disks now)
 and lays out its views (guestlayout.py). After an idle period (no access, no
 open files) the appliance is synced and destroyed; the next access boots it
-again. A failed boot is remembered for a short while so that a broken source
-does not cost a boot attempt per system call. While an appliance serves,
-the mount asks libvirt at most every PRESENCE_CHECK_S whether its source
-still exists (libvirt has no event for a deleted volume, and QEMU keeps
-reading a deleted image file): a source found gone ends its appliance and
-answers EIO.
+again. A failed boot is remembered for FAILED_BOOT_RETRY_S so that a broken
+source does not cost a boot attempt per system call; whatever a boot meets
+(libvirt, the daemon, a bug) ends that boot only, never the mount. While an
+appliance serves, the mount asks libvirt at most every PRESENCE_CHECK_S
+whether its source still exists (libvirt has no event for a deleted volume,
+and QEMU keeps reading a deleted image file): a source found gone ends its
+appliance and answers EIO.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import time
 from collections.abc import Callable
@@ -27,26 +27,24 @@ from .accelerator import accelerator_name
 from .appliance import Appliance, ApplianceSettings, boot_appliance
 from .devicenames import RESTORED
 from .errors import VirtmountError
+from .failures import ErrnoError, errno_of, reason_of
 from .guestfs.errors import GuestfsClientError
 from .guestlayout import GuestLayout, lay_out_os, mount_devices
 from .inspection_cache import InspectionCache
-from .sources import Attach, Hold, Source, SourceRef, SourceUnavailable, attach_mode
+from .sources import Attach, Hold, Source, SourceRef, attach_mode
 from .status import DiskStatus, SourceStatus, clock, iso_time
+from .virt.link import LibvirtDown, LibvirtLink
 from .virt.provision import HostAppliance, provision
 from .watchdog import Watchdog, WatchdogSource
 
 log = logging.getLogger(__name__)
 
-FAILED_BOOT_RETRY_S = 30.0
+FAILED_BOOT_RETRY_S = 10.0
 PRESENCE_CHECK_S = 2.0
 
 
-class GuestUnavailableError(Exception):
+class GuestUnavailableError(ErrnoError):
     """Files of this source cannot be served now; ``errno`` says how the mount reports it."""
-
-    def __init__(self, message: str, errno_value: int = errno.EIO) -> None:
-        super().__init__(message)
-        self.errno = errno_value
 
 
 class SourceAppliance:
@@ -54,7 +52,7 @@ class SourceAppliance:
 
     def __init__(
         self,
-        conn: libvirt.virConnect,
+        link: LibvirtLink,
         source: SourceRef,
         settings: ApplianceSettings,
         host_appliance: "HostApplianceSource",
@@ -66,7 +64,7 @@ class SourceAppliance:
         self.name = source.name
         self._inspection_cache = inspection_cache
         self._watchdogs = watchdogs  # None: appliances are never restored, always booted cold
-        self._conn = conn
+        self._link = link
         self._settings = settings
         self._host_appliance = host_appliance
         self._nursery = nursery
@@ -97,6 +95,16 @@ class SourceAppliance:
     @property
     def running(self) -> bool:
         return self._appliance is not None
+
+    @property
+    def booting(self) -> bool:
+        return self._booting is not None
+
+    @property
+    def overlays(self) -> tuple[str, list[str]] | None:
+        """The running appliance's domain name and the throw-away overlays libvirt made for it."""
+        appliance = self._appliance
+        return None if appliance is None or not appliance.owns_domain else (appliance.domain_name, appliance.overlays)
 
     @property
     def running_layout(self) -> GuestLayout | None:
@@ -143,8 +151,9 @@ class SourceAppliance:
                     try:
                         await mount_devices(layout, self.name)
                     except GuestfsClientError as exc:
-                        log.error("%s: cannot list or mount the filesystems: %s", self.name, exc)
-                        raise GuestUnavailableError(f"cannot list or mount the filesystems: {exc}") from None
+                        log.error("%s: cannot list or mount the filesystems: %s", self.name, reason_of(exc))
+                        raise GuestUnavailableError(f"cannot list or mount the filesystems: {reason_of(exc)}",
+                                                    errno_of(exc)) from None
                     finally:
                         self._mounting_devices = False
                         self.touch()
@@ -165,6 +174,10 @@ class SourceAppliance:
                     raise failure
                 self._failure = None
             if self._booting is None:
+                try:  # no boot while the connection is down: EIO now, boots again once it is back
+                    self._link.ensure_up()
+                except LibvirtDown as exc:
+                    raise GuestUnavailableError(str(exc), errno_of(exc)) from None
                 self._booting = trio.Event()
                 self._boot_started = time.monotonic()
                 self._nursery.start_soon(self._boot, self._booting)
@@ -176,7 +189,11 @@ class SourceAppliance:
         if time.monotonic() - self._presence_checked_at < PRESENCE_CHECK_S:
             return
         self._presence_checked_at = time.monotonic()
-        reason = await self.source.gone(self._conn)
+        try:
+            conn = self._link.conn
+        except LibvirtDown:
+            return  # the connection's loss ends the appliance anyway
+        reason = await self.source.gone(conn)
         if reason is None or self._appliance is None:
             return
         log.error("%s: %s while served; its appliance is shut down", self.name, reason)
@@ -190,12 +207,13 @@ class SourceAppliance:
             with trio.CancelScope() as self._boot_scope:
                 host = await self._host_appliance.get()
                 # the appliance's background tasks outlive this task: they run in the mount's nursery
-                source = await self.source.resolve(self._conn, attach_mode(self._settings.writable))
+                conn = self._link.conn  # one connection for the whole boot
+                source = await self.source.resolve(conn, attach_mode(self._settings.writable))
                 watchdog = None
                 try:
                     watchdog = await self._watchdog_for(source)
                     log.info("%s: booting an appliance", self.name)
-                    appliance = await boot_appliance(self._conn, source, host, self._settings, self._nursery,
+                    appliance = await boot_appliance(conn, source, host, self._settings, self._nursery,
                                                      watchdog if self._settings.fast_start else None)
                 except BaseException:
                     await _let_go(source, watchdog)
@@ -207,8 +225,10 @@ class SourceAppliance:
                 except BaseException as exc:
                     await appliance.shutdown()
                     await _let_go(source, watchdog)
-                    if isinstance(exc, (GuestfsClientError, VirtmountError)):
-                        raise VirtmountError(f"appliance booted but the disks could not be mounted: {exc}") from None
+                    if isinstance(exc, (GuestfsClientError, VirtmountError, libvirt.libvirtError)):
+                        raise GuestUnavailableError(
+                            f"appliance booted but the disks could not be mounted: {reason_of(exc)}",
+                            errno_of(exc)) from None
                     raise
                 self._appliance, self._layout = appliance, layout
                 self._presence_checked_at = time.monotonic()
@@ -217,11 +237,13 @@ class SourceAppliance:
                     self._nursery.start_soon(self._end_when_broken, source.hold, self._hold_watch)
                 log.info("%s: ready (%s)", self.name, "the guest's OS in fs/" if layout.has_os else "no OS found")
                 self.touch()
-        except (VirtmountError, GuestfsClientError) as exc:
-            message = str(exc)
-            log.error("%s: %s", self.name, message)
-            errno_value = exc.errno if isinstance(exc, SourceUnavailable) else errno.EIO
-            self._failure = (time.monotonic(), GuestUnavailableError(message, errno_value))
+        except Exception as exc:  # a boot's failure is the source's, never the mount's
+            message = reason_of(exc)
+            if isinstance(exc, (VirtmountError, GuestfsClientError, libvirt.libvirtError)):
+                log.error("%s: %s", self.name, message)
+            else:
+                log.exception("%s: boot failed on an internal error", self.name)
+            self._failure = (time.monotonic(), GuestUnavailableError(message, errno_of(exc)))
         finally:
             self._boot_scope = None
             self._booting = None
@@ -278,6 +300,14 @@ class SourceAppliance:
             self._boot_scope.cancel()
         await self._discard_appliance(why)
         self._failure = None
+
+    async def connection_lost(self) -> None:
+        """The libvirt connection closed and took the daemon channel with it: calls in flight fail
+        now (EIO), the appliance is dropped (mount.py destroys its domain once the connection is back)
+        and the next access boots a new one, without waiting out an earlier boot failure."""
+        if self._layout is not None:
+            await self._layout.client.aclose()
+        await self.release("the libvirt connection was lost")
 
     async def _discard_appliance(self, why: str) -> None:
         appliance, self._appliance, self._layout = self._appliance, None, None
@@ -353,8 +383,8 @@ def _disk_status(disk: ET.Element, attach: str) -> DiskStatus:
 class HostApplianceSource:
     """The appliance files on the host, provisioned once, on the first boot of the mount."""
 
-    def __init__(self, conn: libvirt.virConnect, pool: str) -> None:
-        self._conn = conn
+    def __init__(self, link: LibvirtLink, pool: str) -> None:
+        self._link = link
         self._pool = pool
         self._result: HostAppliance | None = None
         self._lock = trio.Lock()
@@ -362,5 +392,5 @@ class HostApplianceSource:
     async def get(self) -> HostAppliance:
         async with self._lock:
             if self._result is None:
-                self._result = await provision(self._conn, self._pool)
+                self._result = await provision(self._link.conn, self._pool)
             return self._result

@@ -1,9 +1,11 @@
 """Start-up and shut-down of a mount, in one place.
 
 Order on the way up: check the mount point, connect, remove leftover
-appliances and backup jobs, mount FUSE, report readiness. On the way down (fusermount3 -u,
-SIGTERM, SIGINT or SIGHUP): stop serving, sync and destroy every appliance,
-unmount, close the connection.
+appliances and backup jobs, mount FUSE, report readiness. While serving: when
+the libvirt connection is lost, drop the appliances; once it is re-opened,
+destroy what they left on the host (virt/link.py re-opens it). On the way down
+(fusermount3 -u, SIGTERM, SIGINT or SIGHUP): stop serving, sync and destroy
+every appliance, unmount, close the connection.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import trio
 
 from .appliance import ApplianceSettings
 from .config import Config
-from .domainevents import StateChange, domain_state_changes
+from .domainevents import Change, domain_changes
 from .errors import UsageError, VirtmountError
 from .fs.nodes import ServedSource
 from .fs.tree import ConnectionTree
@@ -34,7 +36,9 @@ from .status import MountStatus
 from .watchdog import WatchdogSource
 from .virt.connection import close_connection, libvirt_message, open_connection, run_blocking, uses_embedded_driver
 from .virt.backup import end_leftover_jobs
-from .virt.domainxml import APPLIANCE_NAME_PREFIX
+from .virt.domainxml import APPLIANCE_NAME_PREFIX, appliance_owner
+from .virt.link import LibvirtDown, LibvirtLink
+from .virt.overlays import delete_leftover_overlays
 
 log = logging.getLogger(__name__)
 
@@ -71,37 +75,76 @@ async def _remove_leftover_appliances(conn: libvirt.virConnect) -> None:
                 log.warning("cannot destroy leftover appliance %s: %s", name, libvirt_message(exc))
 
 
-async def _end_leftover_backup_jobs(conn: libvirt.virConnect, pool: str) -> None:
-    """A virtmount of this host that died (and its watchdog too) may have left backup jobs and scratch volumes."""
+async def _end_leftover_backup_jobs(conn: libvirt.virConnect, pool: str, ours_too: bool = False) -> None:
+    """A virtmount of this host that died (and its watchdog too) may have left backup jobs and scratch volumes;
+    so may this one when its connection was lost (``ours_too``: the lost connection could not end them)."""
     try:
-        for name in await run_blocking(end_leftover_jobs, conn, pool):
+        for name in await run_blocking(end_leftover_jobs, conn, pool, ours_too):
             log.info("ended a leftover backup job of virtmount's on %s", name)
     except libvirt.libvirtError as exc:
         log.warning("cannot look for leftover backup jobs: %s", libvirt_message(exc))
 
 
-async def _end_views_on_state_changes(conn: libvirt.virConnect, tree: ConnectionTree, nursery: trio.Nursery,
-                                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    with domain_state_changes(conn) as changes:
+async def _follow_domain_changes(link: LibvirtLink, tree: ConnectionTree, nursery: trio.Nursery,
+                                 task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Domains that start, stop, or are undefined or defined anew end the appliances whose view that
+    makes wrong (end_appliances_after). Registered again on each connection the link re-opens."""
+    while True:
+        conn = await link.connected()
+        with trio.CancelScope() as scope:
+            try:
+                with domain_changes(conn) as changes:
+                    task_status.started()
+                    task_status = trio.TASK_STATUS_IGNORED
+                    nursery.start_soon(_cancel_when_lost, link, conn, scope)
+                    async for uuid, change in changes:
+                        end_appliances_after(change, uuid, tree.served_sources(), nursery)
+            except libvirt.libvirtError as exc:  # e.g. the connection closed as we registered
+                log.warning("cannot follow domain events: %s", libvirt_message(exc))
         task_status.started()
-        await end_views_on(changes, tree.served_sources, nursery)
+        task_status = trio.TASK_STATUS_IGNORED
+        await link.wait_lost(conn)
 
 
-async def end_views_on(changes: trio.MemoryReceiveChannel[StateChange], served: Callable[[], Iterable[ServedSource]],
-                       nursery: trio.Nursery) -> None:
-    """A running domain that stops ends its point-in-time view; a shut-off domain that starts ends the
-    view of its disks; the next access is served the other way (see domainevents.py)."""
-    async for change in changes:
-        for source in served():
-            appliance = source.appliance
-            if source.identity != change.uuid:
+async def _cancel_when_lost(link: LibvirtLink, conn: libvirt.virConnect, scope: trio.CancelScope) -> None:
+    await link.wait_lost(conn)
+    scope.cancel()
+
+
+def end_appliances_after(change: Change, uuid: str, sources: Iterable[ServedSource], nursery: trio.Nursery) -> None:
+    """End the appliances of domain ``uuid`` whose view ``change`` makes wrong: a stop ends a point-in-time
+    view, a start the view of the disks as they are, a (re)definition any (see domainevents.py)."""
+    for source in sources:
+        appliance = source.appliance
+        if source.identity != uuid or not (appliance.running or appliance.booting):
+            continue
+        if change is Change.STOPPED and appliance.snapshot_taken_at is None:
+            continue  # a shut-off domain's appliance holds its disks as they are: nothing ended
+        if change is Change.STARTED and not appliance.reads_disks_as_they_are:
+            continue  # a point-in-time view, or the guest's own daemon: still right
+        log.info("%s: the domain %s; its appliance ends", source.name, change.value)
+        nursery.start_soon(appliance.release, f"the domain {change.value}")
+
+
+async def _destroy_own_appliances(conn: libvirt.virConnect) -> None:
+    """After the connection is re-opened: appliances of ours from before are unreachable (their daemon
+    channel went with the old connection) and, if libvirtd restarted, no longer auto-destroyed."""
+    try:
+        domains = await run_blocking(conn.listAllDomains, libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+    except libvirt.libvirtError as exc:
+        log.warning("cannot list the appliances of the lost connection: %s", libvirt_message(exc))
+        return
+    for domain in domains:
+        try:
+            name = await run_blocking(domain.name)
+            if not name.startswith(APPLIANCE_NAME_PREFIX):
                 continue
-            if not change.started and appliance.snapshot_taken_at is not None:
-                log.info("%s: the domain stopped; its point-in-time view ends", source.name)
-                nursery.start_soon(appliance.release, "the domain stopped")
-            elif change.started and appliance.reads_disks_as_they_are:
-                log.info("%s: the domain started; the view of its disks ends", source.name)
-                nursery.start_soon(appliance.release, "the domain started")
+            if appliance_owner(await run_blocking(domain.XMLDesc, 0)) == str(os.getpid()):
+                log.info("destroying appliance %s of the lost connection", name)
+                await run_blocking(domain.destroy)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                log.warning("cannot destroy an appliance of the lost connection: %s", libvirt_message(exc))
 
 
 async def _shut_down_idle_appliances(tree: ConnectionTree, idle_seconds: float) -> None:
@@ -111,6 +154,16 @@ async def _shut_down_idle_appliances(tree: ConnectionTree, idle_seconds: float) 
             if source.appliance.running and source.appliance.idle_for() >= idle_seconds:
                 log.info("%s: idle for %.0f s", source.name, idle_seconds)
                 await source.appliance.release("idle")
+
+
+async def _delete_leftover_overlays(conn: libvirt.virConnect, appliances: list[tuple[str, list[str]]]) -> None:
+    """The throw-away overlays of the appliances of the lost connection, if libvirt forgot them (virt/overlays.py)."""
+    for name, paths in appliances:
+        try:
+            for path in await run_blocking(delete_leftover_overlays, conn, name, paths):
+                log.info("deleted %s, left behind by libvirt after a restart", path)
+        except libvirt.libvirtError as exc:
+            log.warning("cannot look for the overlays of %s: %s", name, libvirt_message(exc))
 
 
 def _mountinfo_path(path: str) -> str:
@@ -172,11 +225,12 @@ def _fuse_options(uri: str, config: Config) -> set[str]:
 async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[], None]) -> None:
     """Mount ``uri`` at ``mountpoint`` and serve until unmounted or signalled."""
     conn = await open_connection(uri)
+    link = LibvirtLink(uri, conn)
     try:
         await _remove_leftover_appliances(conn)
         await _end_leftover_backup_jobs(conn, config.appliance.scratch_pool_name)
         async with trio.open_nursery() as nursery:
-            host_appliance = HostApplianceSource(conn, config.appliance.pool)
+            host_appliance = HostApplianceSource(link, config.appliance.pool)
             inspection_cache = None if config.inspection_cache is None else InspectionCache(config.inspection_cache)
             # restores and backup jobs need a watchdog, which needs a client of its own: the embedded driver has none
             watchdogs = None if await run_blocking(uses_embedded_driver, conn) else WatchdogSource(uri)
@@ -184,7 +238,7 @@ async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[]
             def make_appliance(source: SourceRef, settings: ApplianceSettings = config.appliance) -> SourceAppliance:
                 if isinstance(source, DomainRef):  # running domains are served from a point-in-time export
                     source = AnyStateDomainRef(source, settings.pool, settings.scratch_pool_name)
-                return SourceAppliance(conn, source, settings, host_appliance, nursery, inspection_cache, watchdogs)
+                return SourceAppliance(link, source, settings, host_appliance, nursery, inspection_cache, watchdogs)
 
             serving = False
 
@@ -202,7 +256,7 @@ async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[]
                     cached_entries=tree.guests.cached_entries, sources=await tree.source_statuses(config.idle_seconds),
                 ).to_json().encode()
 
-            tree = ConnectionTree(conn, make_appliance, nursery, config.cached_entries, forget_kernel_entry,
+            tree = ConnectionTree(link, make_appliance, nursery, config.cached_entries, forget_kernel_entry,
                                   status_report)
             try:
                 pyfuse3.init(Operations(tree), mountpoint, _fuse_options(uri, config))
@@ -213,7 +267,23 @@ async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[]
                 await nursery.start(_terminate_on_signal, fuse_loop)  # before readiness: systemd may stop us at once
                 nursery.start_soon(_terminate_when_unmounted, mountpoint, fuse_loop)
                 nursery.start_soon(_shut_down_idle_appliances, tree, config.idle_seconds)
-                await nursery.start(_end_views_on_state_changes, conn, tree, nursery)
+                await nursery.start(_follow_domain_changes, link, tree, nursery)
+
+                lost_overlays: list[tuple[str, list[str]]] = []  # (appliance, its throw-away overlays)
+
+                async def connection_lost() -> None:
+                    for source in tree.served_sources():
+                        if (overlays := source.appliance.overlays) is not None:
+                            lost_overlays.append(overlays)
+                        nursery.start_soon(source.appliance.connection_lost)
+
+                async def reopened(conn: libvirt.virConnect) -> None:
+                    await _destroy_own_appliances(conn)
+                    await _delete_leftover_overlays(conn, lost_overlays)
+                    lost_overlays.clear()
+                    await _end_leftover_backup_jobs(conn, config.appliance.scratch_pool_name, ours_too=True)
+
+                await nursery.start(link.keep_open, connection_lost, reopened)
                 on_ready()
                 log.info("mounted %s on %s", uri, mountpoint)
                 serving = True
@@ -232,6 +302,9 @@ async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[]
                 nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
-            await close_connection(conn)
+            try:
+                await close_connection(link.conn)
+            except LibvirtDown:
+                pass  # unmounted while the connection was down
     log.info("unmounted %s", mountpoint)
 

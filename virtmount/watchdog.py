@@ -107,7 +107,16 @@ class WatchdogSource:
             self._watchdog.close()
 
 
-def _watch(commands: IO[str], conn: libvirt.virConnect, owner: str) -> None:
+def _alive(conn: libvirt.virConnect, uri: str) -> libvirt.virConnect:
+    """``conn`` if it still answers, else a new connection (libvirtd may have restarted since)."""
+    try:
+        conn.getLibVersion()
+        return conn
+    except libvirt.libvirtError:
+        return libvirt.open(without_prompts(uri))
+
+
+def _watch(commands: IO[str], uri: str, conn: libvirt.virConnect, owner: str) -> None:
     watched: set[str] = set()
     for line in commands:
         line = line.rstrip("\n")
@@ -118,6 +127,11 @@ def _watch(commands: IO[str], conn: libvirt.virConnect, owner: str) -> None:
         elif line.startswith("-"):
             watched.discard(line[1:])
     # the pipe ended without a goodbye: the owner died. Appliances go first: they read the backup jobs' exports.
+    try:
+        conn = _alive(conn, uri)
+    except libvirt.libvirtError as exc:
+        print(f"virtmount watchdog: cannot reconnect to {uri}: {exc}", file=sys.stderr)
+        return
     for name in sorted(watched, key=lambda item: item.startswith(BACKUP_ITEM)):
         if name.startswith(BACKUP_ITEM):
             _end_backup(conn, name)
@@ -158,8 +172,7 @@ def main(argv: list[str]) -> int:
         print(f"virtmount watchdog: cannot connect to {uri}: {exc}", file=sys.stderr)
         return 1
     print(_READY, flush=True)
-    _watch(sys.stdin, conn, owner)
-    conn.close()
+    _watch(sys.stdin, uri, conn, owner)
     return 0
 
 

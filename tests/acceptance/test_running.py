@@ -7,6 +7,7 @@ make is named virtmount-test-run*.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -21,6 +22,7 @@ import pytest
 from tests import images, running_guest, volumes
 from tests.acceptance.conftest import unmount
 from tests.acceptance.helpers import VIRTMOUNT, appliances_of, run_virtmount
+from tests.tcpproxy import tcp_proxy
 from virtmount.virt import backup
 
 pytestmark = pytest.mark.acceptance
@@ -163,6 +165,33 @@ def test_sigkill_leaves_no_job_behind(writer: running_guest.RunningGuest,
         subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
 
 
+def test_a_view_cut_off_with_its_tcp_link_is_ended_once_the_link_is_back(
+        writer: running_guest.RunningGuest, tcp_uri: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The lost connection cannot end the view's backup job: once connected again, virtmount ends it, and
+    the next access takes a new view (not EBUSY for its own old job)."""
+    with tcp_proxy(("127.0.0.1", 16509)) as proxy:
+        mountpoint = tmp_path_factory.mktemp("virtmount-run-cut")
+        mount(f"qemu+tcp://127.0.0.1:{proxy.port}/system", mountpoint)
+        try:
+            assert counter_file(mountpoint), log_of(mountpoint)
+            snapshot = mountpoint / "domains" / running_guest.NAME / "snapshot-time"
+            taken = snapshot.read_text()
+            proxy.cut()
+            time.sleep(2)
+            proxy.restore()
+            deadline = time.monotonic() + 300
+            while True:
+                with contextlib.suppress(OSError, AssertionError):
+                    if counter_file(mountpoint) and snapshot.read_text() > taken:
+                        break
+                assert time.monotonic() < deadline, log_of(mountpoint)
+                time.sleep(0.5)
+            assert f"ended a leftover backup job of virtmount's on {running_guest.NAME}" in log_of(mountpoint)
+        finally:
+            unmount(mountpoint)
+    assert running_guest.backup_job(writer.uri) is None, log_of(mountpoint)
+
+
 def test_the_next_start_ends_a_leftover_job(writer: running_guest.RunningGuest,
                                             tmp_path_factory: pytest.TempPathFactory) -> None:
     """A job of a virtmount of this host that died with its watchdog is ended when a mount starts."""
@@ -202,7 +231,7 @@ def test_someone_elses_job_is_refused_and_left_alone(writer: running_guest.Runni
         try:
             with pytest.raises(OSError) as raised:
                 list(devices_of(mountpoint).iterdir())
-            assert raised.value.errno == 5, log_of(mountpoint)
+            assert raised.value.errno == errno.EBUSY, log_of(mountpoint)
             status = run_virtmount("status", str(mountpoint)).stdout
             assert f"a backup job is already running on {running_guest.NAME}" in status
         finally:

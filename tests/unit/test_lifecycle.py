@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any, cast
 
+import libvirt
 import pytest
 import trio
 import trio.testing
@@ -17,9 +18,11 @@ from virtmount.guestfs.errors import GuestfsError
 from virtmount.guestfs.procs import Statns
 from virtmount.devicenames import COLD_BOOTED, RESTORED
 from virtmount.guestlayout import lay_out_os, mount_devices
+from virtmount.appliance import ApplianceSettings
 from virtmount.lifecycle import GuestUnavailableError, SourceAppliance
 from virtmount.sources.domain import DomainRef
 from virtmount.inspection_cache import FstabFingerprint, InspectionCache, RememberedLayout
+from virtmount.virt.link import LibvirtLink
 
 FILESYSTEMS = {"/dev/sda1": "ext4", "/dev/vg0/root": "ext4", "/dev/vg0/data": "xfs", "/dev/sda2": "swap"}
 DEV_OF = {"/dev/sda1": 2049, "/dev/vg0/root": 64768, "/dev/vg0/data": 64769}
@@ -396,7 +399,8 @@ async def test_a_source_deleted_while_served_ends_its_appliance_with_eio() -> No
             return self.reason
 
     ref = DeletedLater()
-    guest = SourceAppliance(cast(Any, None), ref, cast(Any, None), cast(Any, None), cast(Any, None))
+    link = LibvirtLink("qemu:///system", cast(Any, object()))
+    guest = SourceAppliance(link, ref, cast(Any, None), cast(Any, None), cast(Any, None))
     class OpenDaemon(FakeDaemon):
         closed = False
 
@@ -415,3 +419,44 @@ async def test_a_source_deleted_while_served_ends_its_appliance_with_eio() -> No
             await guest.layout()
         assert failed.value.errno == errno.EIO and "deleted" in str(failed.value)
     assert booted.shut_down and not guest.running and ref.asked == 2
+class FailingRef:
+    """A source whose resolution fails as given (a libvirt error from a lookup, a bug)."""
+
+    name = identity = "web1"
+
+    def __init__(self, failure: Exception) -> None:
+        self.failure = failure
+        self.resolved = 0
+
+    async def resolve(self, conn: Any, attach: Any) -> Any:
+        self.resolved += 1
+        raise self.failure
+
+
+class NoHost:
+    async def get(self) -> Any:
+        return None
+
+
+@pytest.mark.parametrize("failure", [libvirt.libvirtError("Cannot recv data: Connection reset by peer"),
+                                     RuntimeError("a bug")])
+async def test_whatever_a_boot_meets_fails_that_source_only(failure: Exception) -> None:
+    ref = FailingRef(failure)
+    async with trio.open_nursery() as nursery:  # stands for the mount's: it must not end with an error
+        link = LibvirtLink("qemu:///system", cast(Any, object()))
+        guest = SourceAppliance(link, cast(Any, ref), ApplianceSettings(), cast(Any, NoHost()), nursery)
+        for _ in range(2):  # the failure is remembered: one boot attempt for both accesses
+            with pytest.raises(GuestUnavailableError) as failed:
+                await guest.layout()
+            assert failed.value.errno == errno.EIO and str(failure) in str(failed.value)
+        assert ref.resolved == 1
+
+
+async def test_no_boot_while_the_connection_is_down() -> None:
+    ref = FailingRef(RuntimeError("never resolved"))
+    link = LibvirtLink("qemu:///system", cast(Any, object()))
+    link._mark_lost(link.conn, "the server closed it")
+    guest = SourceAppliance(link, cast(Any, ref), ApplianceSettings(), cast(Any, NoHost()), cast(Any, None))
+    with pytest.raises(GuestUnavailableError, match="is down") as failed:
+        await guest.layout()
+    assert failed.value.errno == errno.EIO and ref.resolved == 0

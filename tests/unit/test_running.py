@@ -16,6 +16,7 @@ import trio.testing
 from virtmount.appliance import ApplianceSettings, BootFailed
 from virtmount.lifecycle import GuestUnavailableError, SourceAppliance
 from virtmount.sources import SourceUnavailable
+from virtmount.virt.link import LibvirtLink
 from virtmount.sources import running
 from virtmount.sources.domain import DomainRef
 from virtmount.sources.running import AnyStateDomainRef, snapshot_source
@@ -372,8 +373,8 @@ async def test_a_failed_boot_releases_what_the_source_holds(monkeypatch: pytest.
     monkeypatch.setattr("virtmount.lifecycle.boot_appliance", failing_boot)
     ref = HeldRef()
     async with trio.open_nursery() as nursery:
-        guest = SourceAppliance(cast(Any, None), ref, ApplianceSettings(fast_start=False), cast(Any, FakeHost()),
-                                nursery)
+        link = LibvirtLink("test:///default", cast(Any, object()))
+        guest = SourceAppliance(link, ref, ApplianceSettings(fast_start=False), cast(Any, FakeHost()), nursery)
         with pytest.raises(Exception, match="no"):
             await guest.layout()
     assert ref.held.released == 1

@@ -27,6 +27,7 @@ from virtmount.guestfs.errors import ConnectionLost, GuestfsError, GuestfsTimeou
 from virtmount.guestfs.procs import PREAD_MAX, Dirent, Statns, Statvfs, Xattr
 from virtmount.guestlayout import GuestLayout
 from virtmount.lifecycle import GuestUnavailableError, SourceAppliance
+from virtmount.virt.link import LibvirtLink
 from virtmount.sources import SourceRef
 
 SDA1_DEV = 2049
@@ -419,7 +420,7 @@ def make_world(conn: FakeConnection | None = None, nursery: trio.Nursery | None 
         made.append(appliance)
         return cast(SourceAppliance, appliance)
 
-    tree = ConnectionTree(cast(libvirt.virConnect, conn), make_appliance, nursery,
+    tree = ConnectionTree(LibvirtLink("test:///default", cast(libvirt.virConnect, conn)), make_appliance, nursery,
                           forget_kernel_entry=forget_kernel_entry)
     return World(conn, tree, client, results, made)
 
@@ -1008,11 +1009,12 @@ async def test_guestfs_error_on_read_and_xattrs(world: World) -> None:
     assert await fs_error(tree.getxattr(hostname.inode, b"user.comment")) == errno.ENOTSUP
 
 
-@pytest.mark.parametrize("failure", [ConnectionLost("daemon went away"), GuestfsTimeout("call took too long")])
-async def test_lost_or_stuck_appliance_is_eio(world: World, failure: Exception) -> None:
+@pytest.mark.parametrize("failure, number", [(ConnectionLost("daemon went away"), errno.EIO),
+                                             (GuestfsTimeout("call took too long"), errno.ETIMEDOUT)])
+async def test_lost_or_stuck_appliance(world: World, failure: Exception, number: int) -> None:
     fs_root = await guest(world, b"fs")
     world.client.failures[("readdir", b"/fs")] = failure
-    assert await fs_error(world.tree.list_directory(fs_root.inode)) == errno.EIO
+    assert await fs_error(world.tree.list_directory(fs_root.inode)) == number
 
 
 async def test_layout_failure_gives_its_errno(world: World) -> None:

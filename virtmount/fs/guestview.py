@@ -23,7 +23,8 @@ from typing import Awaitable, Callable, Hashable, Iterable, TypeVar
 import trio
 
 from ..concurrency import gather
-from ..guestfs.errors import ConnectionLost, GuestfsClientError, GuestfsError, GuestfsTimeout
+from ..failures import errno_of, reason_of
+from ..guestfs.errors import GuestfsClientError, GuestfsError
 from ..guestfs.procs import PREAD_MAX, Statns, Statvfs, Xattr
 from ..guestfs.subtree import list_subtree
 from ..guestlayout import OS_VIEW, GuestLayout
@@ -230,10 +231,10 @@ class GuestView:
         try:
             return await call()
         except GuestfsError as exc:
-            raise FsError(_guest_errno(exc), str(exc)) from None
-        except (ConnectionLost, GuestfsTimeout) as exc:
-            log.error("%s: appliance stopped answering: %s", source.name, exc)
-            raise FsError(errno.EIO) from None
+            raise FsError(errno_of(exc), str(exc)) from None
+        except GuestfsClientError as exc:
+            log.error("%s: appliance stopped answering: %s", source.name, reason_of(exc))
+            raise FsError(errno_of(exc)) from None
 
     async def _guest_layout_for(self, node: GuestNode) -> GuestLayout:
         assert node.source is not None
@@ -635,12 +636,6 @@ def guest_attributes(inode: int, st: Statns) -> Attributes:
         mtime_ns=st.st_mtime_sec * 1_000_000_000 + st.st_mtime_nsec,
         ctime_ns=st.st_ctime_sec * 1_000_000_000 + st.st_ctime_nsec,
     )
-
-
-def _guest_errno(exc: GuestfsClientError) -> int:
-    if isinstance(exc, GuestfsError) and exc.errno:
-        return exc.errno
-    return errno.EIO
 
 
 def _shown_xattrs(xattrs: Iterable[Xattr]) -> dict[bytes, bytes]:

@@ -13,8 +13,12 @@ import logging
 import os
 from typing import Awaitable, Callable, Sequence, TypeVar
 
+import libvirt
 import pyfuse3
 
+from ..errors import VirtmountError
+from ..failures import errno_of, reason_of
+from ..guestfs.errors import GuestfsClientError
 from .guestwrites import AttributeChanges, Caller
 from .nodes import Attributes, FsError, GuestNode, Node
 from .tree import ConnectionTree
@@ -71,6 +75,9 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(exc.errno) from None
         except pyfuse3.FUSEError:
             raise
+        except (VirtmountError, GuestfsClientError, libvirt.libvirtError) as exc:  # not turned into FsError below
+            log.error("%s", reason_of(exc))
+            raise pyfuse3.FUSEError(errno_of(exc)) from None
         except Exception:
             log.exception("internal error")
             raise pyfuse3.FUSEError(errno.EIO) from None

@@ -32,8 +32,10 @@ from ..sources import SourceRef, SourceUnavailable
 from ..sources.domain import DomainRef, domain_named
 from ..sources.volume import VolumeRef
 from ..status import CONTROL_NAME, SourceStatus
+from ..failures import errno_of
 from ..virt.connection import libvirt_message, run_blocking
 from ..virt.domainxml import APPLIANCE_NAME_PREFIX
+from ..virt.link import LibvirtDown, LibvirtLink
 from .guestview import DEFAULT_CACHED_ENTRIES, GuestView, guest_attributes
 from .guestwrites import AttributeChanges, Caller, GuestWrites
 from .nodes import (Attributes, FileHandle, FsError, GuestNode, Node, NodeTable, ServedSource, VirtualDir,
@@ -77,7 +79,7 @@ class ConnectionTree:
 
     def __init__(
         self,
-        conn: libvirt.virConnect,
+        link: LibvirtLink,
         make_appliance: Callable[[SourceRef], SourceAppliance],
         nursery: trio.Nursery | None = None,
         cached_entries: int = DEFAULT_CACHED_ENTRIES,
@@ -87,7 +89,7 @@ class ConnectionTree:
         """``make_appliance`` makes the (not yet booted) appliance of a source; ``status_report``
         makes the content of the hidden control file (status.CONTROL_NAME); for the other arguments
         see ``GuestView``."""
-        self._conn = conn
+        self._link = link
         self._make_appliance = make_appliance
         self._table = NodeTable()
         self.guests = GuestView(self._table, nursery, cached_entries, forget_kernel_entry)
@@ -165,13 +167,16 @@ class ConnectionTree:
             if exc.get_error_code() in gone:
                 raise FsError(errno.ENOENT) from None
             log.error("cannot %s: %s", what, libvirt_message(exc))
-            raise FsError(errno.EIO) from None
+            raise FsError(errno_of(exc)) from None
+        except LibvirtDown as exc:
+            log.debug("cannot %s: %s", what, exc)
+            raise FsError(errno_of(exc)) from None
 
     # --- domains/ -------------------------------------------------------------------
 
     async def _list_domain_names(self) -> list[str]:
         """Names of the connection's domains, ours excluded."""
-        names = await self._libvirt("list domains", lambda: [d.name() for d in self._conn.listAllDomains(0)])
+        names = await self._libvirt("list domains", lambda: [d.name() for d in self._link.conn.listAllDomains(0)])
         return sorted(n for n in names if not n.startswith(APPLIANCE_NAME_PREFIX))
 
     async def _domain_dir(self, name: str) -> Node:
@@ -182,7 +187,9 @@ class ConnectionTree:
         if name.startswith(APPLIANCE_NAME_PREFIX):
             raise FsError(errno.ENOENT)
         try:
-            ref = await domain_named(self._conn, name)
+            ref = await domain_named(self._link.conn, name)
+        except LibvirtDown as exc:
+            raise FsError(errno_of(exc)) from None
         except SourceUnavailable as exc:
             if exc.errno != errno.ENOENT:
                 log.error("%s", exc)
@@ -198,7 +205,7 @@ class ConnectionTree:
 
     async def _domain_xml(self, ref: DomainRef) -> bytes:
         def xml() -> str:
-            return str(self._conn.lookupByUUIDString(ref.uuid).XMLDesc(0))
+            return str(self._link.conn.lookupByUUIDString(ref.uuid).XMLDesc(0))
         return (await self._libvirt(f"read the XML of domain {ref.name}", xml, (libvirt.VIR_ERR_NO_DOMAIN,))).encode()
 
     def _named_dirs(self, names: Callable[[], Awaitable[list[str]]],
@@ -232,7 +239,8 @@ class ConnectionTree:
     async def _list_pool_names(self) -> list[str]:
         names = await self._libvirt(
             "list storage pools",
-            lambda: [p.name() for p in self._conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE)])
+            lambda: [p.name()
+                     for p in self._link.conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE)])
         for gone in set(self._pools) - set(names):
             await self._drop_pool(gone)
         return sorted(names)
@@ -243,7 +251,7 @@ class ConnectionTree:
     async def _pool_entry(self, name: str) -> PoolEntry:
         """An active pool's entry; ENOENT (and its volumes' appliances released) if it is not active."""
         def lookup() -> tuple[bool, str]:
-            pool = self._conn.storagePoolLookupByName(name)
+            pool = self._link.conn.storagePoolLookupByName(name)
             return bool(pool.isActive()), pool.UUIDString()
         try:
             active, uuid = await self._libvirt(f"look up pool {name}", lookup, (libvirt.VIR_ERR_NO_STORAGE_POOL,))
@@ -274,7 +282,7 @@ class ConnectionTree:
     def _new_pool_entry(self, name: str, uuid: str) -> PoolEntry:
         async def list_volume_names() -> list[str]:
             def volume_names() -> list[str]:
-                return [v.name() for v in self._conn.storagePoolLookupByName(name).listAllVolumes(0)]
+                return [v.name() for v in self._link.conn.storagePoolLookupByName(name).listAllVolumes(0)]
             names = await self._libvirt(f"list the volumes of pool {name}", volume_names,
                                         (libvirt.VIR_ERR_NO_STORAGE_POOL, libvirt.VIR_ERR_OPERATION_INVALID))
             for gone in set(entry.volumes) - set(names):
@@ -296,7 +304,7 @@ class ConnectionTree:
     async def _volume_source(self, pool: PoolEntry, volume: str) -> ServedSource:
         """The source of a volume that exists now, by its key; ENOENT otherwise."""
         def key() -> str:
-            return str(self._conn.storagePoolLookupByName(pool.name).storageVolLookupByName(volume).key())
+            return str(self._link.conn.storagePoolLookupByName(pool.name).storageVolLookupByName(volume).key())
         vol_key = await self._libvirt(f"look up volume {pool.name}/{volume}", key,
                                       (libvirt.VIR_ERR_NO_STORAGE_VOL, libvirt.VIR_ERR_NO_STORAGE_POOL))
         ref = VolumeRef(pool.name, volume, vol_key)
@@ -311,7 +319,7 @@ class ConnectionTree:
 
     async def _volume_xml(self, ref: VolumeRef) -> bytes:
         def xml() -> str:
-            return str(self._conn.storageVolLookupByKey(ref.key).XMLDesc(0))
+            return str(self._link.conn.storageVolLookupByKey(ref.key).XMLDesc(0))
         return (await self._libvirt(f"read the XML of volume {ref.name}", xml,
                                     (libvirt.VIR_ERR_NO_STORAGE_VOL,))).encode()
 

@@ -26,7 +26,7 @@ from typing import Protocol
 
 import libvirt
 
-from ..errors import VirtmountError
+from ..failures import ErrnoError
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +102,8 @@ class Source:
     own_daemon: bool = False  # served by the domain's own guestfs daemon on its channel: no appliance, no disks
 
 
-class SourceUnavailable(VirtmountError):
+class SourceUnavailable(ErrnoError):
     """The source cannot be served now; ``errno`` says how the mount reports it (ENOENT: it is gone)."""
-
-    def __init__(self, message: str, errno_value: int = errno.EIO) -> None:
-        super().__init__(message)
-        self.errno = errno_value
 
 
 class SourceRef(Protocol):

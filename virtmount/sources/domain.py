@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import libvirt
 
+from ..failures import errno_of
 from ..virt.connection import libvirt_message, run_blocking
 from ..virt.domainxml import read_guest_definition
 from . import Attach, Source, SourceUnavailable, attach_mode, writable_attach
@@ -46,7 +47,7 @@ class DomainRef:
         except libvirt.libvirtError as exc:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 raise SourceUnavailable(f"domain {self.name} ({self.uuid}) is gone", errno.ENOENT) from None
-            raise SourceUnavailable(f"cannot read domain {self.name}: {libvirt_message(exc)}") from None
+            raise SourceUnavailable(f"cannot read domain {self.name}: {libvirt_message(exc)}", errno_of(exc)) from None
         if running:
             raise SourceUnavailable(f"domain {self.name!r} is running; virtmount reads shut-off domains only for now")
         definition = read_guest_definition(xml)
@@ -74,7 +75,8 @@ async def _as_resolved(conn: libvirt.virConnect, disk: ET.Element) -> ET.Element
         volume = await run_blocking(lambda: conn.storagePoolLookupByName(pool_name).storageVolLookupByName(volume_name))
         kind, path = (await run_blocking(volume.info))[0], await run_blocking(volume.path)
     except libvirt.libvirtError as exc:
-        raise SourceUnavailable(f"cannot find volume {volume_name} of pool {pool_name}: {libvirt_message(exc)}") from None
+        raise SourceUnavailable(f"cannot find volume {volume_name} of pool {pool_name}: {libvirt_message(exc)}",
+                                errno_of(exc)) from None
     attribute = {libvirt.VIR_STORAGE_VOL_FILE: "file", libvirt.VIR_STORAGE_VOL_BLOCK: "dev"}.get(kind)
     if attribute is None:
         return disk  # a network volume: libvirt resolves it
@@ -96,7 +98,7 @@ async def domain_named(conn: libvirt.virConnect, name: str) -> DomainRef:
     except libvirt.libvirtError as exc:
         if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
             raise SourceUnavailable(f"no domain named {name!r}", errno.ENOENT) from None
-        raise SourceUnavailable(f"cannot look up domain {name!r}: {libvirt_message(exc)}") from None
+        raise SourceUnavailable(f"cannot look up domain {name!r}: {libvirt_message(exc)}", errno_of(exc)) from None
     return DomainRef(name, uuid)
 
 

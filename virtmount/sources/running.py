@@ -31,6 +31,7 @@ import libvirt
 import trio
 
 from ..virt import backup
+from ..failures import errno_of
 from ..virt.connection import libvirt_message, run_blocking
 from ..virt.domainxml import DAEMON_CHANNEL, read_guest_definition
 from ..watchdog import backup_item
@@ -74,7 +75,8 @@ class AnyStateDomainRef:
         try:
             own_daemon = _has_guestfs_channel(str(await run_blocking(domain.XMLDesc, 0)))
         except libvirt.libvirtError as exc:
-            raise SourceUnavailable(f"cannot read running domain {self.name}: {libvirt_message(exc)}") from None
+            raise SourceUnavailable(f"cannot read running domain {self.name}: {libvirt_message(exc)}",
+                                    errno_of(exc)) from None
         if own_daemon:  # reached through its channel as it is: no job, no appliance
             return Source(identity=self.identity, name=self.name, disks=(),
                           attach=Attach.READ_ONLY_OVERLAY, own_daemon=True)
@@ -147,9 +149,10 @@ async def snapshot_source(conn: libvirt.virConnect, domain: libvirt.virDomain, r
         live_xml = str(await run_blocking(domain.XMLDesc, 0))
         existing = await run_blocking(backup.current_job_xml, domain)
     except libvirt.libvirtError as exc:
-        raise SourceUnavailable(f"cannot read running domain {ref.name}: {libvirt_message(exc)}") from None
+        raise SourceUnavailable(f"cannot read running domain {ref.name}: {libvirt_message(exc)}",
+                                errno_of(exc)) from None
     if existing is not None:
-        raise SourceUnavailable(f"a backup job is already running on {ref.name}")
+        raise SourceUnavailable(f"a backup job is already running on {ref.name}", errno.EBUSY)
     targets = _exportable_targets(live_xml, ref.name)
     if not targets:
         raise SourceUnavailable(f"running domain {ref.name} has no disk that can be exported")
@@ -168,7 +171,8 @@ async def snapshot_source(conn: libvirt.virConnect, domain: libvirt.virDomain, r
                  for target in targets]
     except libvirt.libvirtError as exc:
         await _delete_made_scratch(conn, scratch_pool_name, owner, ref.uuid)
-        raise SourceUnavailable(f"cannot prepare the backup of {ref.name}: {libvirt_message(exc)}") from None
+        raise SourceUnavailable(f"cannot prepare the backup of {ref.name}: {libvirt_message(exc)}",
+                                errno_of(exc)) from None
     job = BackupJob(conn, domain, ref.name, ref.uuid, owner, [d.scratch_path for d in disks], scratch_pool_name)
     try:
         await _begin(domain, ref.name, backup.backup_xml(socket_path, disks), _agent_connected(live_xml))
@@ -176,8 +180,8 @@ async def snapshot_source(conn: libvirt.virConnect, domain: libvirt.virDomain, r
         await run_blocking(backup.delete_scratch, conn, job.scratch_paths)
         message = libvirt_message(exc)
         if await run_blocking(backup.current_job_xml, domain) is not None:
-            raise SourceUnavailable(f"a backup job is already running on {ref.name}") from None
-        raise SourceUnavailable(f"cannot begin the backup of {ref.name}: {message}") from None
+            raise SourceUnavailable(f"a backup job is already running on {ref.name}", errno.EBUSY) from None
+        raise SourceUnavailable(f"cannot begin the backup of {ref.name}: {message}", errno_of(exc)) from None
     except BaseException:
         await job.release()
         raise

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import libvirt
 
+from ..failures import errno_of
 from ..virt.connection import libvirt_message, run_blocking
 from . import Attach, Source, SourceUnavailable, writable_attach
 
@@ -56,7 +57,7 @@ class VolumeRef:
         except libvirt.libvirtError as exc:
             if exc.get_error_code() in (libvirt.VIR_ERR_NO_STORAGE_VOL, libvirt.VIR_ERR_NO_STORAGE_POOL):
                 raise SourceUnavailable(f"volume {self.name} is gone", errno.ENOENT) from None
-            raise SourceUnavailable(f"cannot read volume {self.name}: {libvirt_message(exc)}") from None
+            raise SourceUnavailable(f"cannot read volume {self.name}: {libvirt_message(exc)}", errno_of(exc)) from None
         if not active:
             raise SourceUnavailable(f"the pool of volume {self.name} is not active", errno.ENOENT)
         disk = volume_disk(xml, pool_name)

@@ -197,14 +197,18 @@ def delete_scratch(conn: libvirt.virConnect, paths: list[str]) -> None:
                 raise
 
 
-def end_leftover_jobs(conn: libvirt.virConnect, pool_name: str) -> list[str]:
-    """End the jobs and delete the scratch volumes of virtmounts of this host that died; the domains cleaned."""
+def end_leftover_jobs(conn: libvirt.virConnect, pool_name: str, ours_too: bool = False) -> list[str]:
+    """End the jobs and delete the scratch volumes of virtmounts of this host that died (``ours_too``: and
+    this process's own, whose appliances went with a lost connection); the domains cleaned."""
+    def stale(owner: str) -> bool:
+        return owner_is_gone(owner) or (ours_too and owner == this_owner())
+
     cleaned: list[str] = []
     for domain in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
         try:
             job = current_job_xml(domain)
             owner = None if job is None else job_owner(job)
-            if owner is not None and owner_is_gone(owner) and end_job(conn, domain, owner):
+            if owner is not None and stale(owner) and end_job(conn, domain, owner):
                 cleaned.append(str(domain.name()))
         except libvirt.libvirtError as exc:
             log.warning("cannot check domain %s for a leftover backup job: %s", domain.name(), exc)
@@ -216,7 +220,7 @@ def end_leftover_jobs(conn: libvirt.virConnect, pool_name: str) -> list[str]:
             job = current_job_xml(domain)
             in_use.update(job_scratch_paths(job) if job is not None else [])
         leftovers = [volume.path() for volume in pool.listAllVolumes(0)
-                     if (owner := scratch_owner(volume.name())) is not None and owner_is_gone(owner)
+                     if (owner := scratch_owner(volume.name())) is not None and stale(owner)
                      and volume.path() not in in_use]
         delete_scratch(conn, leftovers)
     except libvirt.libvirtError as exc:

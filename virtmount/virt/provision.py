@@ -29,7 +29,7 @@ import libvirt
 import trio
 
 from ..cachedir import cache_dir
-from ..errors import VirtmountError
+from ..failures import ErrnoError, errno_of
 from .connection import libvirt_message, run_blocking
 from .stream import LibvirtByteStream, StreamClosed
 
@@ -46,7 +46,7 @@ UPLOAD_LOCK_STALE_S = 900.0  # an upload of ~200 MB that takes longer is taken a
 UPLOAD_WAIT_STEP_S = 1.0
 
 
-class ProvisionError(VirtmountError):
+class ProvisionError(ErrnoError):
     """The appliance could not be built locally or placed on the host."""
 
 
@@ -442,7 +442,8 @@ async def provision(conn: libvirt.virConnect, pool_name: str) -> HostAppliance:
                 raise ProvisionError(f"appliance volume {names[role]} vanished from pool {pool_name}")
             paths[role] = await run_blocking(volume.path)
     except libvirt.libvirtError as exc:
-        raise ProvisionError(f"cannot place the appliance in storage pool {pool_name!r}: {libvirt_message(exc)}") from None
+        raise ProvisionError(f"cannot place the appliance in storage pool {pool_name!r}: {libvirt_message(exc)}",
+                             errno_of(exc)) from None
     except StreamClosed as exc:
-        raise ProvisionError(f"uploading the appliance failed: {exc}") from None
+        raise ProvisionError(f"uploading the appliance to pool {pool_name!r} failed: {exc}", errno_of(exc)) from None
     return HostAppliance(paths["kernel"], paths["initrd"], paths["root"], local.root_uuid)

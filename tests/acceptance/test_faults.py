@@ -1,0 +1,334 @@
+"""Issue 16: faults the mount survives (real libvirtd, QEMU, appliances and FUSE mounts).
+
+The libvirtd restart test stops the system libvirtd that every other test uses:
+run it alone, under ``flock -x /tmp/virtmount-libvirtd.lock`` where others run tests
+under ``flock -s`` on the same machine. Every test counts only its own mount's appliances.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Callable, Iterator
+
+import libvirt
+import pytest
+
+from tests import images
+from tests.acceptance.test_mount import own_mount
+from tests.conftest import START_LIBVIRTD, TCP_CONF
+from tests.tcpproxy import tcp_proxy
+from virtmount.virt.domainxml import APPLIANCE_NAME_PREFIX, appliance_owner
+
+pytestmark = pytest.mark.acceptance
+
+POOL_DIR = Path("/var/lib/libvirt/virtmount")  # the virtmount pool: appliance roots and their overlays
+NO_HANG_S = 150.0  # generous: a call may wait for a boot (TCG, loaded host); a hang never ends
+
+
+def appliance_ids(pid: int, uri: str = "qemu:///system") -> set[tuple[str, int]]:
+    """(name, domain id) of the appliances the process ``pid`` runs: a restored appliance keeps its name
+    across boots, its id is new each time."""
+    conn = libvirt.open(uri)
+    try:
+        found = set()
+        for domain in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+            with contextlib.suppress(libvirt.libvirtError):  # ended while we looked
+                if domain.name().startswith(APPLIANCE_NAME_PREFIX) and appliance_owner(domain.XMLDesc(0)) == str(pid):
+                    found.add((domain.name(), domain.ID()))
+        return found
+    finally:
+        conn.close()
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.25) -> float | None:
+    """Seconds until ``condition()`` held, or None if it did not within ``timeout``."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if condition():
+            return time.monotonic() - started
+        time.sleep(interval)
+    return None
+
+
+def errno_of(action: Callable[[], object]) -> int | None:
+    try:
+        action()
+    except OSError as exc:
+        return exc.errno
+    return None
+
+
+def listing_works(directory: Path) -> bool:
+    """A listing of a guest directory: an appliance answers (the kernel never caches listings here)."""
+    try:
+        return len(os.listdir(directory)) > 0
+    except OSError:
+        return False
+
+
+class Reader(threading.Thread):
+    """Reads 64 KiB at random offsets of a guest file, each time past the page cache, until stopped;
+    records how long each read took and how it ended ("ok", "wrong" or the errno's name)."""
+
+    def __init__(self, path: Path, content: bytes) -> None:
+        super().__init__(daemon=True)
+        self.path, self.content = path, content
+        self.outcomes: list[tuple[float, str]] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        generator = random.Random(16)
+        while not self.stop.is_set():
+            started = time.monotonic()
+            offset = generator.randrange(0, len(self.content))
+            try:
+                fd = os.open(self.path, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    data = os.pread(fd, 65536, offset)
+                finally:
+                    os.close(fd)
+                outcome = "ok" if data == self.content[offset:offset + 65536] else "wrong"
+            except OSError as exc:
+                outcome = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+            self.outcomes.append((time.monotonic() - started, outcome))
+            time.sleep(0.05)
+
+    def finish(self) -> list[tuple[float, str]]:
+        self.stop.set()
+        self.join(NO_HANG_S)
+        assert not self.is_alive(), "a read hung"
+        return self.outcomes
+
+
+@contextlib.contextmanager
+def reading(path: Path, content: bytes) -> Iterator[Reader]:
+    reader = Reader(path, content)
+    reader.start()
+    try:
+        yield reader
+    finally:
+        reader.finish()
+
+
+def assert_no_hang_and_only_eio(outcomes: list[tuple[float, str]]) -> None:
+    assert outcomes, "nothing was read"
+    assert max(seconds for seconds, _ in outcomes) < NO_HANG_S
+    assert {outcome for _, outcome in outcomes} <= {"ok", "EIO"}, outcomes
+
+
+def leftover_overlays(appliances: set[str], directories: list[Path]) -> list[Path]:
+    """libvirt's throw-away overlays (IMAGE.TRANSIENT-DOMAIN) of these appliances where none of them runs."""
+    conn = libvirt.open("qemu:///system")
+    try:
+        running = {domain.name() for domain in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)}
+    finally:
+        conn.close()
+    return [path for directory in directories for name in appliances - running
+            for path in directory.glob(f"*.TRANSIENT-{name}")]
+
+
+def restart_libvirtd() -> None:
+    """Stop the system libvirtd (by pid, waiting until it is gone) and start it again with the TCP listener."""
+    pids = subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True, text=True).stdout.split()
+    for pid in pids:
+        os.kill(int(pid), signal.SIGTERM)
+    gone = wait_until(lambda: not subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True).stdout, 60)
+    assert gone is not None, "libvirtd did not stop"
+    subprocess.run([str(START_LIBVIRTD), "--tcp", str(TCP_CONF)], check=True, timeout=300, stdin=subprocess.DEVNULL)
+
+
+def test_appliance_killed_mid_read(test_guest: images.Guest, tmp_path: Path) -> None:
+    """SIGKILL of the appliance's QEMU while a reader reads: reads in flight end (EIO), a new appliance
+    serves the next ones."""
+    with own_mount(test_guest.uri, tmp_path, "-o", "idle=600") as (mountpoint, pid):
+        fs = mountpoint / "domains" / test_guest.name / "fs"
+        random_file = fs / images.DATA_RANDOM_FILE.lstrip("/")
+        assert random_file.read_bytes() == test_guest.files[images.DATA_RANDOM_FILE]
+        before = appliance_ids(pid)
+        [(name, _)] = before
+        with reading(random_file, test_guest.files[images.DATA_RANDOM_FILE]) as reader:
+            time.sleep(1)
+            os.kill(int(Path(f"/run/libvirt/qemu/{name}.pid").read_text()), signal.SIGKILL)
+            back = wait_until(lambda: listing_works(fs / "srv/data/many"), timeout=300)
+            assert back is not None, "the view did not come back"
+            time.sleep(1)
+        outcomes = reader.finish()
+        print(f"fs/ listed again {back:.1f} s after the kill; {len(outcomes)} reads: "
+              f"{sorted({o for _, o in outcomes})}, the slowest {max(s for s, _ in outcomes):.1f} s")
+        assert_no_hang_and_only_eio(outcomes)
+        assert outcomes[-1][1] == "ok"
+        after = appliance_ids(pid)
+        assert len(after) == 1 and not after & before
+    assert appliance_ids(pid) == set()
+    assert leftover_overlays({name for name, _ in before | after}, [test_guest.image.parent, POOL_DIR]) == []
+
+
+def test_libvirtd_restarted_while_mounted(test_guest: images.Guest, tmp_path: Path) -> None:
+    """Views come back by themselves after libvirtd restarts; reads in flight end (EIO), none hangs;
+    the appliance of the old connection is destroyed and a new one serves."""
+    with own_mount(test_guest.uri, tmp_path, "-o", "idle=600") as (mountpoint, pid):
+        fs = mountpoint / "domains" / test_guest.name / "fs"
+        random_file = fs / images.DATA_RANDOM_FILE.lstrip("/")
+        assert random_file.read_bytes() == test_guest.files[images.DATA_RANDOM_FILE]
+        before = appliance_ids(pid)
+        assert len(before) == 1
+        with reading(random_file, test_guest.files[images.DATA_RANDOM_FILE]) as reader:
+            time.sleep(1)
+            stopped_at = time.monotonic()
+            restart_libvirtd()
+            restarted_at = time.monotonic()
+            back = wait_until(lambda: listing_works(fs / "srv/data/many"), timeout=300)
+            assert back is not None, "the view did not come back"
+            time.sleep(1)  # a few reads on the new appliance
+        outcomes = reader.finish()
+        print(f"libvirtd down for {restarted_at - stopped_at:.1f} s; fs/ listed again {back:.1f} s after it was "
+              f"back; {len(outcomes)} reads: {sorted({o for _, o in outcomes})}, the slowest "
+              f"{max(s for s, _ in outcomes):.1f} s")
+        assert_no_hang_and_only_eio(outcomes)
+        assert outcomes[-1][1] == "ok"
+        assert random_file.read_bytes() == test_guest.files[images.DATA_RANDOM_FILE]
+        after = appliance_ids(pid)
+        assert len(after) == 1 and not after & before  # the old one destroyed, a new one serves
+        assert test_guest.name in os.listdir(mountpoint / "domains")
+    assert appliance_ids(pid) == set()
+    assert leftover_overlays({name for name, _ in before | after}, [test_guest.image.parent, POOL_DIR]) == []
+
+
+def test_tcp_connection_cut_and_restored(test_guest: images.Guest, tcp_uri: str, tmp_path: Path) -> None:
+    """Through a proxy the test cuts: while cut, accesses answer EIO at once (none hangs); once it is
+    restored, the mount re-opens its connection and the views come back by themselves."""
+    with tcp_proxy(("127.0.0.1", 16509)) as proxy:
+        uri = f"qemu+tcp://127.0.0.1:{proxy.port}/system"
+        with own_mount(uri, tmp_path, "-o", "idle=600") as (mountpoint, pid):
+            domain_dir = mountpoint / "domains" / test_guest.name
+            random_file = domain_dir / "fs" / images.DATA_RANDOM_FILE.lstrip("/")
+            assert random_file.read_bytes() == test_guest.files[images.DATA_RANDOM_FILE]
+            before = appliance_ids(pid)
+            assert len(before) == 1
+            with reading(random_file, test_guest.files[images.DATA_RANDOM_FILE]) as reader:
+                time.sleep(1)
+                proxy.cut()
+                time.sleep(3)
+                started = time.monotonic()
+                assert errno_of(lambda: os.listdir(domain_dir / "fs" / "etc")) == errno.EIO
+                assert errno_of(lambda: os.listdir(mountpoint / "domains")) == errno.EIO
+                assert time.monotonic() - started < 10
+                proxy.restore()
+                back = wait_until(lambda: listing_works(domain_dir / "fs" / "srv/data/many"), timeout=300)
+                assert back is not None, "the view did not come back"
+                time.sleep(1)
+            outcomes = reader.finish()
+            print(f"fs/ listed again {back:.1f} s after the proxy was restored; {len(outcomes)} reads: "
+                  f"{sorted({o for _, o in outcomes})}, the slowest {max(s for s, _ in outcomes):.1f} s")
+            assert_no_hang_and_only_eio(outcomes)
+            assert outcomes[-1][1] == "ok"
+            assert test_guest.name in os.listdir(mountpoint / "domains")
+            assert wait_until(lambda: len(appliance_ids(pid)) == 1 and not appliance_ids(pid) & before, 60) is not None
+        assert appliance_ids(pid) == set()
+
+
+def redefined_xml(conn: libvirt.virConnect, name: str, image: Path) -> str:
+    """The persistent XML of domain ``name`` (same UUID) with its one disk replaced by ``image``."""
+    domain_xml = ET.fromstring(conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    source = domain_xml.find("devices/disk/source")
+    assert source is not None
+    source.set("file", str(image))
+    return ET.tostring(domain_xml, encoding="unicode")
+
+
+def test_a_domain_whose_disk_and_definition_change_while_mounted(test_guest: images.Guest, nos_guest: images.Guest,
+                                                                 tmp_path: Path) -> None:
+    """The domain's disk truncated while served: no hang; removed: EIO with the mount alive, until the disk
+    is back (retried after 10 s). Then defined again (same UUID) with another disk: the new disk is shown,
+    not the old appliance's; then undefined: gone, and so is its appliance."""
+    name = "virtmount-test-changing"
+    disk = images.IMAGE_DIR / f"{name}-{os.getpid()}.qcow2"
+    shutil.copyfile(nos_guest.image, disk)
+    conn = libvirt.open(test_guest.uri)
+    try:
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.lookupByName(name).undefine()
+        conn.defineXML(images.domain_xml(name, disk))
+        with own_mount(test_guest.uri, tmp_path, "-o", "idle=600") as (mountpoint, pid):
+            domain_dir = mountpoint / "domains" / name
+            sda = domain_dir / "devices" / "sda"
+            assert (sda / "hello.txt").read_bytes() == nos_guest.files["/hello.txt"]
+            [first] = appliance_ids(pid)
+
+            os.truncate(disk, 0)
+            started = time.monotonic()
+            errno_of(lambda: os.listdir(sda / "lost+found"))  # whatever the appliance still has, it answers
+            assert time.monotonic() - started < NO_HANG_S
+            disk.unlink()
+            subprocess.run([str(Path(sys.executable).parent / "virtmount"), "release", str(mountpoint), name],
+                           check=True, capture_output=True)
+            assert errno_of(lambda: os.listdir(domain_dir / "devices")) == errno.EIO
+            assert test_guest.name in os.listdir(mountpoint / "domains")
+            shutil.copyfile(nos_guest.image, disk)
+            back = wait_until(lambda: listing_works(sda), timeout=300)
+            assert back is not None and first not in appliance_ids(pid)
+            [second] = appliance_ids(pid)
+
+            conn.defineXML(redefined_xml(conn, name, test_guest.image))
+            assert wait_until(lambda: second not in appliance_ids(pid), timeout=60) is not None
+            devices = wait_until(lambda: listing_works(domain_dir / "devices")
+                                 and "vg0-data" in os.listdir(domain_dir / "devices"), timeout=300)
+            assert devices is not None, os.listdir(domain_dir / "devices")
+            target = domain_dir / "fs" / images.ROOT_TEST_FILE.lstrip("/")
+            assert target.read_bytes() == test_guest.files[images.ROOT_TEST_FILE]
+
+            conn.lookupByName(name).undefine()
+            assert wait_until(lambda: appliance_ids(pid) == set(), timeout=60) is not None
+            assert wait_until(lambda: errno_of(lambda: os.stat(domain_dir)) == errno.ENOENT, timeout=10) is not None
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.lookupByName(name).undefine()
+        conn.close()
+        disk.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def full_pool(directory: Path, name: str) -> Iterator[None]:
+    """A transient dir pool ``name`` on a 4 MiB tmpfs: no room for the appliance (its kernel alone is larger)."""
+    directory.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "virtmount-test-full", str(directory)], check=True)
+    conn = libvirt.open("qemu:///system")
+    try:
+        pool = conn.storagePoolCreateXML(
+            f"<pool type='dir'><name>{name}</name><target><path>{directory}</path></target></pool>", 0)
+        try:
+            yield
+        finally:
+            pool.destroy()
+    finally:
+        conn.close()
+        subprocess.run(["umount", str(directory)], check=True)
+
+
+def test_full_pool_is_a_clear_error_and_the_mount_keeps_working(test_guest: images.Guest, tmp_path: Path) -> None:
+    """No room in the pool for the appliance: ENOSPC below the domain (again after the retry time),
+    while the rest of the mount answers."""
+    pool = f"virtmount-test-full-{os.getpid()}"
+    with full_pool(tmp_path / "pool", pool), \
+            own_mount(test_guest.uri, tmp_path, "-o", f"pool={pool}") as (mountpoint, pid):
+        domain_dir = mountpoint / "domains" / test_guest.name
+        assert errno_of(lambda: os.listdir(domain_dir / "fs")) == errno.ENOSPC
+        assert (domain_dir / "domain.xml").read_text().startswith("<domain")
+        status = subprocess.run([str(Path(sys.executable).parent / "virtmount"), "status", str(mountpoint)],
+                                capture_output=True, text=True, check=True).stdout
+        assert "No space left on device" in status, status
+        time.sleep(11)  # past the retry time: a new attempt, the same answer
+        assert errno_of(lambda: os.listdir(domain_dir / "devices")) == errno.ENOSPC
+        assert appliance_ids(pid) == set()

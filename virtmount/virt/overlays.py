@@ -1,0 +1,92 @@
+"""Throw-away overlays that libvirt forgot, found and deleted through the storage API.
+
+libvirt makes a ``<transient/>`` disk's overlay beside its image, named
+``IMAGE.TRANSIENT-DOMAIN``, and deletes it when the domain ends. A libvirtd
+restarted while the domain runs forgets that (libvirt 9.0): destroyed after
+the restart, the domain leaves its overlays behind, and the next domain of the
+same name (a restored appliance always has its saved name) cannot start that
+disk ("Overlay file … already exists"). The host may be remote, so files go
+through the storage API: the active pool whose directory holds them, or a
+transient dir pool made for that directory and removed again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import xml.etree.ElementTree as ET
+
+import libvirt
+
+from .connection import libvirt_message
+
+log = logging.getLogger(__name__)
+
+
+def transient_overlays(domain_xml: str) -> list[str]:
+    """The paths of the throw-away overlays libvirt made for the domain's ``<transient/>`` file disks
+    (a running domain's XML names the overlay as the disk's source, its image as the backing store)."""
+    root = ET.fromstring(domain_xml)
+    suffix = f".TRANSIENT-{root.findtext('name', '')}"
+    paths = []
+    for disk in root.findall("./devices/disk"):
+        source = disk.find("source")
+        path = "" if source is None else source.get("file", "")
+        if disk.find("transient") is not None and path:
+            paths.append(path if path.endswith(suffix) else path + suffix)
+    return paths
+
+
+def delete_leftover_overlays(conn: libvirt.virConnect, domain_name: str, paths: list[str]) -> list[str]:
+    """Delete those of ``paths`` that still exist once no domain called ``domain_name`` runs (blocking);
+    the paths deleted."""
+    try:
+        conn.lookupByName(domain_name)
+        return []  # started again meanwhile (e.g. a saved appliance restored by another virtmount): its overlays now
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+            raise
+    deleted = []
+    for path in paths:
+        try:
+            if _delete_file(conn, path):
+                deleted.append(path)
+        except libvirt.libvirtError as exc:
+            log.warning("cannot delete the leftover overlay %s: %s", path, libvirt_message(exc))
+    return deleted
+
+
+def _delete_file(conn: libvirt.virConnect, path: str) -> bool:
+    directory, name = os.path.split(path)
+    pool = _pool_of(conn, directory)
+    made = pool is None
+    if pool is None:
+        pool = conn.storagePoolCreateXML(_dir_pool_xml(f"virtmount-cleanup-{os.getpid()}", directory), 0)
+    try:
+        pool.refresh(0)
+        try:
+            volume = pool.storageVolLookupByName(name)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_VOL:
+                return False
+            raise
+        volume.delete(0)
+        return True
+    finally:
+        if made:
+            pool.destroy()
+
+
+def _pool_of(conn: libvirt.virConnect, directory: str) -> libvirt.virStoragePool | None:
+    """The active dir or fs pool whose directory is ``directory``."""
+    for pool in conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE):
+        if ET.fromstring(pool.XMLDesc(0)).findtext("./target/path", "").rstrip("/") == directory.rstrip("/"):
+            return pool
+    return None
+
+
+def _dir_pool_xml(name: str, directory: str) -> str:
+    pool = ET.Element("pool", type="dir")
+    ET.SubElement(pool, "name").text = name
+    ET.SubElement(ET.SubElement(pool, "target"), "path").text = directory
+    return ET.tostring(pool, encoding="unicode")

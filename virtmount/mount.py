@@ -35,8 +35,8 @@ from .inspection_cache import InspectionCache
 from .status import MountStatus
 from .watchdog import WatchdogSource
 from .virt.connection import close_connection, libvirt_message, open_connection, run_blocking, uses_embedded_driver
-from .virt.backup import end_leftover_jobs
-from .virt.domainxml import APPLIANCE_NAME_PREFIX, appliance_owner
+from .virt.backup import end_leftover_jobs, owner_is_gone
+from .virt.domainxml import APPLIANCE_NAME_PREFIX, appliance_client, appliance_owner
 from .virt.link import LibvirtDown, LibvirtLink
 from .virt.overlays import delete_leftover_overlays
 
@@ -62,17 +62,22 @@ def check_mountpoint(path: str) -> str:
 
 
 async def _remove_leftover_appliances(conn: libvirt.virConnect) -> None:
-    """Without auto-destroy (embedded driver) a killed virtmount leaves appliances running: end them."""
-    if not await run_blocking(uses_embedded_driver, conn):
-        return  # auto-destroy ended them with their client's connection
+    """End appliances that a virtmount of this client left running when it died: without auto-destroy
+    (embedded driver) any; otherwise restored ones (a restore cannot ask for auto-destroy), whose
+    watchdog died with their virtmount."""
+    embedded = await run_blocking(uses_embedded_driver, conn)
     for domain in await run_blocking(conn.listAllDomains, libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
-        name = await run_blocking(domain.name)
-        if name.startswith(APPLIANCE_NAME_PREFIX):
+        try:
+            name = await run_blocking(domain.name)
+            if not name.startswith(APPLIANCE_NAME_PREFIX):
+                continue
+            xml = await run_blocking(domain.XMLDesc, 0)
+            if not embedded and not owner_is_gone(f"{appliance_client(xml)}.{appliance_owner(xml)}"):
+                continue  # another client's, a live virtmount's, or one from before clients were recorded
             log.info("destroying leftover appliance %s", name)
-            try:
-                await run_blocking(domain.destroy)
-            except libvirt.libvirtError as exc:
-                log.warning("cannot destroy leftover appliance %s: %s", name, libvirt_message(exc))
+            await run_blocking(domain.destroy)
+        except libvirt.libvirtError as exc:
+            log.warning("cannot destroy a leftover appliance: %s", libvirt_message(exc))
 
 
 async def _end_leftover_backup_jobs(conn: libvirt.virConnect, pool: str, ours_too: bool = False) -> None:

@@ -9,6 +9,7 @@ libguestfs appliance kernel, initrd and root, and the daemon's channel.
 from __future__ import annotations
 
 import copy
+import socket
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
@@ -221,8 +222,10 @@ def build_appliance_xml(spec: ApplianceSpec) -> str:
 
 
 def appliance_marker(guest_name: str, owner: str) -> ET.Element:
-    """The metadata element of an appliance domain: the guest it serves and the process that runs it."""
-    return ET.Element(f"{{{METADATA_NAMESPACE}}}appliance", guest=guest_name, owner=owner)
+    """The metadata element of an appliance domain: the guest it serves, the process that runs it and
+    that process's host (the client)."""
+    return ET.Element(f"{{{METADATA_NAMESPACE}}}appliance", guest=guest_name, owner=owner,
+                      client=socket.gethostname())
 
 
 def _marker_attribute(domain_xml: str, attribute: str) -> str | None:
@@ -242,4 +245,9 @@ def appliance_guest_name(domain_xml: str) -> str | None:
 def appliance_owner(domain_xml: str) -> str | None:
     """The process id of the virtmount that runs an appliance domain, or None."""
     return _marker_attribute(domain_xml, "owner")
+
+
+def appliance_client(domain_xml: str) -> str | None:
+    """The host name of the client whose virtmount runs an appliance domain, or None if not recorded."""
+    return _marker_attribute(domain_xml, "client")
 

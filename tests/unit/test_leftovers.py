@@ -1,0 +1,65 @@
+"""Which leftover appliances a mount ends when it starts (virtmount.mount._remove_leftover_appliances)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any, cast
+
+import libvirt
+
+from virtmount.mount import _remove_leftover_appliances
+from virtmount.virt.domainxml import APPLIANCE_NAME_PREFIX, METADATA_NAMESPACE
+
+DEAD_PID = "999999999"
+
+
+class Domain:
+    def __init__(self, name: str, client: str | None, owner: str) -> None:
+        self._name, self.destroyed = name, False
+        client_attribute = "" if client is None else f" client='{client}'"
+        self._xml = (f"<domain><name>{name}</name><metadata><v:appliance xmlns:v='{METADATA_NAMESPACE}' "
+                     f"guest='g' owner='{owner}'{client_attribute}/></metadata></domain>")
+
+    def name(self) -> str:
+        return self._name
+
+    def XMLDesc(self, flags: int) -> str:
+        return self._xml
+
+    def destroy(self) -> None:
+        self.destroyed = True
+
+
+class Conn:
+    def __init__(self, embedded: bool, *domains: Domain) -> None:
+        self.domains, self.embedded = list(domains), embedded
+
+    def getURI(self) -> str:
+        return "qemu:///embed?root=/x" if self.embedded else "qemu:///system"
+
+    def listAllDomains(self, flags: int) -> list[Domain]:
+        return self.domains
+
+
+def appliances() -> dict[str, Domain]:
+    here = socket.gethostname()
+    return {
+        "dead here": Domain(APPLIANCE_NAME_PREFIX + "saved-1", here, DEAD_PID),
+        "alive here": Domain(APPLIANCE_NAME_PREFIX + "saved-2", here, str(os.getpid())),
+        "another client": Domain(APPLIANCE_NAME_PREFIX + "saved-3", "elsewhere", DEAD_PID),
+        "no client recorded": Domain(APPLIANCE_NAME_PREFIX + "saved-4", None, DEAD_PID),
+        "not an appliance": Domain("web1", here, DEAD_PID),
+    }
+
+
+async def test_only_appliances_of_dead_virtmounts_of_this_client_are_ended() -> None:
+    domains = appliances()
+    await _remove_leftover_appliances(cast(libvirt.virConnect, cast(Any, Conn(False, *domains.values()))))
+    assert {key for key, domain in domains.items() if domain.destroyed} == {"dead here"}
+
+
+async def test_without_auto_destroy_every_appliance_is_a_leftover() -> None:
+    domains = appliances()
+    await _remove_leftover_appliances(cast(libvirt.virConnect, cast(Any, Conn(True, *domains.values()))))
+    assert {key for key, domain in domains.items() if domain.destroyed} == set(domains) - {"not an appliance"}

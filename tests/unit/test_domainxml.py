@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import socket
 import xml.etree.ElementTree as ET
 from typing import cast
 
@@ -17,6 +18,7 @@ from virtmount.virt.domainxml import (
     GuestDefinition,
     appliance_disk,
     appliance_guest_name,
+    appliance_client,
     appliance_owner,
     build_appliance_xml,
     kernel_command_line,
@@ -423,11 +425,12 @@ def test_domain_seclabels_copied_in_order() -> None:
     assert only(domain, "seclabel[@model='dac']/label").text == "107:107"
 
 
-def test_metadata_marks_the_guest_and_the_owner() -> None:
+def test_metadata_marks_the_guest_the_owner_and_its_client() -> None:
     xml = build_appliance_xml(make_spec(owner="4242"))
     marker = only(ET.fromstring(xml), f"metadata/{{{METADATA_NAMESPACE}}}appliance")
-    assert marker.attrib == {"guest": "guest1", "owner": "4242"}
+    assert marker.attrib == {"guest": "guest1", "owner": "4242", "client": socket.gethostname()}
     assert appliance_guest_name(xml) == "guest1" and appliance_owner(xml) == "4242"
+    assert appliance_client(xml) == socket.gethostname()
 
 
 def test_a_root_overlay_replaces_the_throwaway_one() -> None:

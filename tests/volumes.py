@@ -106,3 +106,14 @@ def start_disk_pool(uri: str, name: str, device: str) -> None:
     virsh(uri, "pool-destroy", name, check=False)
     virsh(uri, "pool-create-as", name, "disk", "--source-dev", device, "--source-format", "gpt",
           "--target", "/dev", "--build", "--overwrite")
+
+
+@contextlib.contextmanager
+def defined_domain(uri: str, name: str, xml: Path) -> Iterator[str]:
+    """The domain ``name`` defined from ``xml`` (replacing one an interrupted run left), undefined after."""
+    virsh(uri, "undefine", name, check=False)
+    virsh(uri, "define", str(xml))
+    try:
+        yield name
+    finally:
+        virsh(uri, "undefine", name, check=False)

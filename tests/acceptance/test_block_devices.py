@@ -48,12 +48,8 @@ def block_disk_domain(tcp_uri: str, partitions: tuple[str, str],
       <os><type arch='x86_64'>hvm</type></os><devices>
       <disk type='block' device='disk'><driver name='qemu' type='raw'/><source dev='/dev/{partitions[0]}'/>
       <target dev='vda'/></disk></devices></domain>""")
-    volumes.virsh(tcp_uri, "undefine", DOMAIN, check=False)  # left by an interrupted run
-    volumes.virsh(tcp_uri, "define", str(xml))
-    try:
-        yield DOMAIN
-    finally:
-        volumes.virsh(tcp_uri, "undefine", DOMAIN, check=False)
+    with volumes.defined_domain(tcp_uri, DOMAIN, xml) as name:
+        yield name
 
 
 def test_a_partition_of_a_disk_pool_is_read_as_a_block_device(tcp_mounted: Path, tcp_uri: str,

@@ -52,12 +52,8 @@ def multi_disk_domain_xml(pool_dir: Path) -> str:
 def multi_disk_domain(tcp_uri: str, pool: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     xml = tmp_path_factory.mktemp("domain") / "domain.xml"
     xml.write_text(multi_disk_domain_xml(volumes.POOL_PARENT / POOL))
-    volumes.virsh(tcp_uri, "undefine", DOMAIN, check=False)  # left by an interrupted run
-    volumes.virsh(tcp_uri, "define", str(xml))
-    try:
-        yield DOMAIN
-    finally:
-        volumes.virsh(tcp_uri, "undefine", DOMAIN, check=False)
+    with volumes.defined_domain(tcp_uri, DOMAIN, xml) as name:
+        yield name
 
 
 def read_hellos(devices: Path) -> dict[str, bytes]:

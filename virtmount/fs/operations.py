@@ -92,14 +92,7 @@ class Operations(pyfuse3.Operations):
         return entry_attributes(await self._tree.getattr(node.inode), self._timeout(node))
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        async def run() -> pyfuse3.EntryAttributes:
-            node = await self._tree.lookup(parent_inode, name)
-            try:
-                return await self._entry(node)
-            except BaseException:
-                self._tree.forget(node.inode, 1)
-                raise
-        return await self._guarded(run)
+        return await self._new_entry(lambda: self._tree.lookup(parent_inode, name))
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for inode, count in inode_list:
@@ -200,6 +193,8 @@ class Operations(pyfuse3.Operations):
     # --- writes ------------------------------------------------------------------------------
 
     async def _new_entry(self, make: Callable[[], Awaitable[Node]]) -> pyfuse3.EntryAttributes:
+        """The entry of the node ``make`` looks up or makes (one kernel reference counted); the reference
+        is given back if its attributes cannot be had."""
         async def run() -> pyfuse3.EntryAttributes:
             node = await make()  # counted one kernel reference
             try:

@@ -95,7 +95,7 @@ _OPTIONS: dict[str, tuple[bool, Callable[[Config, str], Config], str]] = {
     "pool": (True, lambda c, v: _with_appliance(c, pool=_pool_name(v)),
              "storage pool on the host for the appliance files (default virtmount)"),
     "scratch_pool": (True, lambda c, v: _with_appliance(c, scratch_pool=_pool_name(v, "scratch_pool")),
-                     "storage pool on the host for the scratch volumes and sockets of running domains' "
+                     "storage pool on the host for the scratch volumes of running domains' "
                      "point-in-time views (default: the pool option's); it needs at least "
                      f"{SCRATCH_RESERVE_BYTES >> 20} MiB free, and views end when it has less"),
     "emulator": (True, lambda c, v: _with_appliance(c, emulator=_emulator(v)),

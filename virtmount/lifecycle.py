@@ -197,14 +197,10 @@ class SourceAppliance:
         if reason is None or self._appliance is None:
             return
         log.error("%s: %s while served; its appliance is shut down", self.name, reason)
-        raise await self._end_failing(reason)
-
-    async def _end_failing(self, reason: str) -> GuestUnavailableError:
-        """End the running appliance; accesses answer EIO (``reason``) until FAILED_BOOT_RETRY_S has passed."""
         failure = GuestUnavailableError(reason)
         await self._discard_appliance(reason)
         self._failure = (time.monotonic(), failure)
-        return failure
+        raise failure
 
     async def _boot(self, done: trio.Event) -> None:
         try:
@@ -262,7 +258,9 @@ class SourceAppliance:
             return
         self._hold_watch = None
         log.error("%s: %s", self.name, reason)
-        await self._end_failing(reason)
+        failure = GuestUnavailableError(reason)
+        await self._discard_appliance(reason)
+        self._failure = (time.monotonic(), failure)
 
     async def _watchdog_for(self, source: Source) -> Watchdog | None:
         """The watchdog, told about what ``source`` holds on the host; None where there is none (it is

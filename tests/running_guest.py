@@ -8,8 +8,10 @@ agent (the host's qemu-ga with its libraries, on ``org.qemu.guest_agent.0``), so
 /data for the job's start; it has no guestfs daemon. It boots in a few seconds under TCG.
 
 Built once and cached (like tests/images.py) under
-``$VIRTMOUNT_TEST_IMAGES/running-<hash>/``: kernel, initramfs, data.qcow2, quiet.qcow2; the
-hash covers this file and the host's kernel.
+``$VIRTMOUNT_TEST_IMAGES/running-<hash>/``: kernel, initramfs, data-empty.qcow2, quiet.qcow2; the
+hash covers this file and the host's kernel. Every boot gets a fresh data.qcow2 copied from
+data-empty.qcow2: the guest is always stopped hard (destroy) in the middle of its writes, and its
+journal-less ext4, reused, once showed a block of garbage in /counter in CI.
 
 Usage::
 
@@ -128,7 +130,7 @@ def build() -> Path:
     """The cached directory with kernel, initramfs and data disk (built on first use)."""
     target = _cache_dir()
     with locked():
-        if (target / "data.qcow2").exists():
+        if (target / "data-empty.qcow2").exists():
             return target
         for stale in IMAGE_DIR.glob("running-*"):
             shutil.rmtree(stale, ignore_errors=True)
@@ -141,7 +143,7 @@ def build() -> Path:
                 image.truncate(64 * 1024 * 1024)
             subprocess.run(["mkfs.ext4", "-q", "-F", "-O", "^has_journal,^metadata_csum", "-L", "rundata",
                             str(raw)], check=True, capture_output=True)
-            subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(work / "data.qcow2")],
+            subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(work / "data-empty.qcow2")],
                            check=True, capture_output=True)
             with tempfile.TemporaryDirectory() as content:
                 (Path(content) / "hello.txt").write_bytes(QUIET_CONTENT)
@@ -209,6 +211,7 @@ def start(uri: str, timeout: float = 120) -> RunningGuest:
     try:
         domain = conn.lookupByName(NAME)
         if not domain.isActive():
+            shutil.copyfile(guest.data_disk.with_name("data-empty.qcow2"), guest.data_disk)
             domain.create()
     finally:
         conn.close()

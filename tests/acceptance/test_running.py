@@ -21,7 +21,7 @@ import pytest
 
 from tests import images, running_guest, volumes
 from tests.acceptance.conftest import unmount
-from tests.acceptance.helpers import VIRTMOUNT, appliances_of, run_virtmount
+from tests.acceptance.helpers import VIRTMOUNT, appliances_of, mount_foreground, run_virtmount
 from tests.tcpproxy import tcp_proxy
 from virtmount.virt import backup
 
@@ -37,13 +37,7 @@ def writer(libvirtd: str) -> Iterator[running_guest.RunningGuest]:
 
 def mount(uri: str, mountpoint: Path, *options: str) -> None:
     """Mount in the foreground with -v, its log in MOUNTPOINT.log (shown when a test fails)."""
-    log = mountpoint.with_suffix(".log").open("w")
-    subprocess.Popen([VIRTMOUNT, "-f", "-v", "-o", ",".join(("idle=600",) + options), uri, str(mountpoint)],
-                     stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while not os.path.ismount(mountpoint):
-        assert time.monotonic() < deadline, mountpoint.with_suffix(".log").read_text()
-        time.sleep(0.2)
+    mount_foreground(uri, mountpoint, "idle=600", *options)
 
 
 def log_of(mountpoint: Path) -> str:

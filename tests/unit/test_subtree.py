@@ -36,7 +36,8 @@ def grown_client() -> FakeGuestClient:
         sda1.inodes[base + 1] = file_inode(base + 1, f"a{n}\n".encode())
         sda1.inodes[base + 2] = FakeInode(base + 2, stat.S_IFLNK | 0o777, target=b"../it's \xff here")
         sda1.inodes[base + 3] = dir_inode(base + 3, **{"deep file": base + 4})
-        sda1.inodes[base + 4] = file_inode(base + 4, b"deep\n", nlink=1, uid=7, gid=8)
+        sda1.inodes[base + 4] = file_inode(base + 4, b"deep\n", nlink=1, uid=7, gid=8,  # times before 1970 too
+                                           times=(-1, 500_000_000, -(2**31 - 1), 123, 1_700_000_000, 999_999_999))
     return FakeGuestClient(sda1, sda2)
 
 
@@ -149,9 +150,9 @@ async def test_a_cut_walk_gives_only_the_directories_it_finished() -> None:
 
 def test_malformed_output_is_a_protocol_error() -> None:
     with pytest.raises(ProtocolError):
-        parse_walk(b"f 1 2 644 1 0 0 5 8 1.0 1.0 1.0\0name\0", 1 << 20)  # not a whole record
+        parse_walk(b"f 1 2 644 1 0 0 5 8 1.0000000000 1.0000000000 1.0000000000\0name\0", 1 << 20)  # not a whole record
     with pytest.raises(ProtocolError):
-        parse_walk(b"x 1 2 644 1 0 0 5 8 1.0 1.0 1.0\0name\0\0", 1 << 20)  # unknown type
+        parse_walk(b"x 1 2 644 1 0 0 5 8 1.0000000000 1.0000000000 1.0000000000\0name\0\0", 1 << 20)  # unknown type
     with pytest.raises(ProtocolError):
         parse_walk(b"f 1 2\0name\0\0", 1 << 20)
 
@@ -162,7 +163,9 @@ async def test_times_before_1970_and_odd_names_survive() -> None:
             return b""
 
         async def download(self, path: bytes) -> bytes:
-            return b"f 12 2049 4755 1 0 0 3 8 -1.2500000000 0.0000000010 1700000000.9999999990\0a\nb\xff\0\0"
+            # As findutils 4.9 prints them (measured): tv_sec, a dot, tv_nsec and a 0, even below zero;
+            # -1.5000000000 is half a second before the epoch, -2147483647.0000001230 is 123 ns after 1901-12-13.
+            return b"f 12 2049 4755 1 0 0 3 8 -1.5000000000 -2147483647.0000001230 1700000000.9999999990\0a\nb\xff\0\0"
 
         async def lstatns(self, path: bytes) -> Any:
             raise GuestfsError(errno.EIO, "EIO", "no", "lstatns")
@@ -171,6 +174,6 @@ async def test_times_before_1970_and_odd_names_survive() -> None:
     [entry] = subtree.listings[b"/fs"]
     st = entry.st
     assert entry.name == b"a\nb\xff" and stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o4755
-    assert (st.st_atime_sec, st.st_atime_nsec) == (-2, 750_000_000)
-    assert (st.st_mtime_sec, st.st_mtime_nsec) == (0, 1)
+    assert (st.st_atime_sec, st.st_atime_nsec) == (-1, 500_000_000)
+    assert (st.st_mtime_sec, st.st_mtime_nsec) == (-(2**31 - 1), 123)
     assert (st.st_ctime_sec, st.st_ctime_nsec) == (1_700_000_000, 999_999_999)

@@ -50,7 +50,6 @@ class SubtreeWalks:
         self._claims: dict[tuple[Appliance, bytes], list[float]] = {}
         self._off: set[Appliance] = set()  # appliances whose daemon cannot walk
         self._blksizes: dict[Appliance, dict[int, int]] = {}
-        self.walks_made = 0
 
     def covering(self, appliance: Appliance, path: bytes) -> SubtreeWalk | None:
         for walk in self._walks:
@@ -77,7 +76,6 @@ class SubtreeWalks:
         self._forget_other_boots(appliance)
         walk = SubtreeWalk(appliance, parent)
         self._walks.append(walk)
-        self.walks_made += 1
         return walk
 
     def turn_off(self, appliance: Appliance) -> None:

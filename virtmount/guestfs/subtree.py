@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import stat
 from dataclasses import dataclass, field
-from decimal import ROUND_FLOOR, Decimal, InvalidOperation
 
 from .client import GuestfsClient
 from .errors import ProtocolError
@@ -126,17 +125,19 @@ def _statns(fields: list[bytes], blksizes: dict[int, int], rdev: int) -> Statns:
         ino, dev, mode, nlink, uid, gid, size, blocks = (int(f, 8) if i == 2 else int(f)
                                                           for i, f in enumerate(fields[1:9]))
         times = [_seconds(f) for f in fields[9:12]]
-    except (ValueError, InvalidOperation):
+    except ValueError:
         raise ProtocolError(f"malformed subtree record {b' '.join(fields)[:80]!r}") from None
     return Statns(dev, ino, _TYPES[fields[0]] | mode, nlink, uid, gid, rdev, size, blksizes.get(dev, 4096), blocks,
                   *times[0], *times[1], *times[2], 0, 0, 0, 0, 0, 0)
 
 
 def _seconds(text: bytes) -> tuple[int, int]:
-    """find's ``%T@`` (seconds since the epoch with a fraction, maybe negative) as (seconds, nanoseconds)."""
-    value = Decimal(text.decode("ascii"))
-    seconds = int(value.to_integral_value(rounding=ROUND_FLOOR))
-    return seconds, int((value - seconds) * 1_000_000_000)
+    """find's ``%T@`` as (seconds, nanoseconds). findutils 4.9 prints the two fields of the timestamp
+    side by side, ``tv_sec.tv_nsec`` and a 0: 0.5 s before the epoch is ``-1.5000000000``, not -0.5."""
+    whole, dot, fraction = text.partition(b".")
+    if not dot or len(fraction) != 10 or not fraction.isdigit():
+        raise ValueError(f"not a find timestamp: {text!r}")
+    return int(whole), int(fraction[:9])
 
 
 def _first_path_per_device(records: list[Record]) -> dict[int, bytes]:

@@ -366,8 +366,8 @@ class GuestView:
                 walk.listed.add(path)
                 directories.update((child.path, child) for _, child in siblings.members
                                    if child.stat is not None and stat.S_ISDIR(child.stat.st_mode))
-            log.debug("%s: listed %r as a whole: %d directories, %d entries%s", source.name, walk.start,
-                      len(walk.listed), subtree.entries, "" if subtree.complete else " (cut)")
+            log.info("%s: listed %r as a whole: %d directories, %d entries%s", source.name, walk.start,
+                     len(walk.listed), subtree.entries, "" if subtree.complete else " (cut)")
         finally:
             walk.done.set()
 

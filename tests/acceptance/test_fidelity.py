@@ -65,14 +65,17 @@ def test_strict_walk_matches_source(fidelity_guest: tuple[str, Path], fs_dir: Pa
 @pytest.mark.acceptance
 def test_whole_subtree_listings_match_source(fidelity_guest: tuple[str, Path], libvirtd: str,
                                              tmp_path_factory: pytest.TempPathFactory) -> None:
-    """On a mount of its own (nothing listed yet), a strict walk is served by whole-subtree listings
-    (find in the appliance, guestfs/subtree.py), not directory by directory: the same tree, every
-    time stamp included (find prints those before 1970 its own way)."""
+    """On a mount of its own (nothing listed yet), find(1) walks first, as backup tools scan: its walk is
+    served by whole-subtree listings (find in the appliance, guestfs/subtree.py) rather than directory
+    by directory, and the strict walk after it must see the same tree, every time stamp included (find
+    prints those before 1970 its own way)."""
     name, source = fidelity_guest
     mountpoint = tmp_path_factory.mktemp("virtmount-fidelity-walker")
     mount_foreground(libvirtd, mountpoint, "idle=600")
     try:
-        diffs = fidelity.compare_trees(source, mountpoint / "domains" / name / "fs")
+        fs = mountpoint / "domains" / name / "fs"
+        subprocess.run(["find", str(fs)], check=True, stdout=subprocess.DEVNULL, timeout=600)
+        diffs = fidelity.compare_trees(source, fs)
     finally:
         unmount(mountpoint)
     log = mountpoint.with_suffix(".log").read_text()

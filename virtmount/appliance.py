@@ -8,6 +8,7 @@ nor the daemon's launch flag can be missed.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import secrets
@@ -20,7 +21,7 @@ import trio
 
 from .accelerator import Accelerator, AcceleratorPlan, accelerator_name, plan_accelerators
 from .devicenames import COLD_BOOTED, RESTORED
-from .errors import VirtmountError
+from .failures import ErrnoError, errno_of
 from .guestfs.client import GuestfsClient
 from .guestfs.errors import ConnectionLost, GuestfsClientError, GuestfsTimeout
 from .faststart import FastStartUnavailable, SavedAppliance, overlay_volume_xml, restore_xml
@@ -68,12 +69,13 @@ class ApplianceSettings:
         return self.scratch_pool or self.pool
 
 
-class BootFailed(VirtmountError):
+class BootFailed(ErrnoError):
     """The appliance domain could not be created or its daemon never answered; ``reason`` says why
-    in a few words (the message also says which appliance and what its console showed)."""
+    in a few words (the message also says which appliance and what its console showed). Its errno is
+    libvirt's error's where libvirt refused (e.g. ENOSPC: no room for an overlay), else EIO."""
 
-    def __init__(self, message: str, reason: str = "", *, silent: bool = False) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, reason: str = "", *, silent: bool = False, errno_value: int = errno.EIO) -> None:
+        super().__init__(message, errno_value)
         self.reason = reason or message
         self.silent = silent  # its console printed nothing within its window (see accelerator.py)
 
@@ -117,7 +119,7 @@ class Appliance:
 
 async def _destroy_quietly(domain: libvirt.virDomain) -> None:
     try:
-        await trio.to_thread.run_sync(domain.destroy)
+        await run_blocking(domain.destroy)
     except libvirt.libvirtError as exc:
         if exc.get_error_code() not in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID):
             log.warning("could not destroy appliance domain: %s", libvirt_message(exc))
@@ -195,7 +197,8 @@ async def boot_appliance(
         return appliance
     assert failure is not None
     if settings.accelerator == "kvm":
-        raise BootFailed(f"{failure}; if KVM does not work on this host, use -o accel=tcg", failure.reason)
+        raise BootFailed(f"{failure}; if KVM does not work on this host, use -o accel=tcg", failure.reason,
+                         errno_value=failure.errno)
     raise failure
 
 
@@ -475,7 +478,8 @@ async def _boot_once(
     try:
         domain = await run_blocking(conn.createXML, build_appliance_xml(spec), flags)
     except libvirt.libvirtError as exc:
-        raise BootFailed(f"cannot start {what}: {libvirt_message(exc)}", libvirt_message(exc)) from None
+        raise BootFailed(f"cannot start {what}: {libvirt_message(exc)}", libvirt_message(exc),
+                         errno_value=errno_of(exc)) from None
     appliance = await _attach_and_resume(conn, domain, spec.guest.name, what, settings, nursery, restored=False,
                                          first_output_window=first_output_window)
     appliance.boot_seconds = time.monotonic() - started
@@ -539,7 +543,8 @@ async def _attach_and_resume(
         await trio.sleep(0.2)  # let the console reader take the last output
         last = "" if isinstance(exc, _SilentConsole) else _console_summary(console)
         raise BootFailed(f"{what} failed to {'resume' if restored else 'boot'}: {reason}{last}", reason,
-                         silent=isinstance(exc, _SilentConsole)) from None
+                         silent=isinstance(exc, _SilentConsole),
+                         errno_value=errno_of(exc) if isinstance(exc, libvirt.libvirtError) else errno.EIO) from None
     except BaseException:
         with trio.CancelScope(shield=True):
             if client is not None:

@@ -41,9 +41,38 @@ def check_uri(uri: str) -> None:
         raise UsageError(f"{uri!r} is not a libvirt URI (expected e.g. qemu:///system or qemu+ssh://host/system)")
 
 
+class CallAbandoned(libvirt.libvirtError):
+    """A libvirt call given up because its connection died under it (see ``abandon_calls``). A libvirtError,
+    so that every caller handles it as the failed call it is; it carries no libvirt error code."""
+
+    def __init__(self, message: str) -> None:
+        Exception.__init__(self, message)
+        self.err = None
+
+
+_calls_in_flight: set[trio.CancelScope] = set()
+
+
 async def run_blocking(fn: Callable[..., T], *args: Any) -> T:
-    """Run a blocking libvirt call in a worker thread; cancellation abandons the thread."""
-    return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
+    """Run a blocking libvirt call in a worker thread; cancellation abandons the thread, and so does
+    ``abandon_calls`` (CallAbandoned)."""
+    with trio.CancelScope() as scope:
+        _calls_in_flight.add(scope)
+        try:
+            return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
+        finally:
+            _calls_in_flight.discard(scope)
+    raise CallAbandoned("the libvirt connection died while the call waited for its answer")
+
+
+def abandon_calls() -> int:
+    """Give up every libvirt call in flight (CallAbandoned); how many there were. For a connection that died
+    on a dead network path: libvirt fails its calls once the keep-alives time out, but a call that was
+    waiting behind another one was seen here to wait on, for minutes, until the socket itself closed."""
+    scopes = list(_calls_in_flight)
+    for scope in scopes:
+        scope.cancel()
+    return len(scopes)
 
 
 # What to configure, by what libvirt (or ssh through it) said: virtmount never prompts.

@@ -246,6 +246,9 @@ async def _attach_to_own_daemon(
 # Appliance roots whose saved appliance this process is making or restoring: a second boot does
 # not wait, it boots cold.
 _saved_appliances_busy: set[str] = set()
+# Saves that failed, by state path: (when, why); not tried again for SAVE_RETRY_S.
+_failed_saves: dict[str, tuple[float, str]] = {}
+SAVE_RETRY_S = 600.0
 _DEVICES_PLUGGED_TIMEOUT_S = 60.0
 _RESTORED_ANSWER_TIMEOUT_S = 60.0  # a restored daemon answers within a second; a cold boot may take minutes
 
@@ -365,7 +368,13 @@ async def _save_appliance(
     plan: AcceleratorPlan,
     nursery: trio.Nursery,
 ) -> None:
-    """Boot an appliance with its root disk only, on a root overlay of its own, and save it."""
+    """Boot an appliance with its root disk only, on a root overlay of its own, and save it. A save that
+    failed (e.g. no room in the pool for the ~150 MB state) is not tried again for SAVE_RETRY_S: each try
+    costs a whole extra boot."""
+    state_path = saved.state_path(host)
+    if (failed := _failed_saves.get(state_path)) is not None and time.monotonic() - failed[0] < SAVE_RETRY_S:
+        raise FastStartUnavailable(f"saving an appliance failed {time.monotonic() - failed[0]:.0f} s ago "
+                                   f"({failed[1]}); tried again {SAVE_RETRY_S:.0f} s after that")
     await _replace_overlay(conn, settings.pool, saved.root_volume, host.root_path)
     spec = _spec(saved.name, GuestDefinition(name="(saved appliance)", disks=()), host, settings, domain_type,
                  root_overlay=saved.path(host, saved.root_volume))
@@ -375,14 +384,19 @@ async def _save_appliance(
         plan.failed(domain_type, exc.reason, silent=exc.silent)
         await _delete_volumes(conn, settings.pool, [saved.root_volume])
         raise FastStartUnavailable(str(exc)) from None
+    failure = ""
     try:
         with trio.CancelScope(shield=True):
-            await run_blocking(appliance.domain.save, saved.state_path(host))
+            await run_blocking(appliance.domain.save, state_path)
     except libvirt.libvirtError as exc:
-        raise FastStartUnavailable(f"cannot save the appliance: {libvirt_message(exc)}") from None
+        failure = libvirt_message(exc)
     finally:
         await appliance.client.aclose()
         await _destroy_quietly(appliance.domain)
+    if failure:
+        _failed_saves[state_path] = (time.monotonic(), failure)
+        await _delete_volumes(conn, settings.pool, [os.path.basename(state_path), saved.root_volume])
+        raise FastStartUnavailable(f"cannot save the appliance into pool {settings.pool}: {failure}")
     log.info("saved a booted appliance as %s for fast starts", saved.state_path(host))
 
 

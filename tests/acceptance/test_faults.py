@@ -209,6 +209,33 @@ def test_libvirtd_restarted_while_mounted(test_guest: images.Guest, tmp_path: Pa
     assert leftover_overlays({name for name, _ in before | after}, [test_guest.image.parent, POOL_DIR]) == []
 
 
+def test_libvirtd_restarted_while_an_appliance_boots_leaves_no_overlay(nos_guest: images.Guest,
+                                                                        tmp_path: Path) -> None:
+    """libvirtd restarted while an appliance boots cold (its overlays made, not yet noted by virtmount):
+    once connected again virtmount destroys it and deletes its throw-away overlays, which libvirt forgot;
+    the next access boots a new appliance."""
+    with own_mount(nos_guest.uri, tmp_path, "-o", "idle=600,fast_start=off") as (mountpoint, pid):
+        sda = mountpoint / "domains" / nos_guest.name / "devices" / "sda"
+        first_access = threading.Thread(target=lambda: errno_of(lambda: os.listdir(sda)), daemon=True)
+        first_access.start()
+        assert wait_until(lambda: bool(appliance_ids(pid)), 60) is not None, "no appliance started"
+        [(name, _)] = appliance_ids(pid)
+        overlays = [path for directory in (nos_guest.image.parent, POOL_DIR)
+                    for path in directory.glob(f"*.TRANSIENT-{name}")]
+        restart_libvirtd()
+        first_access.join(NO_HANG_S)
+        assert not first_access.is_alive(), "the first access hung"
+        back = wait_until(lambda: listing_works(sda), timeout=300)
+        assert back is not None, "the view did not come back"
+        print(f"appliance {name} booting during the restart had {len(overlays)} overlay(s): {overlays}; "
+              f"left after the restart: {[str(p) for p in overlays if p.exists()]}; devices/sda back {back:.1f} s "
+              f"after libvirtd")
+        assert overlays, "the appliance had no overlay yet: nothing was tested"
+        assert (name, ) not in {(n, ) for n, _ in appliance_ids(pid)}
+        assert [path for path in overlays if path.exists()] == []
+    assert leftover_overlays({name}, [nos_guest.image.parent, POOL_DIR]) == []
+
+
 def test_tcp_connection_cut_and_restored(test_guest: images.Guest, tcp_uri: str, tmp_path: Path) -> None:
     """Through a proxy the test cuts: while cut, accesses answer EIO at once (none hangs); once it is
     restored, the mount re-opens its connection and the views come back by themselves."""
@@ -358,10 +385,12 @@ def test_a_domain_whose_disk_and_definition_change_while_mounted(test_guest: ima
 
 
 @contextlib.contextmanager
-def full_pool(directory: Path, name: str) -> Iterator[None]:
-    """A transient dir pool ``name`` on a 4 MiB tmpfs: no room for the appliance (its kernel alone is larger)."""
+def full_pool(directory: Path, name: str, size_mib: int = 4) -> Iterator[None]:
+    """A transient dir pool ``name`` on a tmpfs of ``size_mib``; with 4 MiB, no room for the appliance (its
+    kernel alone is larger)."""
     directory.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "virtmount-test-full", str(directory)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mib}m,mode=0755", "virtmount-test-full",
+                    str(directory)], check=True)
     conn = libvirt.open("qemu:///system")
     try:
         pool = conn.storagePoolCreateXML(
@@ -441,3 +470,32 @@ def test_no_room_for_the_overlays_beside_a_guest_image(nos_guest: images.Guest, 
             unmount(mountpoint)
         assert sorted(os.listdir(directory)) == ["filler", image.name]
         assert appliance_ids(pid) == set()
+
+
+def test_a_pool_without_room_for_a_saved_appliance_boots_cold(nos_guest: images.Guest, tmp_path: Path) -> None:
+    """A pool with room for the appliance (~230 MB) but not for a saved one (its ~150 MB state): the first
+    boot makes an appliance to save, the save fails for want of room, and the guest's appliance boots cold;
+    nothing of the failed save is left in the pool."""
+    pool = f"virtmount-test-small-{os.getpid()}"
+    directory = images.IMAGE_DIR / pool  # QEMU (libvirt-qemu) must reach it: not below tmp_path
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    log = mountpoint.with_suffix(".log")
+    with full_pool(directory, pool, size_mib=245):
+        pid = mount_foreground(nos_guest.uri, mountpoint, "idle=600", f"pool={pool}").pid
+        try:
+            started = time.monotonic()
+            hello = mountpoint / "domains" / nos_guest.name / "devices" / "sda" / "hello.txt"
+            assert hello.read_bytes() == nos_guest.files["/hello.txt"], log.read_text()
+            served = time.monotonic() - started
+            failed_save = [line for line in log.read_text().splitlines() if "cannot save the appliance" in line]
+            print(f"no room for a saved appliance: served after {served:.1f} s; {failed_save}; free in the pool: "
+                  f"{shutil.disk_usage(directory).free // 2**20} MiB")
+            assert failed_save and "No space left on device" in failed_save[0], log.read_text()
+            assert "booting it cold" in log.read_text()
+            assert not [name for name in os.listdir(directory) if "-saved-" in name], os.listdir(directory)
+        finally:
+            unmount(mountpoint)
+        assert appliance_ids(pid) == set()
+        assert not list(directory.glob("*.TRANSIENT-*"))
+    directory.rmdir()

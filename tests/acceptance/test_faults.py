@@ -283,7 +283,8 @@ def test_silent_link_is_noticed_by_keepalives_and_the_mount_recovers(test_guest:
         mountpoint = tmp_path / "mnt"
         mountpoint.mkdir()
         log = mountpoint.with_suffix(".log")
-        pid = mount_foreground(uri, mountpoint, "idle=600").pid
+        process = mount_foreground(uri, mountpoint, "idle=600")
+        pid = process.pid
         try:
             domains = mountpoint / "domains"
             random_file = domains / test_guest.name / "fs" / images.DATA_RANDOM_FILE.lstrip("/")
@@ -314,6 +315,7 @@ def test_silent_link_is_noticed_by_keepalives_and_the_mount_recovers(test_guest:
             assert listing_failed < SILENT_LINK_EIO_S and in_flight < SILENT_LINK_EIO_S
             assert_no_hang_and_only_eio(outcomes)
             assert wait_until(lambda: appliance_ids(pid) == set(), 60) is not None  # auto-destroyed or destroyed
+            assert process.poll() is None, log.read_text()  # alive (libvirt segfaulted it once)
         finally:
             unmount(mountpoint)
 

@@ -2,14 +2,13 @@
 
 libvirt tells us itself when a connection ends (its close callback: the
 daemon restarted, the TCP connection broke, keep-alives went unanswered).
-That callback can come late: on a dead network path (no FIN, no RST) the
-keep-alives timed out inside a call here, libvirt marked the connection closed
-(``virConnectIsAlive`` answers 0 from then on) and failed the calls, but
-called the callback only minutes later, when the socket itself closed. So the
-link also asks libvirt every ALIVE_CHECK_S whether it still counts the
-connection as open: a local check, no message goes to the server. A silent
-path is noticed within libvirt's keep-alive time (connection.py: 5 s x
-(3 + 1) = 20 s without a message from the server) plus ALIVE_CHECK_S. While it is down every
+With two calls waiting on a dead network path (no FIN, no RST), libvirt
+reported the close only minutes later (connection.py runs one call at a time
+for that reason); as a safety net the link also asks libvirt every
+ALIVE_CHECK_S whether it still counts the connection open (a local check, no
+message goes to the server). A dead path is noticed when libvirt's keep-alives
+give up (connection.py: no message from the server for 5 s x (3 + 1) = 20 s).
+While it is down every
 user of ``LibvirtLink.conn`` gets ``LibvirtDown`` (EIO) at once instead of a
 call that hangs; ``keep_open`` re-opens it (0.5 s, 1 s, 2 s, … up to 10 s
 between attempts) and tells the mount, which drops what belonged to the old
@@ -58,7 +57,6 @@ class LibvirtLink:
         self._lost = trio.Event()
         self._down_since = 0.0
         self._checking_alive = False  # a liveness check's thread has not returned yet
-        self._abandoned = 0  # libvirt calls given up when the connection was lost, perhaps still running
         self.reconnects = 0
 
     @property
@@ -88,9 +86,8 @@ class LibvirtLink:
         if conn is not self._conn:
             return  # an older connection's late callback
         log.warning("lost the libvirt connection to %s (%s); re-opening it", self.uri, why)
-        self._abandoned = abandon_calls()
-        if self._abandoned:
-            log.info("gave up %d libvirt call(s) in flight on the lost connection", self._abandoned)
+        if abandoned := abandon_calls():
+            log.info("gave up %d libvirt call(s) waiting on the lost connection", abandoned)
         self._conn = None
         self._down_since = time.monotonic()
         self._up = trio.Event()
@@ -118,13 +115,8 @@ class LibvirtLink:
             await on_lost()
             with contextlib.suppress(libvirt.libvirtError):
                 conn.unregisterCloseCallback()
-            if self._abandoned:
-                # libvirt crashed here (a segfault in the abandoned thread) when a connection was closed under
-                # a call still waiting in it: leave it to the calls, whose references close it when they end
-                log.debug("not closing the lost connection: %d abandoned call(s) may still use it", self._abandoned)
-            else:
-                with trio.move_on_after(5):
-                    await close_connection(conn)
+            with trio.move_on_after(5):
+                await close_connection(conn)
             conn = await self._reopen()
             await on_reopened(conn)
             self._conn, self._lost = conn, trio.Event()

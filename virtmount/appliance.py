@@ -37,7 +37,7 @@ from .virt.domainxml import (
     appliance_disk,
     build_appliance_xml,
 )
-from .virt.overlays import transient_overlays
+from .virt.overlays import disk_overlays, transient_overlays
 from .virt.provision import HostAppliance, delete_volume
 from .virt.stream import LibvirtByteStream
 from .watchdog import Watchdog
@@ -45,6 +45,11 @@ from .watchdog import Watchdog
 log = logging.getLogger(__name__)
 
 _SHUTDOWN_SYNC_TIMEOUT_S = 60.0
+
+# The throw-away overlays libvirt makes as this process starts an appliance or plugs disks into one, by
+# domain name, until the appliance is up and has noted them (Appliance.overlays). If the connection is lost
+# meanwhile and libvirtd restarted, libvirt forgets them: mount.py deletes them once connected again.
+overlays_being_made: dict[str, list[str]] = {}
 
 
 @dataclass(frozen=True)
@@ -434,9 +439,14 @@ async def _delete_volumes(conn: libvirt.virConnect, pool_name: str, names: list[
 async def _plug_in_guest_disks(appliance: Appliance, definition: GuestDefinition, settings: ApplianceSettings) -> None:
     """Attach the guest's disks behind the root (sdb, sdc, … as in a cold boot), wait until the
     appliance sees them all, and activate their LVM volumes as the appliance's init does at boot."""
-    for index, disk in enumerate(definition.disks):
-        xml = ET.tostring(appliance_disk(disk, index + 1, settings.writable), encoding="unicode")
-        await run_blocking(appliance.domain.attachDeviceFlags, xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    disks = [appliance_disk(disk, index + 1, settings.writable) for index, disk in enumerate(definition.disks)]
+    overlays_being_made[appliance.domain_name] = disk_overlays(appliance.domain_name, disks)
+    try:
+        for disk in disks:
+            xml = ET.tostring(disk, encoding="unicode")
+            await run_blocking(appliance.domain.attachDeviceFlags, xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    finally:
+        appliance.overlays = overlays_being_made.pop(appliance.domain_name)
     if not definition.disks:
         return
     with trio.move_on_after(_DEVICES_PLUGGED_TIMEOUT_S):
@@ -489,13 +499,19 @@ async def _boot_once(
         flags |= libvirt.VIR_DOMAIN_START_AUTODESTROY
     started = time.monotonic()
     log.info("%s: starting %s", what, spec.name)
+    xml = build_appliance_xml(spec)
+    overlays_being_made[spec.name] = transient_overlays(xml)
     try:
-        domain = await run_blocking(conn.createXML, build_appliance_xml(spec), flags)
-    except libvirt.libvirtError as exc:
-        raise BootFailed(f"cannot start {what}: {libvirt_message(exc)}", libvirt_message(exc),
-                         errno_value=errno_of(exc)) from None
-    appliance = await _attach_and_resume(conn, domain, spec.guest.name, what, settings, nursery, restored=False,
-                                         first_output_window=first_output_window)
+        try:
+            domain = await run_blocking(conn.createXML, xml, flags)
+        except libvirt.libvirtError as exc:
+            raise BootFailed(f"cannot start {what}: {libvirt_message(exc)}", libvirt_message(exc),
+                             errno_value=errno_of(exc)) from None
+        appliance = await _attach_and_resume(conn, domain, spec.guest.name, what, settings, nursery, restored=False,
+                                             first_output_window=first_output_window)
+        appliance.overlays = overlays_being_made[spec.name]
+    finally:
+        del overlays_being_made[spec.name]
     appliance.boot_seconds = time.monotonic() - started
     appliance.accelerator = spec.domain_type
     log.info("%s booted in %.1f s as %s", what, appliance.boot_seconds, spec.name)

@@ -20,7 +20,7 @@ import libvirt
 import pyfuse3
 import trio
 
-from .appliance import ApplianceSettings
+from .appliance import ApplianceSettings, overlays_being_made
 from .config import Config
 from .domainevents import Change, domain_changes
 from .errors import UsageError, VirtmountError
@@ -283,6 +283,7 @@ async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[]
                 lost_overlays: list[tuple[str, list[str]]] = []  # (appliance, its throw-away overlays)
 
                 async def connection_lost() -> None:
+                    lost_overlays.extend(overlays_being_made.items())  # appliances starting: not noted yet
                     for source in tree.served_sources():
                         if (overlays := source.appliance.overlays) is not None:
                             lost_overlays.append(overlays)

@@ -472,6 +472,7 @@ def test_no_room_for_the_overlays_beside_a_guest_image(nos_guest: images.Guest, 
             unmount(mountpoint)
         assert sorted(os.listdir(directory)) == ["filler", image.name]
         assert appliance_ids(pid) == set()
+        assert not list(POOL_DIR.glob(f"*.TRANSIENT-{APPLIANCE_NAME_PREFIX}{name}-{pid}-*"))  # the appliance root's
 
 
 def test_a_pool_without_room_for_a_saved_appliance_boots_cold(nos_guest: images.Guest, tmp_path: Path) -> None:

@@ -7,10 +7,10 @@ reported the close only minutes later (connection.py runs one call at a time
 for that reason); as a safety net the link also asks libvirt every
 ALIVE_CHECK_S whether it still counts the connection open (a local check, no
 message goes to the server). A dead path is noticed when libvirt's keep-alives
-give up (connection.py: no message from the server for 5 s x (3 + 1) = 20 s).
-While it is down every
-user of ``LibvirtLink.conn`` gets ``LibvirtDown`` (EIO) at once instead of a
-call that hangs; ``keep_open`` re-opens it (0.5 s, 1 s, 2 s, … up to 10 s
+give up (connection.py: no message from the server for 5 s x (3 + 1) = 20 s);
+the calls waiting then are given up. While it is down every user of
+``LibvirtLink.conn`` gets ``LibvirtDown`` (EIO) at once instead of a call that
+hangs; ``keep_open`` re-opens it (0.5 s, 1 s, 2 s, … up to 10 s
 between attempts) and tells the mount, which drops what belonged to the old
 connection (appliances, event registrations) and boots anew on demand.
 """

@@ -220,8 +220,21 @@ def test_libvirtd_restarted_while_an_appliance_boots_leaves_no_overlay(nos_guest
         first_access.start()
         assert wait_until(lambda: bool(appliance_ids(pid)), 60) is not None, "no appliance started"
         [(name, _)] = appliance_ids(pid)
-        overlays = [path for directory in (nos_guest.image.parent, POOL_DIR)
+
+        def overlays_made() -> list[Path]:  # libvirt makes them as the domain starts, after it shows as active
+            return [path for directory in (nos_guest.image.parent, POOL_DIR)
                     for path in directory.glob(f"*.TRANSIENT-{name}")]
+
+        def resumed() -> bool:  # created (paused), channel opened and resumed: waiting for its daemon
+            conn = libvirt.open(nos_guest.uri)
+            try:
+                return bool(conn.lookupByName(name).state()[0] == libvirt.VIR_DOMAIN_RUNNING)
+            finally:
+                conn.close()
+
+        assert wait_until(resumed, 60) is not None, "the appliance was not resumed"
+        overlays = overlays_made()
+        assert len(overlays) == 2, overlays  # the guest's disk and the appliance root
         restart_libvirtd()
         first_access.join(NO_HANG_S)
         assert not first_access.is_alive(), "the first access hung"

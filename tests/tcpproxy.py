@@ -1,8 +1,14 @@
-"""A loopback TCP proxy a test can cut and restore, to break a remote libvirt connection on purpose.
+"""A loopback TCP proxy a test can cut, silence and restore, to break a remote libvirt connection on purpose.
 
-While cut, the connections it carried are closed (both ends see EOF, as when a
+``cut``: the connections it carried are closed (both ends see EOF, as when a
 link drops and a firewall resets it) and new ones are accepted and closed at
 once, so a client that reconnects keeps failing until ``restore``.
+
+``silence``: a dead network path. Nothing is forwarded any more, in either
+direction, but every socket stays open (no FIN, no RST): the ends only learn
+of it by their own timeouts (libvirt's keep-alives). New connections are
+accepted and held, silent too. ``restore`` makes everything flow again, the
+bytes held meanwhile included, as when a route comes back.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ import selectors
 import socket
 import threading
 from typing import Iterator
+
+_POLL_S = 0.1  # how soon a pump notices that the proxy went silent
 
 
 class TcpProxy:
@@ -24,6 +32,8 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._pairs: list[tuple[socket.socket, socket.socket]] = []
         self._cut = False
+        self._flowing = threading.Event()  # cleared while silent
+        self._flowing.set()
         self._stopped = False
         threading.Thread(target=self._accept, name="tcpproxy-accept", daemon=True).start()
 
@@ -32,12 +42,18 @@ class TcpProxy:
         with self._lock:
             self._cut = True
             pairs, self._pairs = self._pairs, []
+        self._flowing.set()  # silent pumps wake up and find their sockets closed
         for pair in pairs:
             _close(*pair)
+
+    def silence(self) -> None:
+        """Stop forwarding anything, keeping every socket open, until ``restore``."""
+        self._flowing.clear()
 
     def restore(self) -> None:
         with self._lock:
             self._cut = False
+        self._flowing.set()
 
     def close(self) -> None:
         self._stopped = True
@@ -72,7 +88,10 @@ class TcpProxy:
                 selector.register(sock, selectors.EVENT_READ)
             try:
                 while True:
-                    for key, _ in selector.select():
+                    if not self._flowing.is_set():
+                        self._flowing.wait()  # silent: read nothing, so nothing moves and nothing closes
+                        continue
+                    for key, _ in selector.select(_POLL_S):
                         source = key.fileobj
                         assert isinstance(source, socket.socket)
                         data = source.recv(65536)

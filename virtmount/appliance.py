@@ -8,6 +8,7 @@ nor the daemon's launch flag can be missed.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import secrets
@@ -20,7 +21,7 @@ import trio
 
 from .accelerator import Accelerator, AcceleratorPlan, accelerator_name, plan_accelerators
 from .devicenames import COLD_BOOTED, RESTORED
-from .errors import VirtmountError
+from .failures import ErrnoError, errno_of
 from .guestfs.client import GuestfsClient
 from .guestfs.errors import ConnectionLost, GuestfsClientError, GuestfsTimeout
 from .faststart import FastStartUnavailable, SavedAppliance, overlay_volume_xml, restore_xml
@@ -36,7 +37,7 @@ from .virt.domainxml import (
     appliance_disk,
     build_appliance_xml,
 )
-from .virt.overlays import transient_overlays
+from .virt.overlays import disk_overlays, transient_overlays
 from .virt.provision import HostAppliance, delete_volume
 from .virt.stream import LibvirtByteStream
 from .watchdog import Watchdog
@@ -44,6 +45,11 @@ from .watchdog import Watchdog
 log = logging.getLogger(__name__)
 
 _SHUTDOWN_SYNC_TIMEOUT_S = 60.0
+
+# The throw-away overlays libvirt makes as this process starts an appliance or plugs disks into one, by
+# domain name, until the appliance is up and has noted them (Appliance.overlays). If the connection is lost
+# meanwhile and libvirtd restarted, libvirt forgets them: mount.py deletes them once connected again.
+overlays_being_made: dict[str, list[str]] = {}
 
 
 @dataclass(frozen=True)
@@ -68,12 +74,13 @@ class ApplianceSettings:
         return self.scratch_pool or self.pool
 
 
-class BootFailed(VirtmountError):
+class BootFailed(ErrnoError):
     """The appliance domain could not be created or its daemon never answered; ``reason`` says why
-    in a few words (the message also says which appliance and what its console showed)."""
+    in a few words (the message also says which appliance and what its console showed). Its errno is
+    libvirt's error's where libvirt refused (e.g. ENOSPC: no room for an overlay), else EIO."""
 
-    def __init__(self, message: str, reason: str = "", *, silent: bool = False) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, reason: str = "", *, silent: bool = False, errno_value: int = errno.EIO) -> None:
+        super().__init__(message, errno_value)
         self.reason = reason or message
         self.silent = silent  # its console printed nothing within its window (see accelerator.py)
 
@@ -117,7 +124,7 @@ class Appliance:
 
 async def _destroy_quietly(domain: libvirt.virDomain) -> None:
     try:
-        await trio.to_thread.run_sync(domain.destroy)
+        await run_blocking(domain.destroy)
     except libvirt.libvirtError as exc:
         if exc.get_error_code() not in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID):
             log.warning("could not destroy appliance domain: %s", libvirt_message(exc))
@@ -195,7 +202,8 @@ async def boot_appliance(
         return appliance
     assert failure is not None
     if settings.accelerator == "kvm":
-        raise BootFailed(f"{failure}; if KVM does not work on this host, use -o accel=tcg", failure.reason)
+        raise BootFailed(f"{failure}; if KVM does not work on this host, use -o accel=tcg", failure.reason,
+                         errno_value=failure.errno)
     raise failure
 
 
@@ -243,6 +251,9 @@ async def _attach_to_own_daemon(
 # Appliance roots whose saved appliance this process is making or restoring: a second boot does
 # not wait, it boots cold.
 _saved_appliances_busy: set[str] = set()
+# Saves that failed, by state path: (when, why); not tried again for SAVE_RETRY_S.
+_failed_saves: dict[str, tuple[float, str]] = {}
+SAVE_RETRY_S = 600.0
 _DEVICES_PLUGGED_TIMEOUT_S = 60.0
 _RESTORED_ANSWER_TIMEOUT_S = 60.0  # a restored daemon answers within a second; a cold boot may take minutes
 
@@ -362,7 +373,13 @@ async def _save_appliance(
     plan: AcceleratorPlan,
     nursery: trio.Nursery,
 ) -> None:
-    """Boot an appliance with its root disk only, on a root overlay of its own, and save it."""
+    """Boot an appliance with its root disk only, on a root overlay of its own, and save it. A save that
+    failed (e.g. no room in the pool for the ~150 MB state) is not tried again for SAVE_RETRY_S: each try
+    costs a whole extra boot."""
+    state_path = saved.state_path(host)
+    if (failed := _failed_saves.get(state_path)) is not None and time.monotonic() - failed[0] < SAVE_RETRY_S:
+        raise FastStartUnavailable(f"saving an appliance failed {time.monotonic() - failed[0]:.0f} s ago "
+                                   f"({failed[1]}); tried again {SAVE_RETRY_S:.0f} s after that")
     await _replace_overlay(conn, settings.pool, saved.root_volume, host.root_path)
     spec = _spec(saved.name, GuestDefinition(name="(saved appliance)", disks=()), host, settings, domain_type,
                  root_overlay=saved.path(host, saved.root_volume))
@@ -372,14 +389,19 @@ async def _save_appliance(
         plan.failed(domain_type, exc.reason, silent=exc.silent)
         await _delete_volumes(conn, settings.pool, [saved.root_volume])
         raise FastStartUnavailable(str(exc)) from None
+    failure = ""
     try:
         with trio.CancelScope(shield=True):
-            await run_blocking(appliance.domain.save, saved.state_path(host))
+            await run_blocking(appliance.domain.save, state_path)
     except libvirt.libvirtError as exc:
-        raise FastStartUnavailable(f"cannot save the appliance: {libvirt_message(exc)}") from None
+        failure = libvirt_message(exc)
     finally:
         await appliance.client.aclose()
         await _destroy_quietly(appliance.domain)
+    if failure:
+        _failed_saves[state_path] = (time.monotonic(), failure)
+        await _delete_volumes(conn, settings.pool, [os.path.basename(state_path), saved.root_volume])
+        raise FastStartUnavailable(f"cannot save the appliance into pool {settings.pool}: {failure}")
     log.info("saved a booted appliance as %s for fast starts", saved.state_path(host))
 
 
@@ -417,9 +439,14 @@ async def _delete_volumes(conn: libvirt.virConnect, pool_name: str, names: list[
 async def _plug_in_guest_disks(appliance: Appliance, definition: GuestDefinition, settings: ApplianceSettings) -> None:
     """Attach the guest's disks behind the root (sdb, sdc, … as in a cold boot), wait until the
     appliance sees them all, and activate their LVM volumes as the appliance's init does at boot."""
-    for index, disk in enumerate(definition.disks):
-        xml = ET.tostring(appliance_disk(disk, index + 1, settings.writable), encoding="unicode")
-        await run_blocking(appliance.domain.attachDeviceFlags, xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    disks = [appliance_disk(disk, index + 1, settings.writable) for index, disk in enumerate(definition.disks)]
+    overlays_being_made[appliance.domain_name] = disk_overlays(appliance.domain_name, disks)
+    try:
+        for disk in disks:
+            xml = ET.tostring(disk, encoding="unicode")
+            await run_blocking(appliance.domain.attachDeviceFlags, xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    finally:
+        appliance.overlays = overlays_being_made.pop(appliance.domain_name)
     if not definition.disks:
         return
     with trio.move_on_after(_DEVICES_PLUGGED_TIMEOUT_S):
@@ -472,12 +499,19 @@ async def _boot_once(
         flags |= libvirt.VIR_DOMAIN_START_AUTODESTROY
     started = time.monotonic()
     log.info("%s: starting %s", what, spec.name)
+    xml = build_appliance_xml(spec)
+    overlays_being_made[spec.name] = transient_overlays(xml)
     try:
-        domain = await run_blocking(conn.createXML, build_appliance_xml(spec), flags)
-    except libvirt.libvirtError as exc:
-        raise BootFailed(f"cannot start {what}: {libvirt_message(exc)}", libvirt_message(exc)) from None
-    appliance = await _attach_and_resume(conn, domain, spec.guest.name, what, settings, nursery, restored=False,
-                                         first_output_window=first_output_window)
+        try:
+            domain = await run_blocking(conn.createXML, xml, flags)
+        except libvirt.libvirtError as exc:
+            raise BootFailed(f"cannot start {what}: {libvirt_message(exc)}", libvirt_message(exc),
+                             errno_value=errno_of(exc)) from None
+        appliance = await _attach_and_resume(conn, domain, spec.guest.name, what, settings, nursery, restored=False,
+                                             first_output_window=first_output_window)
+        appliance.overlays = overlays_being_made[spec.name]
+    finally:
+        del overlays_being_made[spec.name]
     appliance.boot_seconds = time.monotonic() - started
     appliance.accelerator = spec.domain_type
     log.info("%s booted in %.1f s as %s", what, appliance.boot_seconds, spec.name)
@@ -539,7 +573,8 @@ async def _attach_and_resume(
         await trio.sleep(0.2)  # let the console reader take the last output
         last = "" if isinstance(exc, _SilentConsole) else _console_summary(console)
         raise BootFailed(f"{what} failed to {'resume' if restored else 'boot'}: {reason}{last}", reason,
-                         silent=isinstance(exc, _SilentConsole)) from None
+                         silent=isinstance(exc, _SilentConsole),
+                         errno_value=errno_of(exc) if isinstance(exc, libvirt.libvirtError) else errno.EIO) from None
     except BaseException:
         with trio.CancelScope(shield=True):
             if client is not None:

@@ -69,6 +69,7 @@ class SourceAppliance:
         self._host_appliance = host_appliance
         self._nursery = nursery
         self._appliance: Appliance | None = None
+        self._laying_out: Appliance | None = None  # booted, its filesystems not laid out yet
         self._layout: GuestLayout | None = None
         self._booting: trio.Event | None = None
         self._boot_started = 0.0
@@ -102,8 +103,9 @@ class SourceAppliance:
 
     @property
     def overlays(self) -> tuple[str, list[str]] | None:
-        """The running appliance's domain name and the throw-away overlays libvirt made for it."""
-        appliance = self._appliance
+        """The appliance's domain name and the throw-away overlays libvirt made for it: the running one's, or
+        the one booted and still laying out the guest's filesystems."""
+        appliance = self._appliance or self._laying_out
         return None if appliance is None or not appliance.owns_domain else (appliance.domain_name, appliance.overlays)
 
     @property
@@ -220,6 +222,7 @@ class SourceAppliance:
                     raise
                 self._served = source
                 self._generation += 1
+                self._laying_out = appliance
                 try:
                     layout = await self._lay_out(appliance)
                 except BaseException as exc:
@@ -245,6 +248,7 @@ class SourceAppliance:
                 log.exception("%s: boot failed on an internal error", self.name)
             self._failure = (time.monotonic(), GuestUnavailableError(message, errno_of(exc)))
         finally:
+            self._laying_out = None
             self._boot_scope = None
             self._booting = None
             done.set()

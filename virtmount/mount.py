@@ -20,7 +20,7 @@ import libvirt
 import pyfuse3
 import trio
 
-from .appliance import ApplianceSettings
+from .appliance import ApplianceSettings, overlays_being_made
 from .config import Config
 from .domainevents import Change, domain_changes
 from .errors import UsageError, VirtmountError
@@ -38,7 +38,7 @@ from .virt.connection import close_connection, libvirt_message, open_connection,
 from .virt.backup import end_leftover_jobs, owner_is_gone
 from .virt.domainxml import APPLIANCE_NAME_PREFIX, appliance_client, appliance_owner
 from .virt.link import LibvirtDown, LibvirtLink
-from .virt.overlays import delete_leftover_overlays
+from .virt.overlays import delete_leftover_overlays, transient_overlays
 
 log = logging.getLogger(__name__)
 
@@ -131,25 +131,31 @@ def end_appliances_after(change: Change, uuid: str, sources: Iterable[ServedSour
         nursery.start_soon(appliance.release, f"the domain {change.value}")
 
 
-async def _destroy_own_appliances(conn: libvirt.virConnect) -> None:
+async def _destroy_own_appliances(conn: libvirt.virConnect) -> list[tuple[str, list[str]]]:
     """After the connection is re-opened: appliances of ours from before are unreachable (their daemon
-    channel went with the old connection) and, if libvirtd restarted, no longer auto-destroyed."""
+    channel went with the old connection) and, if libvirtd restarted, no longer auto-destroyed. Returns
+    each one's name and throw-away overlays, which libvirt may have forgotten too: an appliance that was
+    still booting when the connection went had not noted them yet (virt/overlays.py)."""
+    destroyed: list[tuple[str, list[str]]] = []
     try:
         domains = await run_blocking(conn.listAllDomains, libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
     except libvirt.libvirtError as exc:
         log.warning("cannot list the appliances of the lost connection: %s", libvirt_message(exc))
-        return
+        return destroyed
     for domain in domains:
         try:
             name = await run_blocking(domain.name)
             if not name.startswith(APPLIANCE_NAME_PREFIX):
                 continue
-            if appliance_owner(await run_blocking(domain.XMLDesc, 0)) == str(os.getpid()):
+            xml = await run_blocking(domain.XMLDesc, 0)
+            if appliance_owner(xml) == str(os.getpid()):
                 log.info("destroying appliance %s of the lost connection", name)
                 await run_blocking(domain.destroy)
+                destroyed.append((name, transient_overlays(xml)))
         except libvirt.libvirtError as exc:
             if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
                 log.warning("cannot destroy an appliance of the lost connection: %s", libvirt_message(exc))
+    return destroyed
 
 
 async def _shut_down_idle_appliances(tree: ConnectionTree, idle_seconds: float) -> None:
@@ -277,13 +283,14 @@ async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[]
                 lost_overlays: list[tuple[str, list[str]]] = []  # (appliance, its throw-away overlays)
 
                 async def connection_lost() -> None:
+                    lost_overlays.extend(overlays_being_made.items())  # appliances starting: not noted yet
                     for source in tree.served_sources():
                         if (overlays := source.appliance.overlays) is not None:
                             lost_overlays.append(overlays)
                         nursery.start_soon(source.appliance.connection_lost)
 
                 async def reopened(conn: libvirt.virConnect) -> None:
-                    await _destroy_own_appliances(conn)
+                    lost_overlays.extend(await _destroy_own_appliances(conn))
                     await _delete_leftover_overlays(conn, lost_overlays)
                     lost_overlays.clear()
                     await _end_leftover_backup_jobs(conn, config.appliance.scratch_pool_name, ours_too=True)

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
+import threading
 
+import libvirt
+import pytest
+import trio
+
+from virtmount.virt import connection
 from virtmount.virt.connection import credential_hint, without_prompts
 
 
@@ -32,3 +37,26 @@ def test_credential_failures_say_what_to_configure(message: str, fragment: str) 
 
 def test_other_failures_get_no_hint() -> None:
     assert credential_hint("Cannot recv data: ssh: connect to host h port 22: Connection refused") == ""
+
+
+async def test_calls_in_flight_are_given_up_when_their_connection_dies() -> None:
+    """A libvirt call that libvirt never returns (a dead network path) is abandoned with a libvirtError
+    that says why, so that its caller answers instead of hanging."""
+    release = threading.Event()
+    failures: list[str] = []
+
+    async def call() -> None:
+        try:
+            await connection.run_blocking(release.wait)
+        except libvirt.libvirtError as exc:
+            failures.append(connection.libvirt_message(exc))
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(call)
+            await trio.sleep(0.1)
+            assert connection.abandon_calls() == 1
+        assert failures == ["the libvirt connection died while the call waited for its answer"]
+        assert connection.abandon_calls() == 0
+    finally:
+        release.set()

@@ -63,11 +63,15 @@ def test_reasons_are_one_line() -> None:
 
 
 class FakeConnection:
-    """Stands for a virConnect: holds the close callback libvirt would call."""
+    """Stands for a virConnect: holds the close callback libvirt would call, and whether libvirt counts it open."""
 
     def __init__(self) -> None:
         self.close_callback: Callable[..., None] | None = None
         self.closed = False
+        self.alive = True
+
+    def isAlive(self) -> int:
+        return int(self.alive)
 
     def registerCloseCallback(self, callback: Callable[..., None], opaque: Any) -> None:
         self.close_callback = callback
@@ -113,6 +117,37 @@ async def test_a_closed_connection_answers_at_once_and_is_reopened_with_backoff(
         assert events == ["lost", second] and link.reconnects == 1
         assert [round(b - a, 1) for a, b in zip(attempts, attempts[1:])] == [0.5, 1.0, 2.0]
         assert second.close_callback is not None  # watched in turn
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_connection_libvirt_found_dead_is_lost_without_its_close_callback(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep-alives that time out inside a call mark the connection closed long before the close callback
+    comes (a dead network path): the link notices it by asking libvirt."""
+    monkeypatch.setattr(link_module, "ALIVE_CHECK_S", 0.05)
+    first = FakeConnection()
+    link = LibvirtLink("qemu+tcp://host/system", cast(libvirt.virConnect, first))
+    lost = trio.Event()
+
+    async def on_lost() -> None:
+        lost.set()
+
+    async def on_reopened(conn: libvirt.virConnect) -> None:
+        pass
+
+    async def never_reopens(uri: str, timeout: float = 60.0) -> Any:
+        await trio.sleep_forever()
+
+    monkeypatch.setattr(link_module, "open_connection", never_reopens)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.keep_open, on_lost, on_reopened)
+        await trio.sleep(0.2)
+        assert not lost.is_set()  # alive: nothing happens
+        first.alive = False
+        with trio.fail_after(2):
+            await lost.wait()
+        with pytest.raises(LibvirtDown):
+            link.ensure_up()
         nursery.cancel_scope.cancel()
 
 

@@ -1,4 +1,5 @@
-"""Which leftover appliances a mount ends when it starts (virtmount.mount._remove_leftover_appliances)."""
+"""Which leftover appliances a mount ends when it starts (virtmount.mount._remove_leftover_appliances), and
+which of its own it ends once its connection is back (_destroy_own_appliances)."""
 
 from __future__ import annotations
 
@@ -8,18 +9,18 @@ from typing import Any, cast
 
 import libvirt
 
-from virtmount.mount import _remove_leftover_appliances
+from virtmount.mount import _destroy_own_appliances, _remove_leftover_appliances
 from virtmount.virt.domainxml import APPLIANCE_NAME_PREFIX, METADATA_NAMESPACE
 
 DEAD_PID = "999999999"
 
 
 class Domain:
-    def __init__(self, name: str, client: str | None, owner: str) -> None:
+    def __init__(self, name: str, client: str | None, owner: str, devices: str = "") -> None:
         self._name, self.destroyed = name, False
         client_attribute = "" if client is None else f" client='{client}'"
         self._xml = (f"<domain><name>{name}</name><metadata><v:appliance xmlns:v='{METADATA_NAMESPACE}' "
-                     f"guest='g' owner='{owner}'{client_attribute}/></metadata></domain>")
+                     f"guest='g' owner='{owner}'{client_attribute}/></metadata><devices>{devices}</devices></domain>")
 
     def name(self) -> str:
         return self._name
@@ -63,3 +64,19 @@ async def test_without_auto_destroy_every_appliance_is_a_leftover() -> None:
     domains = appliances()
     await _remove_leftover_appliances(cast(libvirt.virConnect, cast(Any, Conn(True, *domains.values()))))
     assert {key for key, domain in domains.items() if domain.destroyed} == set(domains) - {"not an appliance"}
+
+
+async def test_own_appliances_of_a_lost_connection_are_ended_with_their_overlays_named() -> None:
+    """One that was still booting when the connection went had not noted its throw-away overlays: the XML names
+    them, for the leftover cleanup."""
+    booting = APPLIANCE_NAME_PREFIX + "web1-1-abc"
+    disk = ("<disk type='file'><source file='/img/web1.qcow2'/><transient shareBacking='yes'/></disk>"
+            "<disk type='file'><source file='/pool/root.qcow2'/></disk>")
+    domains = {
+        "ours, booting": Domain(booting, socket.gethostname(), str(os.getpid()), disk),
+        "another virtmount's": Domain(APPLIANCE_NAME_PREFIX + "web1-2-def", socket.gethostname(), DEAD_PID, disk),
+        "not an appliance": Domain("web1", socket.gethostname(), str(os.getpid())),
+    }
+    ended = await _destroy_own_appliances(cast(libvirt.virConnect, cast(Any, Conn(False, *domains.values()))))
+    assert {key for key, domain in domains.items() if domain.destroyed} == {"ours, booting"}
+    assert ended == [(booting, [f"/img/web1.qcow2.TRANSIENT-{booting}"])]

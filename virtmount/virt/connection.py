@@ -41,9 +41,45 @@ def check_uri(uri: str) -> None:
         raise UsageError(f"{uri!r} is not a libvirt URI (expected e.g. qemu:///system or qemu+ssh://host/system)")
 
 
+class CallAbandoned(libvirt.libvirtError):
+    """A libvirt call given up because its connection died under it (see ``abandon_calls``). A libvirtError,
+    so that every caller handles it as the failed call it is; it carries no libvirt error code."""
+
+    def __init__(self, message: str) -> None:
+        Exception.__init__(self, message)
+        self.err = None
+
+
+# One libvirt call at a time. With two calls waiting on a connection whose network path went dead (no FIN,
+# no RST), libvirt 9.0 failed the first when the keep-alives timed out but left the second waiting, for
+# minutes, until the socket itself closed, and reported the connection closed only then; when that waiting
+# call finally woke up after virtmount had let go of the connection, the process segfaulted in libvirt. With
+# one call at a time the keep-alives fail it and libvirt reports the close at once. The cost: a call waits
+# for the one before it (most take milliseconds; starting an appliance's QEMU takes a second or two).
+_one_at_a_time = trio.Lock()
+_calls_waiting: set[trio.CancelScope] = set()
+
+
 async def run_blocking(fn: Callable[..., T], *args: Any) -> T:
-    """Run a blocking libvirt call in a worker thread; cancellation abandons the thread."""
-    return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
+    """Run a blocking libvirt call in a worker thread, one at a time; cancellation abandons the thread,
+    and ``abandon_calls`` abandons it with CallAbandoned."""
+    with trio.CancelScope() as scope:
+        _calls_waiting.add(scope)
+        try:
+            async with _one_at_a_time:
+                return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
+        finally:
+            _calls_waiting.discard(scope)
+    raise CallAbandoned("the libvirt connection died while the call waited for its answer")
+
+
+def abandon_calls() -> int:
+    """Give up every libvirt call waiting for its turn or its answer (CallAbandoned), when the connection
+    is lost; how many there were."""
+    scopes = list(_calls_waiting)
+    for scope in scopes:
+        scope.cancel()
+    return len(scopes)
 
 
 # What to configure, by what libvirt (or ssh through it) said: virtmount never prompts.
@@ -108,7 +144,8 @@ async def open_connection(uri: str, timeout: float = 60.0) -> libvirt.virConnect
     ensure_event_loop()
     with trio.move_on_after(timeout) as scope:
         try:
-            conn = await run_blocking(_open, without_prompts(uri))
+            # not one at a time: a connection that does not answer must not hold up calls on the others
+            conn = await trio.to_thread.run_sync(_open, without_prompts(uri), abandon_on_cancel=True)
         except libvirt.libvirtError as exc:
             message = libvirt_message(exc)
             hint = credential_hint(message)

@@ -1,10 +1,16 @@
 """The mount's libvirt connection: noticed when it closes, re-opened with backoff.
 
 libvirt tells us itself when a connection ends (its close callback: the
-daemon restarted, the TCP connection broke, keep-alives went unanswered), so
-nothing is polled while the connection is healthy. While it is down every
-user of ``LibvirtLink.conn`` gets ``LibvirtDown`` (EIO) at once instead of a
-call that hangs; ``keep_open`` re-opens it (0.5 s, 1 s, 2 s, … up to 10 s
+daemon restarted, the TCP connection broke, keep-alives went unanswered).
+With two calls waiting on a dead network path (no FIN, no RST), libvirt
+reported the close only minutes later (connection.py runs one call at a time
+for that reason); as a safety net the link also asks libvirt every
+ALIVE_CHECK_S whether it still counts the connection open (a local check, no
+message goes to the server). A dead path is noticed when libvirt's keep-alives
+give up (connection.py: no message from the server for 5 s x (3 + 1) = 20 s);
+the calls waiting then are given up. While it is down every user of
+``LibvirtLink.conn`` gets ``LibvirtDown`` (EIO) at once instead of a call that
+hangs; ``keep_open`` re-opens it (0.5 s, 1 s, 2 s, … up to 10 s
 between attempts) and tells the mount, which drops what belonged to the old
 connection (appliances, event registrations) and boots anew on demand.
 """
@@ -20,13 +26,15 @@ import libvirt
 import trio
 
 from ..errors import VirtmountError
-from .connection import ConnectionFailed, close_connection, open_connection
+from .connection import ConnectionFailed, abandon_calls, close_connection, open_connection
 from .events import call_in_trio
 
 log = logging.getLogger(__name__)
 
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 10.0
+ALIVE_CHECK_S = 1.0
+_ALIVE_CHECK_TIMEOUT_S = 5.0
 _CLOSE_REASONS = {
     libvirt.VIR_CONNECT_CLOSE_REASON_ERROR: "I/O error",
     libvirt.VIR_CONNECT_CLOSE_REASON_EOF: "the server closed it",
@@ -48,6 +56,7 @@ class LibvirtLink:
         self._up.set()
         self._lost = trio.Event()
         self._down_since = 0.0
+        self._checking_alive = False  # a liveness check's thread has not returned yet
         self.reconnects = 0
 
     @property
@@ -77,6 +86,8 @@ class LibvirtLink:
         if conn is not self._conn:
             return  # an older connection's late callback
         log.warning("lost the libvirt connection to %s (%s); re-opening it", self.uri, why)
+        if abandoned := abandon_calls():
+            log.info("gave up %d libvirt call(s) waiting on the lost connection", abandoned)
         self._conn = None
         self._down_since = time.monotonic()
         self._up = trio.Event()
@@ -96,7 +107,11 @@ class LibvirtLink:
             self._watch_close(conn, token)
             task_status.started()
             task_status = trio.TASK_STATUS_IGNORED
-            await self._lost.wait()
+            while not self._lost.is_set():
+                with trio.move_on_after(ALIVE_CHECK_S):
+                    await self._lost.wait()
+                if not self._lost.is_set() and not await self._alive(conn):
+                    self._mark_lost(conn, "libvirt found it dead (keep-alives unanswered or the socket closed)")
             await on_lost()
             with contextlib.suppress(libvirt.libvirtError):
                 conn.unregisterCloseCallback()
@@ -109,6 +124,24 @@ class LibvirtLink:
             self._up.set()
             log.warning("re-opened the libvirt connection to %s after %.1f s", self.uri,
                         time.monotonic() - self._down_since)
+
+    async def _alive(self, conn: libvirt.virConnect) -> bool:
+        """Whether libvirt still counts ``conn`` as open (a local check); True when it cannot tell."""
+        if self._checking_alive:
+            return True  # the last check has not returned (a lock held by a stuck call): no pile of threads
+
+        def check() -> int:
+            try:
+                return int(conn.isAlive())
+            except libvirt.libvirtError:
+                return 1
+            finally:
+                self._checking_alive = False
+
+        self._checking_alive = True
+        with trio.move_on_after(_ALIVE_CHECK_TIMEOUT_S):
+            return await trio.to_thread.run_sync(check, abandon_on_cancel=True) != 0
+        return True
 
     def _watch_close(self, conn: libvirt.virConnect, token: trio.lowlevel.TrioToken) -> None:
         def closed(_conn: libvirt.virConnect, reason: int, _opaque: Any) -> None:

@@ -24,12 +24,18 @@ log = logging.getLogger(__name__)
 
 
 def transient_overlays(domain_xml: str) -> list[str]:
-    """The paths of the throw-away overlays libvirt made for the domain's ``<transient/>`` file disks
-    (a running domain's XML names the overlay as the disk's source, its image as the backing store)."""
+    """The paths of the throw-away overlays libvirt made (or makes as it starts) for the domain's
+    ``<transient/>`` file disks (a running domain's XML names the overlay as the disk's source, its
+    image as the backing store)."""
     root = ET.fromstring(domain_xml)
-    suffix = f".TRANSIENT-{root.findtext('name', '')}"
+    return disk_overlays(root.findtext("name", ""), root.findall("./devices/disk"))
+
+
+def disk_overlays(domain_name: str, disks: list[ET.Element]) -> list[str]:
+    """The throw-away overlays of those of ``disks`` that are ``<transient/>`` files, in domain ``domain_name``."""
+    suffix = f".TRANSIENT-{domain_name}"
     paths = []
-    for disk in root.findall("./devices/disk"):
+    for disk in disks:
         source = disk.find("source")
         path = "" if source is None else source.get("file", "")
         if disk.find("transient") is not None and path:

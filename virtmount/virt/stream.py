@@ -16,6 +16,7 @@ from typing import Any
 import libvirt
 import trio
 
+from .connection import run_blocking
 from .events import call_in_trio
 
 log = logging.getLogger(__name__)
@@ -174,7 +175,7 @@ class LibvirtByteStream:
         self._remove_callback()
         self._closed = True
         try:
-            await trio.to_thread.run_sync(self._stream.finish)
+            await run_blocking(self._stream.finish)
         except libvirt.libvirtError as exc:
             raise StreamClosed(f"{self._description}: {exc.get_error_message()}") from None
 

@@ -1,9 +1,10 @@
-"""Helpers for the -o rw tests: a scratch guest of one's own, the system calls Python lacks, and an
-independent reader of a guest image (libguestfs, its own appliance)."""
+"""Helpers for the -o rw tests: a scratch guest of one's own, the system calls Python lacks, an
+independent reader of a guest image (libguestfs, its own appliance) and fio runs."""
 
 from __future__ import annotations
 
 import ctypes
+import json
 import random
 import os
 import subprocess
@@ -153,3 +154,40 @@ class FileModel:
         for fd in self.fds:
             os.close(fd)
         self.fds.clear()
+
+
+# fio: two jobs at once, each writing a 16 MiB file in random blocks of 4-256 KiB with a crc32c in every
+# block, fsyncing at the end; then (or alone, with --verify_only) reading every block back and checking it.
+FIO_JOB = ("--name=crc32c", "--numjobs=2", "--size=16M", "--rw=randwrite", "--bsrange=4k-256k",
+           "--verify=crc32c", "--verify_fatal=1", "--end_fsync=1", "--group_reporting",
+           "--fallocate=none",  # the mount answers EOPNOTSUPP
+           "--verify_state_save=0")  # no state files in the current directory
+
+
+@dataclass(frozen=True)
+class FioResult:
+    """One fio run's outcome: its exit status, fio's errno for the jobs (EILSEQ: a block did not verify),
+    and the bytes and bandwidths (bytes/s) of its write and read (verify) phases."""
+
+    returncode: int
+    error: int
+    written: int
+    write_bandwidth: float
+    read: int
+    read_bandwidth: float
+    stderr: str
+
+
+def run_fio(directory: Path, *, verify_only: bool = False) -> FioResult:
+    """The FIO_JOB in ``directory``: write and verify, or (``verify_only``) verify what an earlier run
+    wrote (the same seed gives the same blocks)."""
+    command = ["fio", "--output-format=json", f"--directory={directory}", *FIO_JOB]
+    if verify_only:
+        command.append("--verify_only")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    # A failed job prints its error line before the JSON.
+    report = json.loads(result.stdout[result.stdout.index("{"):])
+    [job] = report["jobs"]  # --group_reporting: both jobs in one
+    return FioResult(result.returncode, job["error"], job["write"]["io_bytes"], job["write"]["bw_bytes"],
+                     job["read"]["io_bytes"], job["read"]["bw_bytes"], result.stderr)
+

@@ -32,7 +32,7 @@ from tests.writing import (FileModel, RENAME_EXCHANGE, RENAME_NOREPLACE, UTIME_O
 
 GUEST = "virtmount-test-writing"
 SYNCED = b"fsynced before the kill\n" * 40_000  # ~1 MiB
-OPERATIONS = int(os.environ.get("VIRTMOUNT_RANDOM_OPERATIONS", "1500"))  # per filesystem (~11 ms each)
+OPERATIONS = int(os.environ.get("VIRTMOUNT_RANDOM_OPERATIONS", "5000"))  # per filesystem (~11 ms each)
 UNTAR_FILES = int(os.environ.get("VIRTMOUNT_UNTAR_FILES", "5000"))  # per filesystem (~13 daemon calls each)
 RELEASED = b"written, then the appliance was released\n" * 1000
 

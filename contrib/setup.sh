@@ -28,6 +28,8 @@ PACKAGES=(
     fuse3 libfuse3-dev pkg-config
     python3-venv python3-dev gcc
     lvm2 xfsprogs e2fsprogs rsync acl attr procps
+    # tests: fio verifies what it wrote through a -o rw mount (crc32c in every block)
+    fio
     # `man virtmount`
     man-db
     # tests: qemu+ssh:// to this host through an sshd of their own on loopback; `gio` probes

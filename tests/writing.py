@@ -1,11 +1,15 @@
-"""Helpers for the -o rw tests: a scratch guest of one's own, the system calls Python lacks, and an
-independent reader of a guest image (libguestfs, its own appliance)."""
+"""Helpers for the -o rw tests: a scratch guest of one's own, the system calls Python lacks, an
+independent reader of a guest image (libguestfs, its own appliance), fio runs, and a tree to untar with
+the manifest that says whether two trees are identical."""
 
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import json
 import random
 import os
+import stat
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,3 +157,82 @@ class FileModel:
         for fd in self.fds:
             os.close(fd)
         self.fds.clear()
+
+
+# fio: two jobs at once, each writing a 16 MiB file in random blocks of 4-256 KiB with a crc32c in every
+# block, fsyncing at the end; then (or alone, with --verify_only) reading every block back and checking it.
+FIO_JOB = ("--name=crc32c", "--numjobs=2", "--size=16M", "--rw=randwrite", "--bsrange=4k-256k",
+           "--verify=crc32c", "--verify_fatal=1", "--end_fsync=1", "--group_reporting",
+           "--fallocate=none",  # the mount answers EOPNOTSUPP
+           "--verify_state_save=0")  # no state files in the current directory
+
+
+@dataclass(frozen=True)
+class FioResult:
+    """One fio run's outcome: its exit status, fio's errno for the jobs (EILSEQ: a block did not verify),
+    and the bytes and bandwidths (bytes/s) of its write and read (verify) phases."""
+
+    returncode: int
+    error: int
+    written: int
+    write_bandwidth: float
+    read: int
+    read_bandwidth: float
+    stderr: str
+
+
+def run_fio(directory: Path, *, verify_only: bool = False) -> FioResult:
+    """The FIO_JOB in ``directory``: write and verify, or (``verify_only``) verify what an earlier run
+    wrote (the same seed gives the same blocks)."""
+    command = ["fio", "--output-format=json", f"--directory={directory}", *FIO_JOB]
+    if verify_only:
+        command.append("--verify_only")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    # A failed job prints its error line before the JSON.
+    report = json.loads(result.stdout[result.stdout.index("{"):])
+    [job] = report["jobs"]  # --group_reporting: both jobs in one
+    return FioResult(result.returncode, job["error"], job["write"]["io_bytes"], job["write"]["bw_bytes"],
+                     job["read"]["io_bytes"], job["read"]["bw_bytes"], result.stderr)
+
+
+def make_tree(top: Path, files: int) -> None:
+    """``files`` regular files under ``top``, ten to a directory and ten directories to a parent, of
+    varied sizes (a few of 256 KiB and more), modes, owners and nanosecond mtimes; every 100th file also
+    has a hard link and a symbolic link beside it."""
+    r = random.Random(files)
+    for index in range(files):
+        directory = top / f"d{index // 1000}" / f"d{index // 100 % 10}" / f"d{index // 10 % 10}"
+        if index % 10 == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"f{index:05d}"
+        path.write_bytes(r.randbytes(256 * 1024 + index if index % 250 == 0 else index % 7 * 1000 + 1))
+        path.chmod((0o644, 0o600, 0o755, 0o640)[index % 4])
+        if index % 3 == 0:
+            os.chown(path, 1000, 1000)
+        if index % 100 == 0:
+            os.link(path, directory / f"hardlink{index:05d}")
+            os.symlink(path.name, directory / f"symlink{index:05d}")
+        os.utime(path, ns=(1_700_000_000_000_000_000, 1_600_000_000_000_000_000 + index * 1_000_000_007))
+    for parent, subdirectories, _ in os.walk(top):  # last: making entries changes a directory's mtime
+        for subdirectory in subdirectories:
+            os.utime(os.path.join(parent, subdirectory), ns=(1_700_000_000_000_000_000, 1_650_000_000_123_456_789))
+
+
+def tree_manifest(top: Path) -> dict[str, tuple[object, ...]]:
+    """Every path below ``top`` with what makes two trees identical: type, mode, owner, mtime to the
+    nanosecond, and a file's link count, size and SHA-256 or a symbolic link's target."""
+    manifest: dict[str, tuple[object, ...]] = {}
+    for parent, directories, names in os.walk(top):
+        for name in directories + names:
+            path = os.path.join(parent, name)
+            st = os.lstat(path)
+            common = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
+            if stat.S_ISREG(st.st_mode):
+                with open(path, "rb") as file:
+                    digest = hashlib.sha256(file.read()).hexdigest()
+                manifest[os.path.relpath(path, top)] = (*common, st.st_mtime_ns, st.st_nlink, st.st_size, digest)
+            elif stat.S_ISLNK(st.st_mode):
+                manifest[os.path.relpath(path, top)] = (*common, os.readlink(path))
+            else:
+                manifest[os.path.relpath(path, top)] = (*common, st.st_mtime_ns)
+    return manifest

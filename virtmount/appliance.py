@@ -23,7 +23,7 @@ from .accelerator import Accelerator, AcceleratorPlan, accelerator_name, plan_ac
 from .devicenames import COLD_BOOTED, RESTORED
 from .failures import ErrnoError, errno_of
 from .guestfs.client import GuestfsClient
-from .guestfs.errors import ConnectionLost, GuestfsClientError, GuestfsTimeout
+from .guestfs.errors import ConnectionLost, GuestfsClientError, GuestfsError, GuestfsTimeout
 from .faststart import FastStartUnavailable, SavedAppliance, overlay_volume_xml, restore_xml
 from .inspection_cache import disks_identity
 from .sources import Attach, Source
@@ -518,6 +518,15 @@ async def _boot_once(
     return appliance
 
 
+async def _set_clock(client: GuestfsClient, what: str) -> None:
+    """A restored appliance's clock goes on from when its state was saved: set it to now, or what it
+    writes gets times in the past (a failure is logged: reading needs no clock)."""
+    try:
+        await client.debug_sh(b"date -u -s @%.6f" % time.time(), timeout=_RESTORED_ANSWER_TIMEOUT_S)
+    except GuestfsError as exc:
+        log.warning("%s: could not set its clock (%s); files it writes get times in the past", what, exc)
+
+
 async def _attach_and_resume(
     conn: libvirt.virConnect,
     domain: libvirt.virDomain,
@@ -547,6 +556,7 @@ async def _attach_and_resume(
         await run_blocking(domain.resume)
         if restored:
             await client.ping_daemon(timeout=min(settings.boot_timeout, _RESTORED_ANSWER_TIMEOUT_S))
+            await _set_clock(client, what)
         else:
             if first_output_window is not None:
                 log.info("%s: waiting up to %.0f s for its first console output", what, first_output_window)

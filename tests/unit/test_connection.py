@@ -60,3 +60,12 @@ async def test_calls_in_flight_are_given_up_when_their_connection_dies() -> None
         assert connection.abandon_calls() == 0
     finally:
         release.set()
+
+
+@pytest.mark.parametrize("uri, over_a_network", [
+    ("qemu:///system", False), ("qemu+unix:///system", False), ("test:///default", False),
+    ("qemu+tcp://127.0.0.1/system", True), ("qemu+ssh://host/system", True), ("qemu+tls:///system", True),
+])
+def test_only_connections_over_a_network_make_one_call_at_a_time(uri: str, over_a_network: bool) -> None:
+    """A dead network path is what one call at a time is for; a local socket keeps its calls concurrent."""
+    assert connection._is_over_a_network(uri) is over_a_network

@@ -55,8 +55,11 @@ class CallAbandoned(libvirt.libvirtError):
 # minutes, until the socket itself closed, and reported the connection closed only then; when that waiting
 # call finally woke up after virtmount had let go of the connection, the process segfaulted in libvirt. With
 # one call at a time the keep-alives fail it and libvirt reports the close at once. The cost: a call waits
-# for the one before it (most take milliseconds; starting an appliance's QEMU takes a second or two).
+# for the one before it (most take milliseconds; starting an appliance's QEMU takes a second or two), so
+# only a process that opened a connection over a network does this: a local socket has no silent path
+# (a libvirtd that ends closes it), and its calls stay concurrent.
 _one_at_a_time = trio.Lock()
+_over_a_network = False  # set by open_connection for a URI with a host or a network transport
 _calls_waiting: set[trio.CancelScope] = set()
 
 
@@ -66,6 +69,8 @@ async def run_blocking(fn: Callable[..., T], *args: Any) -> T:
     with trio.CancelScope() as scope:
         _calls_waiting.add(scope)
         try:
+            if not _over_a_network:
+                return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
             async with _one_at_a_time:
                 return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
         finally:
@@ -138,10 +143,19 @@ def uses_embedded_driver(conn: libvirt.virConnect) -> bool:
     return str(conn.getURI()).startswith("qemu:///embed")
 
 
+def _is_over_a_network(uri: str) -> bool:
+    """Whether ``uri`` reaches libvirtd over a network (a host, or a transport other than unix)."""
+    parts = urllib.parse.urlsplit(uri)
+    transport = parts.scheme.partition("+")[2]
+    return bool(parts.hostname) or transport not in ("", "unix")
+
+
 async def open_connection(uri: str, timeout: float = 60.0) -> libvirt.virConnect:
     """Open ``uri`` with keep-alives so a dead host is noticed; one-line errors on failure."""
     check_uri(uri)
     ensure_event_loop()
+    global _over_a_network
+    _over_a_network = _over_a_network or _is_over_a_network(uri)
     with trio.move_on_after(timeout) as scope:
         try:
             # not one at a time: a connection that does not answer must not hold up calls on the others

@@ -4,7 +4,7 @@ libvirt tells us itself when a connection ends (its close callback: the
 daemon restarted, the TCP connection broke, keep-alives went unanswered).
 With two calls waiting on a dead network path (no FIN, no RST), libvirt
 reported the close only minutes later (connection.py runs one call at a time
-for that reason); as a safety net the link also asks libvirt every
+over a network for that reason); as a safety net the link also asks libvirt every
 ALIVE_CHECK_S whether it still counts the connection open (a local check, no
 message goes to the server). A dead path is noticed when libvirt's keep-alives
 give up (connection.py: no message from the server for 5 s x (3 + 1) = 20 s);

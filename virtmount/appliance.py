@@ -24,7 +24,7 @@ from .devicenames import COLD_BOOTED, RESTORED
 from .failures import ErrnoError, errno_of
 from .guestfs.client import GuestfsClient
 from .guestfs.errors import ConnectionLost, GuestfsClientError, GuestfsError, GuestfsTimeout
-from .faststart import FastStartUnavailable, SavedAppliance, overlay_volume_xml, restore_xml
+from .faststart import SLOTS, FastStartUnavailable, SavedAppliance, SlotInUse, overlay_volume_xml, restore_xml
 from .inspection_cache import disks_identity
 from .sources import Attach, Source
 from .virt.connection import libvirt_message, run_blocking, uses_embedded_driver
@@ -175,7 +175,9 @@ async def boot_appliance(
     disks_key = disks_identity(uri, source.identity, [ET.tostring(disk, encoding="unicode") for disk in source.disks])
     plan = await plan_accelerators(conn, settings.accelerator, settings.emulator)
     # A guest's own security labels apply to the whole appliance domain, which a restore cannot change.
-    if watchdog is not None and not definition.seclabels:
+    # Many disks boot cold: a restored appliance takes them one hot-plug (a libvirt call and a SCSI scan
+    # in the appliance) at a time, a cold boot all at once.
+    if watchdog is not None and not definition.seclabels and len(definition.disks) <= FAST_START_MAX_DISKS:
         try:
             appliance = await _fast_boot(conn, definition, host_appliance, settings, plan, nursery, watchdog)
         except FastStartUnavailable as exc:
@@ -248,13 +250,14 @@ async def _attach_to_own_daemon(
     return appliance
 
 
-# Appliance roots whose saved appliance this process is making or restoring: a second boot does
-# not wait, it boots cold.
-_saved_appliances_busy: set[str] = set()
+# Saved appliances (appliance root, slot) this process is making or restoring: a second boot does
+# not wait for one, it takes the next.
+_saved_appliances_busy: set[tuple[str, int]] = set()
 # Saves that failed, by state path: (when, why); not tried again for SAVE_RETRY_S.
 _failed_saves: dict[str, tuple[float, str]] = {}
 SAVE_RETRY_S = 600.0
 _DEVICES_PLUGGED_TIMEOUT_S = 60.0
+FAST_START_MAX_DISKS = 16
 _RESTORED_ANSWER_TIMEOUT_S = 60.0  # a restored daemon answers within a second; a cold boot may take minutes
 
 
@@ -267,33 +270,24 @@ async def _fast_boot(
     nursery: trio.Nursery,
     watchdog: Watchdog,
 ) -> Appliance:
-    """Restore the saved appliance for these settings (saving one first if there is none yet, with
-    the first accelerator that boots), then plug the guest's disks in.
+    """Restore a saved appliance for these settings, the first of the SLOTS not in use (saving one
+    first if there is none yet, with the first accelerator that boots), then plug the guest's disks in.
     FastStartUnavailable: nothing is left running."""
-    if host.root_path in _saved_appliances_busy:
-        raise FastStartUnavailable("another appliance is being saved or restored")
-    _saved_appliances_busy.add(host.root_path)
-    try:
-        saved, saved_xml, domain_type = await _saved_appliance(conn, host, settings, plan, nursery)
-        started = time.monotonic()
-        if await _domain_exists(conn, saved.name):
-            raise FastStartUnavailable("the saved appliance is in use")
-        await _replace_overlay(conn, settings.pool, saved.run_volume, saved.path(host, saved.root_volume))
+    for slot in range(SLOTS):
+        if (host.root_path, slot) in _saved_appliances_busy:
+            continue
+        _saved_appliances_busy.add((host.root_path, slot))
         try:
-            xml = restore_xml(saved_xml, saved.path(host, saved.root_volume), saved.path(host, saved.run_volume),
-                              definition.name, str(os.getpid()))
-            watchdog.watch(saved.name)
-            log.info("appliance for %s: restoring the saved appliance %s", definition.name, saved.name)
-            await run_blocking(conn.restoreFlags, saved.state_path(host), xml, libvirt.VIR_DOMAIN_SAVE_PAUSED)
-            domain = await run_blocking(conn.lookupByName, saved.name)
-        except libvirt.libvirtError as exc:
-            watchdog.unwatch(saved.name)
-            if await _domain_exists(conn, saved.name):
-                raise FastStartUnavailable("the saved appliance is in use") from None
-            await _forget_saved_appliance(conn, saved, host, settings)  # stale (e.g. QEMU upgraded)
-            raise FastStartUnavailable(f"cannot restore the saved appliance: {libvirt_message(exc)}") from None
-    finally:
-        _saved_appliances_busy.discard(host.root_path)
+            started = time.monotonic()
+            saved, domain, domain_type = await _restore(conn, definition, host, settings, plan, nursery, watchdog,
+                                                        slot)
+            break
+        except SlotInUse:
+            continue
+        finally:
+            _saved_appliances_busy.discard((host.root_path, slot))
+    else:
+        raise FastStartUnavailable(f"the {SLOTS} saved appliances are all in use")
     what = f"appliance for {definition.name} (restored)"
     try:
         appliance = await _attach_and_resume(conn, domain, definition.name, what, settings, nursery, restored=True)
@@ -321,21 +315,57 @@ async def _fast_boot(
     return appliance
 
 
+async def _restore(
+    conn: libvirt.virConnect,
+    definition: GuestDefinition,
+    host: HostAppliance,
+    settings: ApplianceSettings,
+    plan: AcceleratorPlan,
+    nursery: trio.Nursery,
+    watchdog: Watchdog,
+    slot: int,
+) -> tuple[SavedAppliance, libvirt.virDomain, str]:
+    """Saved appliance ``slot`` restored, paused (made first if there is none): it, its domain, its
+    domain type. SlotInUse if it runs for another appliance."""
+    saved, saved_xml, domain_type = await _saved_appliance(conn, host, settings, plan, nursery, slot)
+    if await _domain_exists(conn, saved.name):
+        raise SlotInUse(f"the saved appliance {saved.name} is in use")
+    await _replace_overlay(conn, settings.pool, saved.run_volume, saved.path(host, saved.root_volume))
+    try:
+        xml = restore_xml(saved_xml, saved.path(host, saved.root_volume), saved.path(host, saved.run_volume),
+                          definition.name, str(os.getpid()))
+        watchdog.watch(saved.name)
+        log.info("appliance for %s: restoring the saved appliance %s", definition.name, saved.name)
+        await run_blocking(conn.restoreFlags, saved.state_path(host), xml, libvirt.VIR_DOMAIN_SAVE_PAUSED)
+        domain = await run_blocking(conn.lookupByName, saved.name)
+    except libvirt.libvirtError as exc:
+        watchdog.unwatch(saved.name)
+        if await _domain_exists(conn, saved.name):
+            raise SlotInUse(f"the saved appliance {saved.name} is in use") from None
+        await _forget_saved_appliance(conn, saved, host, settings)  # stale (e.g. QEMU upgraded)
+        raise FastStartUnavailable(f"cannot restore the saved appliance: {libvirt_message(exc)}") from None
+    return saved, domain, domain_type
+
+
 async def _saved_appliance(
     conn: libvirt.virConnect,
     host: HostAppliance,
     settings: ApplianceSettings,
     plan: AcceleratorPlan,
     nursery: trio.Nursery,
+    slot: int,
 ) -> tuple[SavedAppliance, str, str]:
-    """The saved appliance (its domain XML, its domain type) for the first of the plan's accelerators that has
-    one or boots to make one: an accelerator that does not boot never gets one."""
+    """Saved appliance ``slot`` (its domain XML, its domain type) for the first of the plan's accelerators that
+    has one or boots to make one: an accelerator that does not boot never gets one. SlotInUse if another
+    appliance is being saved into it."""
     failure = FastStartUnavailable("no accelerator to boot with")
     for domain_type in plan.domain_types:
         saved = SavedAppliance.for_boot(host, domain_type, settings.memory_mib, settings.vcpus,
-                                        settings.extra_kernel_args, settings.verbose, settings.emulator)
+                                        settings.extra_kernel_args, settings.verbose, settings.emulator, slot)
         if (saved_xml := await _saved_domain_xml(conn, saved.state_path(host))) is not None:
             return saved, saved_xml, domain_type
+        if await _domain_exists(conn, saved.name):
+            raise SlotInUse(f"the saved appliance {saved.name} is being made")
         try:
             await _save_appliance(conn, saved, host, settings, domain_type, plan, nursery)
         except FastStartUnavailable as exc:

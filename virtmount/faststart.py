@@ -8,10 +8,13 @@ host, appliance version and settings (boot one, then ``virDomainSave`` into
 the appliance's storage pool) and kept there for every later boot and mount.
 
 libvirt restores a saved domain only under the name and UUID it was saved
-with, so one saved appliance serves one appliance at a time: a boot that
-finds it in use boots cold. Each restore runs on a new overlay of the saved
-root disk (replaced at the next restore), so the saved memory and disk always
-match. (libvirt's own throw-away overlays, ``<transient/>``, change the
+with, so one saved appliance serves one appliance at a time. Appliances that
+run at once (several guests, several mounts) therefore each take a saved
+appliance of their own, from up to ``SLOTS`` per settings: the first boot that
+finds every existing one in use saves the next (~150 MB in the pool), and a
+boot that finds all ``SLOTS`` in use boots cold. Each restore runs on a new
+overlay of its saved root disk (replaced at the next restore), so the saved
+memory and disk always match. (libvirt's own throw-away overlays, ``<transient/>``, change the
 device set, which a restore refuses.) A restored
 domain cannot be auto-destroyed, but it ends by itself when its daemon
 channel closes (the daemon reads EOF and the appliance powers off), which
@@ -30,8 +33,16 @@ from .virt.domainxml import APPLIANCE_NAME_PREFIX, BASE_KERNEL_ARGS, METADATA_NA
 from .virt.provision import HostAppliance
 
 
+# Saved appliances per settings, for appliances running at the same time (each ~150 MB in the pool).
+SLOTS = 4
+
+
 class FastStartUnavailable(VirtmountError):
     """No fast start this time (saved appliance in use, missing, or unusable): boot cold."""
+
+
+class SlotInUse(FastStartUnavailable):
+    """This saved appliance is running (restored, or being saved) for another appliance: try the next."""
 
 
 @dataclass(frozen=True)
@@ -42,13 +53,13 @@ class SavedAppliance:
 
     @staticmethod
     def for_boot(host: HostAppliance, domain_type: str, memory_mib: int, vcpus: int,
-                 kernel_args: str, verbose: bool, emulator: str = "") -> SavedAppliance:
-        """The saved appliance for these files and settings: any change (the accelerator included)
-        makes another one."""
+                 kernel_args: str, verbose: bool, emulator: str = "", slot: int = 0) -> SavedAppliance:
+        """The saved appliance ``slot`` (0 to SLOTS - 1) for these files and settings: any change (the
+        accelerator included) makes another set."""
         identity = "\0".join([host.kernel_path, host.initrd_path, host.root_path, host.root_uuid, BASE_KERNEL_ARGS,
                               domain_type, str(memory_mib), str(vcpus), kernel_args, str(verbose), emulator])
         digest = hashlib.sha256(identity.encode("utf-8", "surrogateescape")).hexdigest()[:16]
-        return SavedAppliance(name=f"{APPLIANCE_NAME_PREFIX}saved-{digest}")
+        return SavedAppliance(name=f"{APPLIANCE_NAME_PREFIX}saved-{digest}" + (f"-{slot}" if slot else ""))
 
     def state_path(self, host: HostAppliance) -> str:
         """The saved memory and device state, written by libvirtd."""

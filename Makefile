@@ -11,7 +11,7 @@ setup:
 # then unit and acceptance tests (acceptance tests build cached test images the first time,
 # which takes a few minutes).
 test: setup check
-	$(PYTHON) -m pytest -v tests
+	$(PYTHON) -m pytest -v --durations=30 tests
 
 check: setup
 	$(PYTHON) -m mypy virtmount tests contrib

@@ -11,7 +11,7 @@ import trio
 import trio.testing
 
 from virtmount.guestfs import procs
-from virtmount.guestfs.client import GuestfsClient, pipelined
+from virtmount.guestfs.client import GuestfsClient
 from virtmount.guestfs.errors import ConnectionLost, GuestfsError, GuestfsTimeout, ProtocolError
 from virtmount.guestfs.procs import Dirent, Statns, Xattr
 from virtmount.guestfs.protocol import (
@@ -150,50 +150,6 @@ async def test_calls_are_pipelined_and_matched_by_serial(
             ino = int(path_arg(c)[2:]) + 1000
             await daemon.reply(c, statns_payload(ino))
     assert results == {p: int(p[2:]) + 1000 for p in paths}
-
-
-@pytest.mark.parametrize("seed", range(8))  # trio runs ready tasks in a random order: several tries
-async def test_pipelined_calls_go_out_in_the_order_given_before_any_reply(
-    pair: tuple[GuestfsClient, FakeDaemon], seed: int,
-) -> None:
-    client, daemon = pair
-    paths = [f"/p{i}".encode() for i in range(6)]
-    results: list[list[Statns]] = []
-
-    async def caller() -> None:
-        results.append(await pipelined(*[lambda path=path: client.lstatns(path) for path in paths]))
-
-    async with trio.open_nursery() as n:
-        n.start_soon(caller)
-        calls = [await daemon.next_call() for _ in paths]  # all of them, with no reply sent yet
-        assert [path_arg(c) for c in calls] == paths
-        for c in calls:
-            await daemon.reply(c, statns_payload(int(path_arg(c)[2:])))
-    assert [st.st_ino for st in results[0]] == list(range(6))
-
-
-async def test_pipelined_makes_every_call_and_raises_the_earliest_failure(
-    pair: tuple[GuestfsClient, FakeDaemon],
-) -> None:
-    client, daemon = pair
-    outcome: list[BaseException] = []
-
-    async def caller() -> None:
-        try:
-            await pipelined(lambda: client.mkdir_mode(b"/d", 0o755), lambda: client.lstatns(b"/d"),
-                            lambda: client.lstatns(b"/e"))
-        except GuestfsError as exc:
-            outcome.append(exc)
-
-    async with trio.open_nursery() as n:
-        n.start_soon(caller)
-        mkdir, first, second = [await daemon.next_call() for _ in range(3)]
-        # replies arriving together: the later failure must not win over the earlier one
-        await daemon.send(encode_error_reply(mkdir.proc, mkdir.serial, "EEXIST", "mkdir: /d: File exists")
-                          + encode_reply(first.proc, first.serial, statns_payload(1))
-                          + encode_error_reply(second.proc, second.serial, "ENOENT", "lstat: /e: none"))
-    assert isinstance(outcome[0], GuestfsError) and outcome[0].errno == errno.EEXIST
-    assert not client.closed
 
 
 async def test_error_reply_maps_errno(pair: tuple[GuestfsClient, FakeDaemon]) -> None:

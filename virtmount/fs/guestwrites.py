@@ -4,8 +4,7 @@ Only a writable layout (a shut-off domain's or a volume's disks attached
 read-write, see guestlayout.py) is written, and only its filesystems that
 mounted read-write; everything else answers EROFS. The daemon acts on paths,
 one call at a time, so each operation is a few calls in a row, and after
-each, what the mount keeps is brought up to date before the reply (the stats
-that do so are pipelined behind the operation's last change: one round trip):
+each, what the mount keeps is brought up to date before the reply:
 
 - attributes: the nodes written (and their directories: mtime, ctime, link
   counts) are stat'ed again, so hard links, which share one node, all show
@@ -42,7 +41,7 @@ import stat
 from dataclasses import dataclass, replace
 from typing import Awaitable, Callable, Iterable
 
-from ..guestfs.client import pipelined
+from ..concurrency import gather
 from ..guestfs.procs import Statns
 from ..guestlayout import GuestLayout
 from .guestview import GuestView
@@ -105,58 +104,34 @@ class GuestWrites:
         return layout
 
     async def _restat(self, node: GuestNode, layout: GuestLayout) -> Statns:
-        st = await self._stat(node, layout, node.path)
+        assert node.source is not None
+        st = await self._view.guest_call(node.source, lambda: layout.client.lstatns(node.path))
         node.stat, node.generation = st, layout.generation
         return st
-
-    async def _stat(self, node: GuestNode, layout: GuestLayout, path: bytes) -> Statns:
-        """lstat of ``path`` in ``node``'s source."""
-        assert node.source is not None
-        return await self._view.guest_call(node.source, lambda: layout.client.lstatns(path))
-
-    async def _change_and_restat(self, node: GuestNode, layout: GuestLayout,
-                                 changes: list[Callable[[], Awaitable[None]]]) -> None:
-        """``changes`` to ``node``, one after the other, and its new attributes; the last change and
-        the stat go in one round trip (a stat may follow any outcome; a change may not)."""
-        path = node.path
-        for change in changes[:-1]:
-            await self._call(node, change)
-        if changes:
-            _, st = await pipelined(lambda: self._call(node, changes[-1]), lambda: self._stat(node, layout, path))
-        else:
-            st = await self._stat(node, layout, path)
-        node.stat, node.generation = st, layout.generation
 
     def _written(self, node: GuestNode) -> None:
         """Something of ``node``'s source changed: what was fetched ahead before is not kept."""
         assert node.source is not None
         node.source.writes += 1
 
-    def _entries_changed(self, directory: GuestNode, layout: GuestLayout, st: Statns) -> None:
-        """A directory gained or lost entries: its listing goes, its new attributes are ``st``."""
+    async def _entries_changed(self, directory: GuestNode, layout: GuestLayout) -> None:
+        """A directory gained or lost entries: its listing goes, its attributes are read again."""
         self._written(directory)
         self._view.forget_listing(directory, layout)
-        directory.stat, directory.generation = st, layout.generation
+        await self._restat(directory, layout)
 
-    async def _change_entries(self, parent: GuestNode, layout: GuestLayout, change: Callable[[], Awaitable[None]],
-                              *also_stat: bytes) -> list[Statns]:
-        """``change`` adds or removes entries of ``parent``; the directory is stat'ed after it, in the
-        same round trip, with the paths ``also_stat`` (their stats returned, in order)."""
-        stats = await pipelined(lambda: self._call(parent, change),
-                                *[lambda path=path: self._stat(parent, layout, path)
-                                  for path in (parent.path, *also_stat)])
-        self._entries_changed(parent, layout, stats[1])
-        return stats[2:]
+    async def _entries_added(self, parent: GuestNode, layout: GuestLayout, name: bytes) -> GuestNode:
+        """``name`` was made in ``parent``: its node, and the directory's new attributes (both stat'ed
+        at once: the daemon answers in order, after the write)."""
+        _, node = await gather(lambda: self._entries_changed(parent, layout),
+                               lambda: self._new_node(parent, layout, name))
+        assert isinstance(node, GuestNode)
+        return node
 
-    async def _entries_added(self, parent: GuestNode, layout: GuestLayout, name: bytes,
-                             changes: list[Callable[[], Awaitable[None]]]) -> GuestNode:
-        """``changes`` make ``name`` in ``parent``, one after the other: its node, and the directory's
-        new attributes (stat'ed in the last change's round trip)."""
-        for change in changes[:-1]:
-            await self._call(parent, change)
-        path = _join(parent.path, name)
-        (st,) = await self._change_entries(parent, layout, changes[-1], path)
+    async def _new_node(self, parent: GuestNode, layout: GuestLayout, name: bytes) -> GuestNode:
         assert parent.source is not None
+        path = _join(parent.path, name)
+        st = await self._view.guest_call(parent.source, lambda: layout.client.lstatns(path))
         node = self._view.guest_node(parent.source, parent.view, layout, path, st)
         node.xattrs = node.link_target = None  # its inode number may be a removed file's, reused
         return node
@@ -211,21 +186,17 @@ class GuestWrites:
         assert node.source is not None
         await self._view.guest_call(node.source, call)
 
-    @staticmethod
-    def _owning(parent: GuestNode, layout: GuestLayout, path: bytes, caller: Caller,
-                mode: int) -> list[Callable[[], Awaitable[None]]]:
-        """The changes that give a new file to the caller: the daemon made it as root (with the
-        directory's group if that is set-group-ID, which stays so). chown clears set-user/group-ID
-        bits: they are set again."""
+    async def _own(self, parent: GuestNode, layout: GuestLayout, path: bytes, caller: Caller, mode: int) -> None:
+        """Give a new file to the caller: the daemon made it as root (with the directory's group
+        if that is set-group-ID, which stays so). chown clears set-user/group-ID bits: set them again."""
         assert parent.stat is not None
         group = parent.stat.st_gid if parent.stat.st_mode & stat.S_ISGID else caller.gid
         inherited_group = parent.stat.st_gid if parent.stat.st_mode & stat.S_ISGID else 0
         if caller.uid == 0 and group == inherited_group:
-            return []
-        changes: list[Callable[[], Awaitable[None]]] = [lambda: layout.client.lchown(caller.uid, group, path)]
+            return
+        await self._call(parent, lambda: layout.client.lchown(caller.uid, group, path))
         if mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISLNK(mode):
-            changes.append(lambda: layout.client.chmod(stat.S_IMODE(mode), path))
-        return changes
+            await self._call(parent, lambda: layout.client.chmod(stat.S_IMODE(mode), path))
 
     # --- namespace -----------------------------------------------------------------------
 
@@ -234,22 +205,24 @@ class GuestWrites:
         layout = await self._parent_layout(parent, name)
         path = _join(parent.path, name)
         kind = stat.S_IFMT(mode) or stat.S_IFREG
-        return await self._entries_added(parent, layout, name, [
-            lambda: layout.client.mknod(kind | stat.S_IMODE(mode), os.major(rdev), os.minor(rdev), path),
-            *self._owning(parent, layout, path, caller, mode)])
+        await self._call(parent, lambda: layout.client.mknod(kind | stat.S_IMODE(mode), os.major(rdev),
+                                                             os.minor(rdev), path))
+        await self._own(parent, layout, path, caller, mode)
+        return await self._entries_added(parent, layout, name)
 
     async def mkdir(self, parent: GuestNode, name: bytes, mode: int, caller: Caller) -> GuestNode:
         layout = await self._parent_layout(parent, name)
         path = _join(parent.path, name)
-        return await self._entries_added(parent, layout, name, [
-            lambda: layout.client.mkdir_mode(path, stat.S_IMODE(mode)),
-            *self._owning(parent, layout, path, caller, stat.S_IMODE(mode) & ~(stat.S_ISUID | stat.S_ISGID))])
+        await self._call(parent, lambda: layout.client.mkdir_mode(path, stat.S_IMODE(mode)))
+        await self._own(parent, layout, path, caller, stat.S_IMODE(mode) & ~(stat.S_ISUID | stat.S_ISGID))
+        return await self._entries_added(parent, layout, name)
 
     async def symlink(self, parent: GuestNode, name: bytes, target: bytes, caller: Caller) -> GuestNode:
         layout = await self._parent_layout(parent, name)
         path = _join(parent.path, name)
-        node = await self._entries_added(parent, layout, name, [
-            lambda: layout.client.ln_s(target, path), *self._owning(parent, layout, path, caller, stat.S_IFLNK)])
+        await self._call(parent, lambda: layout.client.ln_s(target, path))
+        await self._own(parent, layout, path, caller, stat.S_IFLNK)
+        node = await self._entries_added(parent, layout, name)
         node.link_target = target
         return node
 
@@ -257,19 +230,20 @@ class GuestWrites:
         """A hard link ``name`` in ``parent`` to ``node`` (the same node: one inode number)."""
         layout = await self._parent_layout(parent, name)
         await self._same_filesystem(node, parent, layout)
-        path, existing = _join(parent.path, name), node.path
+        path = _join(parent.path, name)
+        await self._call(parent, lambda: layout.client.ln(node.path, path))
         self._written(node)
-        return await self._entries_added(parent, layout, name, [lambda: layout.client.ln(existing, path)])
+        await self._restat(node, layout)
+        return await self._entries_added(parent, layout, name)
 
     async def unlink(self, parent: GuestNode, name: bytes) -> None:
         layout = await self._parent_layout(parent, name)
         child = await self._view.lookup(parent, name)
         path = _join(parent.path, name)
-        if await self._hide_if_open(child, parent, layout, path):
-            self._entries_changed(parent, layout, await self._stat(parent, layout, parent.path))
-            return
-        await self._change_entries(parent, layout, lambda: layout.client.rm(path))
-        await self._name_gone(child, parent, layout, path)
+        if not await self._hide_if_open(child, parent, layout, path):
+            await self._call(parent, lambda: layout.client.rm(path))
+            await self._name_gone(child, parent, layout, path)
+        await self._entries_changed(parent, layout)
 
     async def _hide_if_open(self, node: GuestNode, parent: GuestNode, layout: GuestLayout, path: bytes) -> bool:
         """Rename a file about to lose its last name while open here; True if it was."""
@@ -291,7 +265,8 @@ class GuestWrites:
         hidden = node.path
         try:
             layout = await self.writable_layout(node)
-            await self._change_entries(parent, layout, lambda: layout.client.rm(hidden))
+            await self._call(node, lambda: layout.client.rm(hidden))
+            await self._entries_changed(parent, layout)
         except FsError as exc:
             log.warning("cannot remove %r, a file removed while it was open: %s", hidden, exc)
             return
@@ -302,7 +277,8 @@ class GuestWrites:
         layout = await self._parent_layout(parent, name)
         child = await self._view.lookup(parent, name)
         path = _join(parent.path, name)
-        await self._change_entries(parent, layout, lambda: layout.client.rmdir(path))
+        await self._call(parent, lambda: layout.client.rmdir(path))
+        await self._entries_changed(parent, layout)
         self._view.forget_listing(child, layout)
         child.path = b""
 
@@ -328,22 +304,21 @@ class GuestWrites:
         if replaced is moved:  # two names of one file: rename(2) does nothing
             return
         hidden = replaced is not None and await self._hide_if_open(replaced, new_parent, layout, new)
-        other_parent = (new_parent.path,) if new_parent is not old_parent else ()
-        *new_parent_st, moved_st = await self._change_entries(
-            old_parent, layout, lambda: layout.client.rename(old, new), *other_parent, new)
-        if new_parent_st:
-            self._entries_changed(new_parent, layout, new_parent_st[0])
+        await self._call(old_parent, lambda: layout.client.rename(old, new))
         if replaced is not None and not hidden:
             if replaced.stat is not None and stat.S_ISDIR(replaced.stat.st_mode):
                 self._view.forget_listing(replaced, layout)
                 replaced.path = b""
             else:
                 await self._name_gone(replaced, new_parent, layout, new)
+        await self._entries_changed(old_parent, layout)
+        if new_parent is not old_parent:
+            await self._entries_changed(new_parent, layout)
         if moved.stat is not None and stat.S_ISDIR(moved.stat.st_mode):
             self._moved(old, new)
         if moved.path == old or moved.path == b"":
             moved.path = new
-        moved.stat, moved.generation = moved_st, layout.generation
+        await self._restat(moved, layout)
 
     async def _parent_layout(self, parent: GuestNode, name: bytes) -> GuestLayout:
         if len(name) > NAME_MAX:
@@ -369,21 +344,20 @@ class GuestWrites:
         layout = await self.writable_layout(node)
         client, path = layout.client, node.path
         self._written(node)
-        calls: list[Callable[[], Awaitable[None]]] = []
         if changes.size is not None:
             size = changes.size
-            calls.append(lambda: client.truncate_size(path, size))
+            await self._call(node, lambda: client.truncate_size(path, size))
             self._restart_readers(node)
         if changes.uid is not None or changes.gid is not None:
             uid, gid = _or_unchanged(changes.uid), _or_unchanged(changes.gid)
-            calls.append(lambda: client.lchown(uid, gid, path))
+            await self._call(node, lambda: client.lchown(uid, gid, path))
         if changes.mode is not None:
             mode = stat.S_IMODE(changes.mode)
-            calls.append(lambda: client.chmod(mode, path))
+            await self._call(node, lambda: client.chmod(mode, path))
         if changes.atime_ns is not None or changes.mtime_ns is not None:
             atime, mtime = _timespec(changes.atime_ns), _timespec(changes.mtime_ns)
-            calls.append(lambda: client.utimens(path, atime, mtime))
-        await self._change_and_restat(node, layout, calls)
+            await self._call(node, lambda: client.utimens(path, atime, mtime))
+        await self._restat(node, layout)
 
     async def open_for_writing(self, node: GuestNode, handle: FileHandle, truncate: bool) -> None:
         """Make ``handle`` a writing handle of ``node`` (truncated first with O_TRUNC)."""
@@ -404,24 +378,18 @@ class GuestWrites:
         if handle.writable_in != layout.generation:
             raise FsError(errno.EIO, "the appliance this file was opened in is gone")
         self._written(node)
-        source, path = node.source, node.path
         done = 0
         try:
             while done < len(data):
                 chunk, at = data[done:], offset + done
-                written, st = await pipelined(
-                    lambda: self._view.guest_call(source, lambda: layout.client.pwrite(path, chunk, at)),
-                    lambda: self._stat(node, layout, path))
+                written = await self._view.guest_call(node.source, lambda: layout.client.pwrite(node.path, chunk, at))
                 if written <= 0:
                     raise FsError(errno.EIO, f"pwrite wrote {written} bytes")
                 done += written
-                node.stat, node.generation = st, layout.generation
-        except Exception:
-            if done:  # what the failed pwrite left
-                await self._restat(node, layout)
-            raise
         finally:
             self._restart_readers(node)
+            if done:
+                await self._restat(node, layout)
         return done
 
     async def fsync(self, node: GuestNode) -> None:
@@ -434,16 +402,16 @@ class GuestWrites:
     async def setxattr(self, node: GuestNode, name: bytes, value: bytes) -> None:
         layout = await self.writable_layout(node)
         self._written(node)
-        path = node.path
-        await self._change_and_restat(node, layout, [lambda: layout.client.lsetxattr(name, value, path)])
-        node.xattrs = None  # an ACL changes the mode too: restat'ed
+        await self._call(node, lambda: layout.client.lsetxattr(name, value, node.path))
+        node.xattrs = None
+        await self._restat(node, layout)  # an ACL changes the mode too
 
     async def removexattr(self, node: GuestNode, name: bytes) -> None:
         layout = await self.writable_layout(node)
         self._written(node)
-        path = node.path
-        await self._change_and_restat(node, layout, [lambda: layout.client.lremovexattr(name, path)])
+        await self._call(node, lambda: layout.client.lremovexattr(name, node.path))
         node.xattrs = None
+        await self._restat(node, layout)
 
 
 def _or_unchanged(value: int | None) -> int:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import functools
 import logging
 from contextlib import AsyncExitStack
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Awaitable, Callable, Protocol, TypeVar
@@ -55,7 +54,7 @@ from .protocol import (
     encode_call,
 )
 
-__all__ = ["ByteStream", "GuestfsClient", "pipelined"]
+__all__ = ["ByteStream", "GuestfsClient"]
 
 log = logging.getLogger(__name__)
 
@@ -63,41 +62,6 @@ R = TypeVar("R")
 
 _RECEIVE_SIZE = 256 * 1024
 _CLOSE_GRACE = 5.0
-
-# Set by pipelined() in the task of each of its calls: the event is set once that call's request is sent.
-_request_sent: ContextVar[trio.Event | None] = ContextVar("virtmount_request_sent", default=None)
-
-
-async def pipelined(*calls: Callable[[], Awaitable[Any]]) -> list[Any]:
-    """Run daemon calls, each making one request, with their requests sent in the order given and the
-    replies awaited together: one round trip instead of one per call. The daemon serves requests one at
-    a time in the order received, so a stat sent after a change sees it.
-
-    Every call is made even if an earlier one fails (the daemon does not know they belong together):
-    only calls that may follow any outcome of the ones before them belong here, such as the stats after
-    a change. Results in order, or the failure of the earliest call that failed, raised as itself.
-    """
-    results: list[Any] = [None] * len(calls)
-    failures: list[Exception | None] = [None] * len(calls)
-
-    async def run(index: int, sent: trio.Event) -> None:
-        _request_sent.set(sent)
-        try:
-            results[index] = await calls[index]()
-        except Exception as exc:  # noqa: BLE001 - kept for the caller, in call order
-            failures[index] = exc
-        finally:
-            sent.set()
-
-    async with trio.open_nursery() as nursery:
-        for index in range(len(calls)):
-            sent = trio.Event()
-            nursery.start_soon(run, index, sent)
-            await sent.wait()  # the next request goes after this one
-    for failure in failures:
-        if failure is not None:
-            raise failure
-    return results
 
 
 class ByteStream(Protocol):
@@ -315,9 +279,6 @@ class GuestfsClient:
                     self._fail_all(lost)
                     await self._close_stream()
                     raise lost from exc
-            sent = _request_sent.get()
-            if sent is not None:
-                sent.set()
             # If the deadline interrupted send_all (scope.cancelled_caught),
             # _roundtrip's timeout path closes the connection.
             return call

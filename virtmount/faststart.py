@@ -14,8 +14,8 @@ appliance of their own, from up to ``SLOTS`` per settings: the first boot that
 finds every existing one in use saves the next (~150 MB in the pool), and a
 boot that finds all ``SLOTS`` in use boots cold. Each restore runs on a new
 overlay of its saved root disk (replaced at the next restore), so the saved
-memory and disk always match. (libvirt's own throw-away overlays, ``<transient/>``, change the
-device set, which a restore refuses.) A restored
+memory and disk always match. (libvirt's own throw-away overlays,
+``<transient/>``, change the device set, which a restore refuses.) A restored
 domain cannot be auto-destroyed, but it ends by itself when its daemon
 channel closes (the daemon reads EOF and the appliance powers off), which
 happens when virtmount exits or dies.

@@ -17,11 +17,13 @@ from .errors import UsageError, VirtmountError, sole_error
 from .guestfs.errors import GuestfsClientError
 from .daemonize import run_in_background
 from .fs.tree import RELEASE_XATTR
+from .appliance import ApplianceSettings
 from .inspection import format_report, inspect_domain
+from .leftovers import collect
 from .mount import check_mountpoint, serve
 from .status import format_table, read_status
 from .systemd import notify
-from .virt.connection import check_uri
+from .virt.connection import check_uri, close_connection, open_connection
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,10 @@ Browse the filesystems of the guests on a libvirt connection.
   virtmount status [--json] MOUNTPOINT
       what the mount and each appliance is doing (booting, ready, idle, failed
       and why), as a table or as JSON.
+  virtmount gc [-o OPTS] URI
+      delete from the host what virtmount left there and nothing uses: older
+      appliance builds, saved appliances of other builds or settings (-o),
+      forgotten overlays, and what dead virtmounts left running.
 """
 
 
@@ -98,6 +104,13 @@ def _release_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _gc_parser() -> argparse.ArgumentParser:
+    parser = _new_parser("virtmount gc")
+    _add_common_options(parser)
+    parser.add_argument("uri", help="libvirt URI of the host to clean up")
+    return parser
+
+
 def _configure_logging(verbose: bool, debug: bool, *, to_syslog: bool = False) -> None:
     """stderr in the foreground; syslog (if there is one) once detached."""
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
@@ -117,6 +130,17 @@ def _serve_logged(args: argparse.Namespace, mountpoint: str, config: Config, on_
 async def _inspect(uri: str, domain: str, config: Config) -> None:
     report = await inspect_domain(uri, domain, config.appliance)
     print(format_report(report))
+
+
+async def _gc(uri: str, settings: ApplianceSettings) -> None:
+    conn = await open_connection(uri)
+    try:
+        deleted = await collect(conn, settings)
+    finally:
+        await close_connection(conn)
+    for volume in deleted:
+        print(f"deleted {volume.pool}/{volume.name} ({volume.allocation / 1e6:.1f} MB)")
+    print(f"{len(deleted)} volume(s) deleted, {sum(volume.allocation for volume in deleted) / 1e6:.1f} MB freed")
 
 
 def _release(mountpoint: str, domain: str) -> None:
@@ -158,6 +182,12 @@ def _run(argv: Sequence[str]) -> int:
         args = _status_parser().parse_args(argv[1:])
         status = read_status(args.mountpoint)
         print(status.to_json() if args.json else format_table(status))
+    elif argv[:1] == ["gc"]:
+        args = _gc_parser().parse_args(argv[1:])
+        config = parse_options(args.options)
+        _configure_logging(args.verbose, config.debug)
+        check_uri(args.uri)
+        trio.run(_gc, args.uri, config.appliance)
     elif argv[:1] == ["release"]:
         args = _release_parser().parse_args(argv[1:])
         _release(args.mountpoint, args.domain)

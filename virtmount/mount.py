@@ -27,6 +27,7 @@ from .errors import UsageError, VirtmountError
 from .fs.nodes import ServedSource
 from .fs.tree import ConnectionTree
 from .fs.operations import Operations
+from .leftovers import end_leftover_backup_jobs, remove_leftover_appliances
 from .lifecycle import HostApplianceSource, SourceAppliance
 from .sources import SourceRef
 from .sources.domain import DomainRef
@@ -35,7 +36,6 @@ from .inspection_cache import InspectionCache
 from .status import MountStatus
 from .watchdog import WatchdogSource
 from .virt.connection import close_connection, libvirt_message, open_connection, run_blocking, uses_embedded_driver
-from .virt.backup import end_leftover_jobs, owner_is_gone
 from .virt.domainxml import APPLIANCE_NAME_PREFIX, appliance_client, appliance_owner
 from .virt.link import LibvirtDown, LibvirtLink
 from .virt.overlays import delete_leftover_overlays, transient_overlays
@@ -59,35 +59,6 @@ def check_mountpoint(path: str) -> str:
     if not os.access(absolute, os.W_OK | os.X_OK):
         raise UsageError(f"mount point {path} is not writable by you")
     return absolute
-
-
-async def _remove_leftover_appliances(conn: libvirt.virConnect) -> None:
-    """End appliances that a virtmount of this client left running when it died: without auto-destroy
-    (embedded driver) any; otherwise restored ones (a restore cannot ask for auto-destroy), whose
-    watchdog died with their virtmount."""
-    embedded = await run_blocking(uses_embedded_driver, conn)
-    for domain in await run_blocking(conn.listAllDomains, libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
-        try:
-            name = await run_blocking(domain.name)
-            if not name.startswith(APPLIANCE_NAME_PREFIX):
-                continue
-            xml = await run_blocking(domain.XMLDesc, 0)
-            if not embedded and not owner_is_gone(f"{appliance_client(xml)}.{appliance_owner(xml)}"):
-                continue  # another client's, a live virtmount's, or one from before clients were recorded
-            log.info("destroying leftover appliance %s", name)
-            await run_blocking(domain.destroy)
-        except libvirt.libvirtError as exc:
-            log.warning("cannot destroy a leftover appliance: %s", libvirt_message(exc))
-
-
-async def _end_leftover_backup_jobs(conn: libvirt.virConnect, pool: str, ours_too: bool = False) -> None:
-    """A virtmount of this host that died (and its watchdog too) may have left backup jobs and scratch volumes;
-    so may this one when its connection was lost (``ours_too``: the lost connection could not end them)."""
-    try:
-        for name in await run_blocking(end_leftover_jobs, conn, pool, ours_too):
-            log.info("ended a leftover backup job of virtmount's on %s", name)
-    except libvirt.libvirtError as exc:
-        log.warning("cannot look for leftover backup jobs: %s", libvirt_message(exc))
 
 
 async def _follow_domain_changes(link: LibvirtLink, tree: ConnectionTree, nursery: trio.Nursery,
@@ -238,8 +209,8 @@ async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[]
     conn = await open_connection(uri)
     link = LibvirtLink(uri, conn)
     try:
-        await _remove_leftover_appliances(conn)
-        await _end_leftover_backup_jobs(conn, config.appliance.scratch_pool_name)
+        await remove_leftover_appliances(conn)
+        await end_leftover_backup_jobs(conn, config.appliance.scratch_pool_name)
         async with trio.open_nursery() as nursery:
             host_appliance = HostApplianceSource(link, config.appliance.pool)
             inspection_cache = None if config.inspection_cache is None else InspectionCache(config.inspection_cache)
@@ -293,7 +264,7 @@ async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[]
                     lost_overlays.extend(await _destroy_own_appliances(conn))
                     await _delete_leftover_overlays(conn, lost_overlays)
                     lost_overlays.clear()
-                    await _end_leftover_backup_jobs(conn, config.appliance.scratch_pool_name, ours_too=True)
+                    await end_leftover_backup_jobs(conn, config.appliance.scratch_pool_name, ours_too=True)
 
                 await nursery.start(link.keep_open, connection_lost, reopened)
                 on_ready()

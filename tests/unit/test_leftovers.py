@@ -1,4 +1,4 @@
-"""Which leftover appliances a mount ends when it starts (virtmount.mount._remove_leftover_appliances), and
+"""Which leftover appliances a mount ends when it starts (virtmount.leftovers.remove_leftover_appliances), and
 which of its own it ends once its connection is back (_destroy_own_appliances)."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from typing import Any, cast
 
 import libvirt
 
-from virtmount.mount import _destroy_own_appliances, _remove_leftover_appliances
+from virtmount.leftovers import remove_leftover_appliances
+from virtmount.mount import _destroy_own_appliances
 from virtmount.virt.domainxml import APPLIANCE_NAME_PREFIX, METADATA_NAMESPACE
 
 DEAD_PID = "999999999"
@@ -56,13 +57,13 @@ def appliances() -> dict[str, Domain]:
 
 async def test_only_appliances_of_dead_virtmounts_of_this_client_are_ended() -> None:
     domains = appliances()
-    await _remove_leftover_appliances(cast(libvirt.virConnect, cast(Any, Conn(False, *domains.values()))))
+    await remove_leftover_appliances(cast(libvirt.virConnect, cast(Any, Conn(False, *domains.values()))))
     assert {key for key, domain in domains.items() if domain.destroyed} == {"dead here"}
 
 
 async def test_without_auto_destroy_every_appliance_is_a_leftover() -> None:
     domains = appliances()
-    await _remove_leftover_appliances(cast(libvirt.virConnect, cast(Any, Conn(True, *domains.values()))))
+    await remove_leftover_appliances(cast(libvirt.virConnect, cast(Any, Conn(True, *domains.values()))))
     assert {key for key, domain in domains.items() if domain.destroyed} == set(domains) - {"not an appliance"}
 
 

@@ -1,7 +1,7 @@
 # virtmount developer targets.  Everything runs as root on Debian 12.
 PYTHON := .venv/bin/python
 
-.PHONY: setup test check demo
+.PHONY: setup test check demo soak
 
 # Install packages, .venv, start libvirtd, build the libguestfs appliance.
 setup:
@@ -12,6 +12,12 @@ setup:
 # which takes a few minutes).
 test: setup check
 	$(PYTHON) -m pytest -v --durations=30 tests
+
+# On demand, not part of make test: 30 minutes of random reads over four guests with appliances killed
+# and libvirtd restarted (tests/acceptance/test_soak.py). It restarts the system libvirtd: run it alone.
+SOAK_MINUTES ?= 30
+soak: setup
+	VIRTMOUNT_SOAK_MINUTES=$(SOAK_MINUTES) $(PYTHON) -m pytest -v -s tests/acceptance/test_soak.py
 
 check: setup
 	$(PYTHON) -m mypy virtmount tests contrib

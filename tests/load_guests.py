@@ -31,6 +31,11 @@ def guest_files(guest: int) -> dict[str, str]:
     return {f"data/f{n:02d}": hashlib.sha256(_content(guest, n)).hexdigest() for n in range(FILES)}
 
 
+def file_content(guest: int, path: str) -> bytes:
+    """The content of ``path`` (as ``guest_files`` names it: data/fNN) in guest ``guest``."""
+    return _content(guest, int(path.rsplit("/f", 1)[1]))
+
+
 def domain_name(guest: int) -> str:
     return f"virtmount-test-load-{guest}"
 

@@ -25,8 +25,9 @@ _READ_SIZE = 256 * 1024
 _WOULD_BLOCK = -2
 
 
-class StreamClosed(Exception):
-    """The stream ended (EOF, hang-up or error) or was closed by us."""
+class StreamClosed(trio.BrokenResourceError):
+    """The stream ended (EOF, hang-up or error) or was closed by us: a broken stream, as trio's
+    streams report one, so that their users (the daemon client) need not know this class."""
 
 
 class LibvirtByteStream:

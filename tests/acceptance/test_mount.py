@@ -295,6 +295,23 @@ def test_release_shuts_one_domain_down_now(mounted: Path, test_guest: images.Gue
     assert (fs / images.ROOT_TEST_FILE.lstrip("/")).read_bytes() == test_guest.files[images.ROOT_TEST_FILE]
 
 
+def test_a_file_below_devices_reads_again_after_its_appliance_ended(mounted: Path, test_guest: images.Guest) -> None:
+    """The next appliance serves devices/ as the last one did: it mounts the devices as soon as a file below a
+    device's root is asked for, not only when the root is looked up. (The soak run found every read below
+    devices/ answering EIO after an appliance died, until the kernel looked a device's root up again.)"""
+    device = mounted / "domains" / test_guest.name / "devices" / "sda1"
+    target = device / images.BOOT_TEST_FILE.removeprefix("/boot/")
+    expected = test_guest.files[images.BOOT_TEST_FILE]
+    assert target.read_bytes() == expected
+    pid = _mount_pid(mounted)
+    for _ in range(2):
+        result = run_virtmount("release", str(mounted), test_guest.name)
+        assert result.returncode == 0, result.stderr
+        assert appliances_serving(test_guest.name, pid) == []
+        assert target.read_bytes() == expected
+    assert target.name in os.listdir(device)
+
+
 def test_release_of_an_unknown_domain_is_an_error(mounted: Path) -> None:
     assert_one_line_error(run_virtmount("release", str(mounted), "no-such-domain"), "cannot release no-such-domain")
 

@@ -237,8 +237,10 @@ class GuestView:
             raise FsError(errno_of(exc)) from None
 
     async def _guest_layout_for(self, node: GuestNode) -> GuestLayout:
+        """The layout that serves ``node``: for a devices/ node, with the devices mounted (a new appliance,
+        booted after the last one died or went idle, mounts them only when asked)."""
         assert node.source is not None
-        return await self._layout(node.source)
+        return await self._layout(node.source, with_devices=node.view != OS_VIEW_NAME)
 
     async def _list_guest_dir(self, node: GuestNode) -> list[tuple[bytes, Node]]:
         """All entries of a guest directory with attributes and link targets (cached, fetched
@@ -498,7 +500,7 @@ class GuestView:
         source = node.source
 
         async def fetch(offset: int, size: int) -> bytes:
-            layout = await self._layout(source)
+            layout = await self._guest_layout_for(node)
             return await self._guest_call(source, lambda: layout.client.pread(node.path, size, offset))
 
         return ReadAhead(fetch, READ_CALL_MAX, self._nursery)

@@ -201,7 +201,8 @@ def test_the_man_page_is_installed_and_agrees_with_help() -> None:
     for name in option_names():
         assert f"{name}" in help_text
         assert re.search(rf"^\s+{re.escape(name)}\b", text, re.M), f"-o {name} is not described in virtmount(1)"
-    for subcommand in ("virtmount inspect", "virtmount release", "mount -t fuse.virtmount", "umount"):
+    for subcommand in ("virtmount inspect", "virtmount release", "virtmount status", "virtmount gc",
+                       "mount -t fuse.virtmount", "umount"):
         assert subcommand in text and subcommand.split()[-1] in help_text, subcommand
     for standard in ("ro", "rw", "_netdev", "nofail", "x-gvfs-hide", "x-gvfs-notrash", "nodev,nosuid"):
         assert standard in text, standard

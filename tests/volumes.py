@@ -1,9 +1,10 @@
 """Storage pools and volumes for the volume tests, made through libvirt only (virsh over the URI given).
 
 Test pools are dir pools named ``virtmount-test-vol-*`` in directories under
-/var/lib/libvirt/images, and a disk pool on a loop device; volumes are uploaded with ``virsh vol-upload`` from
-the cached test images (tests/images.py) or from conversions of them, which
-are cached beside them under the same lock.
+/var/lib/libvirt/images, and a disk pool and an fs pool on loop devices;
+volumes are uploaded with ``virsh vol-upload`` from the cached test images
+(tests/images.py) or from conversions of them, which are cached beside them
+under the same lock.
 """
 
 from __future__ import annotations
@@ -106,6 +107,15 @@ def start_disk_pool(uri: str, name: str, device: str) -> None:
     virsh(uri, "pool-destroy", name, check=False)
     virsh(uri, "pool-create-as", name, "disk", "--source-dev", device, "--source-format", "gpt",
           "--target", "/dev", "--build", "--overwrite")
+
+
+def start_fs_pool(uri: str, name: str, device: str) -> None:
+    """A running transient fs pool ``name``: a new ext4 filesystem on ``device``, which libvirt mounts on a
+    directory of its own under /var/lib/libvirt/images."""
+    virsh(uri, "pool-destroy", name, check=False)
+    subprocess.run(["mkfs.ext4", "-q", "-F", device], check=True, capture_output=True)
+    virsh(uri, "pool-create-as", name, "fs", "--source-dev", device, "--source-format", "ext4",
+          "--target", str(POOL_PARENT / name), "--build")
 
 
 @contextlib.contextmanager

@@ -1,15 +1,24 @@
-"""Block devices: partitions of a disk pool as volumes, and a domain whose disk is a block device.
+"""Pools on block devices: partitions of a disk pool as volumes, an fs pool, and a domain whose disk is a
+block device.
 
 A disk pool on a loop device (libvirt writes its GPT and makes its
 partitions) holds the NOOS filesystem as raw bytes in one partition and the
 NOOS image as a qcow2 file in another. libvirt reports neither format from
 the content (a partition's "format" is its partition type), so the second
 partition is read as the raw bytes it is: no filesystem, although a prober
-would have found the image's ext4 inside.
+would have found the image's ext4 inside. An fs pool (an ext4 filesystem on
+another loop device, mounted by libvirt) holds the NOOS image and its own
+lost+found, which libvirt lists as a volume of format "dir".
+
+Logical pools are not tested: the kernel of these machines has no
+device-mapper, so lvcreate fails on the host ("/dev/mapper/control: open
+failed"); LVM inside guests is read by the appliance's own kernel
+(test_layouts, test_volumes).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Iterator
@@ -19,6 +28,7 @@ import pytest
 from tests import images, volumes
 
 POOL = "virtmount-test-vol-disk"
+FS_POOL = "virtmount-test-vol-fs"
 DOMAIN = "virtmount-test-block-disk"
 
 
@@ -71,3 +81,29 @@ def test_a_raw_volume_holding_a_qcow2_image_stays_raw(tcp_mounted: Path, tcp_uri
 def test_a_domain_whose_disk_is_a_block_device(tcp_mounted: Path, block_disk_domain: str) -> None:
     device = tcp_mounted / "domains" / block_disk_domain / "devices" / "sda"
     assert (device / "hello.txt").read_bytes() == images.NOOS.files["/hello.txt"]
+
+
+@pytest.fixture(scope="module")
+def fs_pool(tcp_uri: str) -> Iterator[str]:
+    """The fs pool, holding noos.qcow2 (uploaded through libvirt) beside the filesystem's lost+found."""
+    with volumes.loop_device(96 << 20) as device:
+        volumes.start_fs_pool(tcp_uri, FS_POOL, device)
+        try:
+            assert volumes.put_volume(tcp_uri, FS_POOL, "noos.qcow2", images.build(images.NOOS)) == "qcow2"
+            yield FS_POOL
+        finally:
+            volumes.stop_pool(tcp_uri, FS_POOL)
+
+
+def test_a_volume_of_an_fs_pool(tcp_mounted: Path, fs_pool: str) -> None:
+    pool = tcp_mounted / "volumes" / fs_pool
+    assert sorted(os.listdir(pool)) == ["lost+found", "noos.qcow2"]
+    assert (pool / "noos.qcow2" / "devices" / "sda" / "hello.txt").read_bytes() == images.NOOS.files["/hello.txt"]
+
+
+def test_a_directory_in_an_fs_pool_is_not_read_as_a_disk(tcp_mounted: Path, fs_pool: str) -> None:
+    directory = tcp_mounted / "volumes" / fs_pool / "lost+found"
+    assert b"<format type='dir'/>" in (directory / "volume.xml").read_bytes()
+    with pytest.raises(OSError) as refused:
+        os.listdir(directory / "devices")
+    assert refused.value.errno == errno.EIO

@@ -52,6 +52,7 @@ _MODULES = ("virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern
             "virtio_console", "crc16", "mbcache", "jbd2", "crc32c_generic", "ext4")
 AGENT = "/usr/sbin/qemu-ga"
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
+SILENT_AGENT_FLAG = "virtmount_agent=silent"  # on the kernel command line: the agent channel is held open, mute
 _INIT = """#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
@@ -63,7 +64,12 @@ mkdir -p /data
 mount -t ext4 -o sync /dev/vda /data
 mkdir -p /var/run /run
 for port in /sys/class/virtio-ports/*; do
-  [ "$(cat $port/name)" = {agent_channel} ] && qemu-ga -d -m virtio-serial -p /dev/${{port##*/}}
+  [ "$(cat $port/name)" = {agent_channel} ] || continue
+  if grep -q {silent_flag} /proc/cmdline; then
+    cat /dev/${{port##*/}} > /dev/null &  # the channel is open (connected) and nothing ever answers: a hung agent
+  else
+    qemu-ga -d -m virtio-serial -p /dev/${{port##*/}}
+  fi
 done
 echo "virtmount-test-run-writer: writing"
 i=0
@@ -112,7 +118,8 @@ def _initramfs() -> bytes:
         for module in _MODULES:
             shutil.copy(_module_path(module), root / "lib" / f"{module}.ko")
         init = root / "init"
-        init.write_text(_INIT.format(modules=" ".join(_MODULES), agent_channel=AGENT_CHANNEL))
+        init.write_text(_INIT.format(modules=" ".join(_MODULES), agent_channel=AGENT_CHANNEL,
+                                 silent_flag=SILENT_AGENT_FLAG))
         init.chmod(0o755)
         files = subprocess.run(["find", "."], cwd=root, check=True, capture_output=True).stdout
         archive = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=root, input=files, check=True,
@@ -162,7 +169,8 @@ def build() -> Path:
     return target
 
 
-def domain_xml(directory: Path) -> str:
+def domain_xml(directory: Path, silent_agent: bool = False) -> str:
+    """The writer's definition; with ``silent_agent`` its agent channel is opened but never answered."""
     domain = ET.Element("domain", type="qemu")
     ET.SubElement(domain, "name").text = NAME
     ET.SubElement(domain, "uuid").text = UUID
@@ -172,7 +180,8 @@ def domain_xml(directory: Path) -> str:
     ET.SubElement(os_element, "type", arch="x86_64").text = "hvm"
     ET.SubElement(os_element, "kernel").text = str(directory / "kernel")
     ET.SubElement(os_element, "initrd").text = str(directory / "initramfs.gz")
-    ET.SubElement(os_element, "cmdline").text = "console=ttyS0 panic=-1"
+    ET.SubElement(os_element, "cmdline").text = "console=ttyS0 panic=-1" + (
+        f" {SILENT_AGENT_FLAG}" if silent_agent else "")
     ET.SubElement(domain, "on_poweroff").text = "destroy"
     ET.SubElement(domain, "on_reboot").text = "destroy"
     devices = ET.SubElement(domain, "devices")
@@ -193,20 +202,20 @@ def domain_xml(directory: Path) -> str:
     return ET.tostring(domain, encoding="unicode")
 
 
-def define(uri: str) -> RunningGuest:
+def define(uri: str, silent_agent: bool = False) -> RunningGuest:
     """The writer domain defined (shut off if it was not running) on its cached disk."""
     directory = build()
     conn = libvirt.open(uri)
     try:
-        conn.defineXML(domain_xml(directory))
+        conn.defineXML(domain_xml(directory, silent_agent))
     finally:
         conn.close()
     return RunningGuest(NAME, uri, directory / "data.qcow2", directory / "quiet.qcow2")
 
 
-def start(uri: str, timeout: float = 120) -> RunningGuest:
-    """The writer domain running and writing (started if it was not)."""
-    guest = define(uri)
+def start(uri: str, timeout: float = 120, silent_agent: bool = False) -> RunningGuest:
+    """The writer domain running and writing (started if it was not; a running one keeps its agent)."""
+    guest = define(uri, silent_agent)
     conn = libvirt.open(uri)
     try:
         domain = conn.lookupByName(NAME)
@@ -236,6 +245,15 @@ def stop(guest: RunningGuest) -> None:
         domain = conn.lookupByName(guest.name)
         if domain.isActive():
             domain.destroy()
+    finally:
+        conn.close()
+
+
+def domain_state(uri: str, name: str = NAME) -> int:
+    """The domain's libvirt state (VIR_DOMAIN_RUNNING, VIR_DOMAIN_PAUSED, ...)."""
+    conn = libvirt.open(uri)
+    try:
+        return int(conn.lookupByName(name).state()[0])
     finally:
         conn.close()
 

@@ -317,6 +317,34 @@ def test_a_scratch_pool_filling_up_ends_the_view_and_the_guest_keeps_running(
     assert running_guest.scratch_volumes(writer.uri, small_scratch_pool) == []
 
 
+@pytest.fixture
+def silent_agent(writer: running_guest.RunningGuest) -> Iterator[None]:
+    """The writer started again with a guest agent that holds its channel open and never answers; after the
+    test, started again with its real agent."""
+    running_guest.stop(writer)
+    running_guest.start(writer.uri, silent_agent=True)
+    try:
+        yield
+    finally:
+        running_guest.stop(writer)
+        running_guest.start(writer.uri)
+
+
+def test_a_hung_guest_agent_gives_a_crash_consistent_view(writer: running_guest.RunningGuest, silent_agent: None,
+                                                          writer_mount: Path) -> None:
+    """The agent channel shows connected, nothing answers the freeze: the view is taken anyway within the
+    bounded wait, said in a log line, and the guest writes on (never left frozen or paused)."""
+    started = time.monotonic()
+    assert last_count(counter_file(writer_mount)) > 0, log_of(writer_mount)
+    print(f"first read of a view with a hung agent: {time.monotonic() - started:.1f} s")
+    unanswered = [line for line in log_of(writer_mount).splitlines() if "the view is crash-consistent" in line]
+    assert unanswered, log_of(writer_mount)
+    print(f"log: {unanswered[-1]}")
+    assert running_guest.domain_state(writer.uri) == libvirt.VIR_DOMAIN_RUNNING
+    running_guest.wait_until_writing(writer, 30)
+    os.getxattr(writer_mount / "domains" / running_guest.NAME, "user.virtmount.release")
+
+
 def test_a_guest_that_stops_during_a_view_is_then_read_from_its_disks(writer: running_guest.RunningGuest,
                                                                       writer_mount: Path) -> None:
     """Runs last: it stops the writer. Its view ends with it (domain event); the next access reads its disks."""

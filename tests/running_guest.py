@@ -293,10 +293,10 @@ def scratch_volumes(uri: str, pool: str = "virtmount") -> list[str]:
 GUESTFSD_NAME = "virtmount-test-run-guestfsd"
 
 
-def start_guestfsd_domain(uri: str, image: Path) -> None:
-    """The libguestfs appliance booted as an ordinary transient domain holding the qcow2 ``image``: a running
-    domain whose daemon is guestfsd itself, on ``org.libguestfs.channel.0`` (it powers off when its one client
-    goes)."""
+def start_guestfsd_domain(uri: str, image: Path, writable: bool = False) -> None:
+    """The libguestfs appliance booted as an ordinary transient domain holding the qcow2 ``image`` (written if
+    ``writable``, else behind a throw-away overlay): a running domain whose daemon is guestfsd itself, on
+    ``org.libguestfs.channel.0`` (it powers off when its one client goes)."""
     async def create() -> None:
         conn = await open_connection(uri)
         try:
@@ -306,11 +306,25 @@ def start_guestfsd_domain(uri: str, image: Path) -> None:
             ET.SubElement(disk, "source", file=str(image))
             spec = ApplianceSpec(name=GUESTFSD_NAME, guest=GuestDefinition(GUESTFSD_NAME, (disk,)),
                                  kernel_path=host.kernel_path, initrd_path=host.initrd_path, root_path=host.root_path,
-                                 root_uuid=host.root_uuid, domain_type="qemu", memory_mib=512)
+                                 root_uuid=host.root_uuid, domain_type="qemu", memory_mib=512,
+                                 writable=writable)
             await run_blocking(conn.createXML, build_appliance_xml(spec), 0)
         finally:
             await close_connection(conn)
     trio.run(create)
+
+
+def wait_until_gone(uri: str, name: str, timeout: float) -> None:
+    """Wait until the transient domain ``name`` no longer exists."""
+    deadline = time.monotonic() + timeout
+    conn = libvirt.open(uri)
+    try:
+        while name in (d.name() for d in conn.listAllDomains(0)):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} still runs after {timeout:.0f} s")
+            time.sleep(0.5)
+    finally:
+        conn.close()
 
 
 def destroy(uri: str, name: str) -> None:

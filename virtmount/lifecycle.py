@@ -281,7 +281,7 @@ class SourceAppliance:
         cache, key = self._inspection_cache, appliance.disks_key
         remembered = cache.load(key) if cache is not None else None
         served = self._served
-        writable = served is not None and served.attach is Attach.READ_WRITE and not served.own_daemon
+        writable = served is not None and served.attach is Attach.READ_WRITE
         layout = await lay_out_os(appliance.client, self.name, self._generation, remembered, appliance.naming,
                                   writable)
         if cache is not None and layout.remembered != remembered:

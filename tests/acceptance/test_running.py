@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -244,11 +245,17 @@ def test_someone_elses_job_is_refused_and_left_alone(writer: running_guest.Runni
 def test_a_point_in_time_view_over_a_remote_uri(writer: running_guest.RunningGuest, tcp_uri: str,
                                                 tmp_path_factory: pytest.TempPathFactory) -> None:
     """Socket, scratch and appliance are made on the host through libvirt only: the same view over
-    qemu+tcp, and nothing left after it."""
+    qemu+tcp, and nothing left after it. The mount is -o rw: a point-in-time view stays read-only."""
     mountpoint = tmp_path_factory.mktemp("virtmount-run-tcp")
-    mount(tcp_uri, mountpoint)
+    mount(tcp_uri, mountpoint, "rw")
     try:
-        assert last_count(counter_file(mountpoint)) > 0, log_of(mountpoint)
+        counter = counter_file(mountpoint)
+        assert last_count(counter) > 0, log_of(mountpoint)
+        for attempt in (lambda: open(counter, "ab"), lambda: open(counter.with_name("new"), "xb"),
+                        lambda: os.unlink(counter)):
+            with pytest.raises(OSError) as refused:
+                attempt()
+            assert refused.value.errno == errno.EROFS
         assert (mountpoint / "domains" / running_guest.NAME / "snapshot-time").read_text().endswith("Z\n")
         assert running_guest.backup_job(writer.uri) is not None
     finally:
@@ -382,3 +389,37 @@ def test_a_domain_with_its_own_guestfs_daemon_is_read_through_its_channel(
             unmount(mountpoint)
     finally:
         running_guest.destroy(libvirtd, running_guest.GUESTFSD_NAME)
+
+
+def test_a_domain_with_its_own_guestfs_daemon_is_written_with_rw(
+        libvirtd: str, nos_guest: images.Guest, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Case 1 with -o rw: a file written and fsynced through the domain's own daemon is on its disk once the
+    mount ends (read from the image on the host with debugfs); the daemon's domain is never destroyed by us,
+    it powers off when its channel closes."""
+    image = volumes.POOL_PARENT / f"{running_guest.GUESTFSD_NAME}-rw.qcow2"
+    shutil.copyfile(nos_guest.image, image)
+    running_guest.start_guestfsd_domain(libvirtd, image, writable=True)
+    mountpoint = tmp_path_factory.mktemp("virtmount-run-guestfsd-rw")
+    content = b"written through the guest's own daemon\n"
+    try:
+        mount(libvirtd, mountpoint, "rw")
+        try:
+            device, = (mountpoint / "domains" / running_guest.GUESTFSD_NAME / "devices").iterdir()
+            with open(device / "written.txt", "wb") as written:
+                written.write(content)
+                os.fsync(written.fileno())
+            assert (device / "written.txt").read_bytes() == content
+            assert "reached its own guestfs daemon" in log_of(mountpoint)
+        finally:
+            unmount(mountpoint)
+        running_guest.wait_until_gone(libvirtd, running_guest.GUESTFSD_NAME, 60)
+        raw = tmp_path_factory.mktemp("guestfsd-rw") / "disk.raw"
+        subprocess.run(["qemu-img", "convert", "-O", "raw", str(image), str(raw)], check=True)
+        on_disk = subprocess.run(["debugfs", "-R", "cat /written.txt", str(raw)], check=True,
+                                 capture_output=True).stdout
+        assert on_disk == content
+        fsck = subprocess.run(["e2fsck", "-fn", str(raw)], capture_output=True, text=True)
+        assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    finally:
+        running_guest.destroy(libvirtd, running_guest.GUESTFSD_NAME)
+        image.unlink(missing_ok=True)

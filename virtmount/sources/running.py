@@ -11,7 +11,9 @@ replayed (guestlayout.py mounts such filesystems without replay).
 
 A running domain that carries its own guestfs daemon on a ``type='unix'``
 channel named ``org.libguestfs.channel.0`` is served through that channel
-instead (``Source.own_daemon``): no job, no appliance.
+instead (``Source.own_daemon``): no job, no appliance. With ``-o rw`` it is
+written through that daemon (the guest's own, which sees its disks as the
+guest set them up); point-in-time views are always read-only.
 
 When the guest agent answers, the guest's filesystems are frozen for the
 job's start only (freeze, begin, thaw, each bounded in time); otherwise the
@@ -77,9 +79,8 @@ class AnyStateDomainRef:
         except libvirt.libvirtError as exc:
             raise SourceUnavailable(f"cannot read running domain {self.name}: {libvirt_message(exc)}",
                                     errno_of(exc)) from None
-        if own_daemon:  # reached through its channel as it is: no job, no appliance
-            return Source(identity=self.identity, name=self.name, disks=(),
-                          attach=Attach.READ_ONLY_OVERLAY, own_daemon=True)
+        if own_daemon:  # reached through its channel as it is: no job, no appliance; written with -o rw
+            return Source(identity=self.identity, name=self.name, disks=(), attach=attach, own_daemon=True)
         return await snapshot_source(conn, domain, self.domain, self.pool, self.scratch_pool)
 
     async def gone(self, conn: libvirt.virConnect) -> str | None:

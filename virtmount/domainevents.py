@@ -16,12 +16,16 @@ from __future__ import annotations
 import contextlib
 import enum
 import math
-from typing import Any, Iterator
+from typing import Any, AsyncIterator, Callable
 
 import libvirt
 import trio
 
+from .virt.connection import run_blocking
 from .virt.events import call_in_trio
+
+# Bound on deregistering from a connection that is still open (at unmount): the mount must end.
+DEREGISTER_TIMEOUT_S = 5.0
 
 
 class Change(enum.Enum):
@@ -41,10 +45,13 @@ _CHANGES = {
 }
 
 
-@contextlib.contextmanager
-def domain_changes(conn: libvirt.virConnect) -> Iterator[trio.MemoryReceiveChannel[tuple[str, Change]]]:
+@contextlib.asynccontextmanager
+async def domain_changes(conn: libvirt.virConnect, lost: Callable[[], bool]
+                         ) -> AsyncIterator[trio.MemoryReceiveChannel[tuple[str, Change]]]:
     """(UUID, change) of the connection's domains as they start, stop or are (un)defined, while the context
-    lasts."""
+    lasts. ``lost()`` tells whether the connection was lost: its callbacks went with it, and a call on it
+    may never return (a deregistration on the trio thread after a libvirtd restart hung a whole mount
+    here), so nothing is deregistered then. libvirt is called in worker threads only."""
     token = trio.lowlevel.current_trio_token()
     send, receive = trio.open_memory_channel[tuple[str, Change]](math.inf)
 
@@ -58,10 +65,13 @@ def domain_changes(conn: libvirt.virConnect) -> Iterator[trio.MemoryReceiveChann
         if change is not None:
             call_in_trio(token, deliver, domain.UUIDString(), change)
 
-    callback = conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, on_lifecycle, None)
+    callback = await run_blocking(conn.domainEventRegisterAny, None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+                                  on_lifecycle, None)
     try:
         yield receive
     finally:
         send.close()
-        with contextlib.suppress(libvirt.libvirtError):
-            conn.domainEventDeregisterAny(callback)
+        if not lost():
+            with trio.move_on_after(DEREGISTER_TIMEOUT_S) as bounded, contextlib.suppress(libvirt.libvirtError):
+                bounded.shield = True
+                await run_blocking(conn.domainEventDeregisterAny, callback)

@@ -69,7 +69,7 @@ async def _follow_domain_changes(link: LibvirtLink, tree: ConnectionTree, nurser
         conn = await link.connected()
         with trio.CancelScope() as scope:
             try:
-                with domain_changes(conn) as changes:
+                async with domain_changes(conn, lambda: not link.holds(conn)) as changes:
                     task_status.started()
                     task_status = trio.TASK_STATUS_IGNORED
                     nursery.start_soon(_cancel_when_lost, link, conn, scope)

@@ -1,14 +1,18 @@
 """Which appliances a domain's start, stop or (re)definition ends (virtmount.mount.end_appliances_after),
-over fake sources."""
+over fake sources; registration for domain events never blocks the trio thread."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
+import libvirt
+import pytest
 import trio
 import trio.testing
 
+from virtmount import domainevents
 from virtmount.domainevents import Change
 from virtmount.fs.nodes import ServedSource
 from virtmount.mount import end_appliances_after
@@ -62,3 +66,54 @@ async def test_a_redefinition_ends_any_appliance_of_the_domain_even_one_booting(
     own, booting, off = disks(), FakeAppliance(running=False, booting=True), FakeAppliance(running=False)
     await after(Change.REDEFINED, [FakeSource("u1", own), FakeSource("u1", booting), FakeSource("u1", off)])
     assert own.released == booting.released == ["the domain was defined anew"] and off.released == []
+
+
+class StuckConnection(libvirt.virConnect):
+    """A connection whose deregistration never returns (as one did on the trio thread after a libvirtd
+    restart, hanging the whole mount); registration answers at once."""
+
+    def __init__(self) -> None:  # no libvirt connection behind it
+        self._o = None
+        self.deregister_called = threading.Event()
+        self.release = threading.Event()
+
+    def domainEventRegisterAny(self, dom: Any, eventID: int, cb: Any, opaque: Any) -> int:
+        return 7
+
+    def domainEventDeregisterAny(self, callbackID: int) -> int:
+        self.deregister_called.set()
+        self.release.wait(30)
+        return 0
+
+
+async def test_a_lost_connection_is_not_deregistered_from() -> None:
+    conn = StuckConnection()
+    with trio.fail_after(2):
+        async with domainevents.domain_changes(conn, lambda: True):
+            pass
+    assert not conn.deregister_called.is_set()
+
+
+async def test_deregistering_from_an_open_connection_is_bounded_and_off_the_trio_thread(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(domainevents, "DEREGISTER_TIMEOUT_S", 0.3)
+    conn = StuckConnection()
+    ticks = 0
+
+    async def tick() -> None:  # runs only while the trio thread is free
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await trio.sleep(0.01)
+
+    try:
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(tick)
+                async with domainevents.domain_changes(conn, lambda: False):
+                    pass
+                nursery.cancel_scope.cancel()
+    finally:
+        conn.release.set()
+    assert conn.deregister_called.is_set()
+    assert ticks > 5

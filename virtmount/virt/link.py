@@ -77,9 +77,13 @@ class LibvirtLink:
             await self._up.wait()
         return self._conn
 
+    def holds(self, conn: libvirt.virConnect) -> bool:
+        """Whether ``conn`` is the current connection (not lost)."""
+        return self._conn is conn
+
     async def wait_lost(self, conn: libvirt.virConnect) -> None:
         """Return once ``conn`` is not the current connection any more (it closed)."""
-        while self._conn is conn:
+        while self.holds(conn):
             await self._lost.wait()
 
     def _mark_lost(self, conn: libvirt.virConnect, why: str) -> None:

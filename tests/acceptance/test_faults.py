@@ -131,15 +131,18 @@ def assert_no_hang_and_only_eio(outcomes: list[tuple[float, str]]) -> None:
     assert {outcome for _, outcome in outcomes} <= {"ok", "EIO"}, outcomes
 
 
-def leftover_overlays(appliances: set[str], directories: list[Path]) -> list[Path]:
-    """libvirt's throw-away overlays (IMAGE.TRANSIENT-DOMAIN) of these appliances where none of them runs."""
+def leftover_overlays(appliances: set[str], directories: list[Path], since: float) -> list[Path]:
+    """libvirt's throw-away overlays (IMAGE.TRANSIENT-DOMAIN) of these appliances where none of them runs,
+    made or relabelled since ``since`` (wall clock): a restored appliance's name is its saved appliance's,
+    which other mounts use too, and an earlier run's leftover under that name is not this test's (one
+    killed by hand during a libvirtd restart failed a later run here)."""
     conn = libvirt.open("qemu:///system")
     try:
         running = {domain.name() for domain in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)}
     finally:
         conn.close()
     return [path for directory in directories for name in appliances - running
-            for path in directory.glob(f"*.TRANSIENT-{name}")]
+            for path in directory.glob(f"*.TRANSIENT-{name}") if path.stat().st_ctime >= since]
 
 
 def restart_libvirtd() -> None:
@@ -155,6 +158,7 @@ def restart_libvirtd() -> None:
 def test_appliance_killed_mid_read(test_guest: images.Guest, tmp_path: Path) -> None:
     """SIGKILL of the appliance's QEMU while a reader reads: reads in flight end (EIO), a new appliance
     serves the next ones."""
+    started = time.time()
     with own_mount(test_guest.uri, tmp_path, "-o", "idle=600") as (mountpoint, pid):
         fs = mountpoint / "domains" / test_guest.name / "fs"
         random_file = fs / images.DATA_RANDOM_FILE.lstrip("/")
@@ -175,12 +179,14 @@ def test_appliance_killed_mid_read(test_guest: images.Guest, tmp_path: Path) -> 
         after = appliance_ids(pid)
         assert len(after) == 1 and not after & before
     assert appliance_ids(pid) == set()
-    assert leftover_overlays({name for name, _ in before | after}, [test_guest.image.parent, POOL_DIR]) == []
+    assert leftover_overlays({name for name, _ in before | after}, [test_guest.image.parent, POOL_DIR],
+                             started) == []
 
 
 def test_libvirtd_restarted_while_mounted(test_guest: images.Guest, tmp_path: Path) -> None:
     """Views come back by themselves after libvirtd restarts; reads in flight end (EIO), none hangs;
     the appliance of the old connection is destroyed and a new one serves."""
+    started = time.time()
     with own_mount(test_guest.uri, tmp_path, "-o", "idle=600") as (mountpoint, pid):
         fs = mountpoint / "domains" / test_guest.name / "fs"
         random_file = fs / images.DATA_RANDOM_FILE.lstrip("/")
@@ -206,7 +212,8 @@ def test_libvirtd_restarted_while_mounted(test_guest: images.Guest, tmp_path: Pa
         assert len(after) == 1 and not after & before  # the old one destroyed, a new one serves
         assert test_guest.name in os.listdir(mountpoint / "domains")
     assert appliance_ids(pid) == set()
-    assert leftover_overlays({name for name, _ in before | after}, [test_guest.image.parent, POOL_DIR]) == []
+    assert leftover_overlays({name for name, _ in before | after}, [test_guest.image.parent, POOL_DIR],
+                             started) == []
 
 
 def test_libvirtd_restarted_while_an_appliance_boots_leaves_no_overlay(nos_guest: images.Guest,
@@ -214,6 +221,7 @@ def test_libvirtd_restarted_while_an_appliance_boots_leaves_no_overlay(nos_guest
     """libvirtd restarted while an appliance boots cold (its overlays made, not yet noted by virtmount):
     once connected again virtmount destroys it and deletes its throw-away overlays, which libvirt forgot;
     the next access boots a new appliance."""
+    started = time.time()
     with own_mount(nos_guest.uri, tmp_path, "-o", "idle=600,fast_start=off") as (mountpoint, pid):
         sda = mountpoint / "domains" / nos_guest.name / "devices" / "sda"
         first_access = threading.Thread(target=lambda: errno_of(lambda: os.listdir(sda)), daemon=True)
@@ -246,7 +254,7 @@ def test_libvirtd_restarted_while_an_appliance_boots_leaves_no_overlay(nos_guest
         assert overlays, "the appliance had no overlay yet: nothing was tested"
         assert (name, ) not in {(n, ) for n, _ in appliance_ids(pid)}
         assert [path for path in overlays if path.exists()] == []
-    assert leftover_overlays({name}, [nos_guest.image.parent, POOL_DIR]) == []
+    assert leftover_overlays({name}, [nos_guest.image.parent, POOL_DIR], started) == []
 
 
 def test_tcp_connection_cut_and_restored(test_guest: images.Guest, tcp_uri: str, tmp_path: Path) -> None:

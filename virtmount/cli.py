@@ -139,7 +139,7 @@ async def _gc(uri: str, settings: ApplianceSettings) -> None:
     finally:
         await close_connection(conn)
     for volume in deleted:
-        print(f"deleted {volume.pool}/{volume.name} ({volume.allocation / 1e6:.1f} MB)")
+        print(f"deleted {volume.place} ({volume.allocation / 1e6:.1f} MB)")
     print(f"{len(deleted)} volume(s) deleted, {sum(volume.allocation for volume in deleted) / 1e6:.1f} MB freed")
 
 

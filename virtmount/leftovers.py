@@ -12,7 +12,9 @@ storage API (the host may be remote):
   ``-root.qcow2``, ``-run.qcow2``: ~150 MB each) other than those of this
   client's build for the settings given (``-o``), for either accelerator;
 - throw-away overlays libvirt forgot (``*.TRANSIENT-virtmount-appliance-*``,
-  see virt/overlays.py) in any active pool, once no domain of that name exists.
+  see virt/overlays.py), once no domain of that name exists: in any active
+  pool, and beside the images of existing domains that no active pool holds
+  (listed through a transient dir pool made for that directory, then removed).
 
 It never deletes what a domain that exists uses (disks with their backing
 chains, kernel, initrd: another client's running appliance, say), a saved
@@ -25,9 +27,10 @@ client whose build is deleted uploads it again at its next boot.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 from xml.etree import ElementTree as ET
 
@@ -38,6 +41,7 @@ from .faststart import SLOTS, SavedAppliance
 from .virt.backup import end_leftover_jobs, owner_is_gone
 from .virt.connection import libvirt_message, run_blocking, uses_embedded_driver
 from .virt.domainxml import APPLIANCE_NAME_PREFIX, appliance_client, appliance_owner
+from .virt.overlays import dir_pool_xml
 from .virt.provision import UPLOAD_LOCK_STALE_S, HostAppliance, prepare_local_appliance, volume_names
 
 log = logging.getLogger(__name__)
@@ -81,12 +85,17 @@ async def end_leftover_backup_jobs(conn: libvirt.virConnect, pool: str, ours_too
 class FoundVolume:
     """A storage volume as ``virtmount gc`` weighs it."""
 
-    pool: str
+    pool: str  # "" for a file in a directory that no pool holds
     name: str
     path: str
     backing: str  # the path of its backing file, "" if none
     age_s: float  # since it was made
     allocation: int  # bytes it takes on the host
+
+    @property
+    def place(self) -> str:
+        """Where it is, as ``virtmount gc`` reports it: POOL/NAME, or the path outside any pool."""
+        return f"{self.pool}/{self.name}" if self.pool else self.path
 
 
 @dataclass(frozen=True)
@@ -147,26 +156,62 @@ def _found_volume(pool_name: str, volume: libvirt.virStorageVol) -> FoundVolume:
                        allocation=int(xml.findtext("./allocation", "0")))
 
 
-def _candidates(conn: libvirt.virConnect, appliance_pool: str) -> tuple[list[FoundVolume], dict[str, libvirt.virStorageVol]]:
-    """Volumes named as virtmount's: builds and saved appliances in the appliance pool, forgotten overlays
-    in any active pool (blocking); with the volumes themselves, by path."""
-    found, handles = [], {}
-    for pool in conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE):
+@dataclass
+class Candidates:
+    """Volumes named as virtmount's, with their handles by path, and the transient pools made to list
+    directories that no pool holds (destroyed by ``close``)."""
+
+    found: list[FoundVolume] = field(default_factory=list)
+    handles: dict[str, libvirt.virStorageVol] = field(default_factory=dict)
+    loose_pools: list[libvirt.virStoragePool] = field(default_factory=list)
+
+    def add(self, pool_name: str, pool: libvirt.virStoragePool, appliance_pool: str) -> None:
+        """The volumes of ``pool`` that may be virtmount's leftovers (blocking)."""
         try:
             pool.refresh(0)  # files libvirtd wrote itself (saved states) or that a restart forgot
         except libvirt.libvirtError as exc:
-            log.debug("pool %s not refreshed: %s", pool.name(), libvirt_message(exc))
+            log.debug("pool %s not refreshed: %s", pool_name, libvirt_message(exc))
         for volume in pool.listAllVolumes(0):
             name = volume.name()
-            ours_here = pool.name() == appliance_pool and (_BUILD_VOLUME.match(name) or _SAVED_VOLUME.match(name))
+            ours_here = pool_name == appliance_pool and (_BUILD_VOLUME.match(name) or _SAVED_VOLUME.match(name))
             if ours_here or _overlay_domain(name).startswith(APPLIANCE_NAME_PREFIX):
                 try:
-                    entry = _found_volume(pool.name(), volume)
+                    entry = _found_volume(pool_name, volume)
                 except libvirt.libvirtError:
                     continue  # deleted meanwhile
-                found.append(entry)
-                handles[entry.path] = volume
-    return found, handles
+                self.found.append(entry)
+                self.handles[entry.path] = volume
+
+    def close(self) -> None:
+        for pool in self.loose_pools:
+            try:
+                pool.destroy()
+            except libvirt.libvirtError as exc:
+                log.warning("cannot remove the transient pool %s: %s", pool.name(), libvirt_message(exc))
+
+
+def _candidates(conn: libvirt.virConnect, appliance_pool: str, domain_files: frozenset[str]) -> Candidates:
+    """Builds and saved appliances in the appliance pool, forgotten overlays in any active pool and in the
+    directories of ``domain_files`` (files existing domains use) that no active pool holds (blocking)."""
+    candidates = Candidates()
+    pooled = set()
+    for pool in conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE):
+        pooled.add(ET.fromstring(pool.XMLDesc(0)).findtext("./target/path", "").rstrip("/"))
+        candidates.add(pool.name(), pool, appliance_pool)
+    loose = sorted({os.path.dirname(path) for path in domain_files if path.startswith("/")} - pooled)
+    try:
+        for number, directory in enumerate(loose):
+            try:
+                pool = conn.storagePoolCreateXML(dir_pool_xml(f"virtmount-gc-{os.getpid()}-{number}", directory), 0)
+            except libvirt.libvirtError as exc:  # gone, or an inactive pool's directory
+                log.info("not looking for overlays in %s: %s", directory, libvirt_message(exc))
+                continue
+            candidates.loose_pools.append(pool)
+            candidates.add("", pool, appliance_pool)
+    except BaseException:
+        candidates.close()
+        raise
+    return candidates
 
 
 def _domains_in_use(conn: libvirt.virConnect) -> tuple[frozenset[str], frozenset[str]]:
@@ -210,14 +255,40 @@ async def collect(conn: libvirt.virConnect, settings: ApplianceSettings) -> list
     await remove_leftover_appliances(conn)
     await end_leftover_backup_jobs(conn, settings.scratch_pool_name)
     build, saved = await run_blocking(_this_build, conn, settings)
-    found, handles = await run_blocking(_candidates, conn, settings.pool)
-    domains, paths = await run_blocking(_domains_in_use, conn)
-    deleted = []
-    for volume in collectable(found, InUse(build, saved, domains, paths)):
-        try:
-            await run_blocking(handles[volume.path].delete, 0)
-        except libvirt.libvirtError as exc:
-            log.warning("cannot delete %s from pool %s: %s", volume.name, volume.pool, libvirt_message(exc))
-            continue
-        deleted.append(volume)
-    return deleted
+    _names, files_before = await run_blocking(_domains_in_use, conn)
+    candidates = await run_blocking(_candidates, conn, settings.pool, files_before)
+    try:
+        # Domains listed after the files: an overlay seen with no domain of its name is one libvirt forgot,
+        # or one it is deleting as its domain ends (checked again below); never one of a domain starting.
+        domains, paths = await run_blocking(_domains_in_use, conn)
+        deleted = []
+        for volume in collectable(candidates.found, InUse(build, saved, domains, paths)):
+            try:
+                if not await run_blocking(_still_collectable, conn, volume, candidates.handles[volume.path]):
+                    continue
+                await run_blocking(candidates.handles[volume.path].delete, 0)
+            except libvirt.libvirtError as exc:
+                log.warning("cannot delete %s: %s", volume.place, libvirt_message(exc))
+                continue
+            deleted.append(volume)
+        return deleted
+    finally:
+        await run_blocking(candidates.close)
+
+
+def _still_collectable(conn: libvirt.virConnect, volume: FoundVolume, handle: libvirt.virStorageVol) -> bool:
+    """Just before deleting: the file is still there (libvirt's delete does not fail on a missing file, so
+    one whose domain ended meanwhile would be reported as deleted), and an overlay's domain still absent."""
+    try:
+        handle.info()  # stats the file
+    except libvirt.libvirtError:
+        return False
+    if not (domain := _overlay_domain(volume.name)):
+        return True
+    try:
+        conn.lookupByName(domain)
+        return False
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+            raise
+        return True

@@ -67,7 +67,7 @@ def _delete_file(conn: libvirt.virConnect, path: str) -> bool:
     pool = _pool_of(conn, directory)
     made = pool is None
     if pool is None:
-        pool = conn.storagePoolCreateXML(_dir_pool_xml(f"virtmount-cleanup-{os.getpid()}", directory), 0)
+        pool = conn.storagePoolCreateXML(dir_pool_xml(f"virtmount-cleanup-{os.getpid()}", directory), 0)
     try:
         pool.refresh(0)
         try:
@@ -91,7 +91,8 @@ def _pool_of(conn: libvirt.virConnect, directory: str) -> libvirt.virStoragePool
     return None
 
 
-def _dir_pool_xml(name: str, directory: str) -> str:
+def dir_pool_xml(name: str, directory: str) -> str:
+    """A transient dir pool's XML, to reach a directory's files through the storage API."""
     pool = ET.Element("pool", type="dir")
     ET.SubElement(pool, "name").text = name
     ET.SubElement(ET.SubElement(pool, "target"), "path").text = directory

@@ -314,15 +314,11 @@ def start_guestfsd_domain(uri: str, image: Path, writable: bool = False) -> None
     trio.run(create)
 
 
-def wait_until_gone(uri: str, name: str, timeout: float) -> None:
-    """Wait until the transient domain ``name`` no longer exists."""
-    deadline = time.monotonic() + timeout
+def exists(uri: str, name: str) -> bool:
+    """Whether a domain ``name`` exists (defined, or transient and running)."""
     conn = libvirt.open(uri)
     try:
-        while name in (d.name() for d in conn.listAllDomains(0)):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{name} still runs after {timeout:.0f} s")
-            time.sleep(0.5)
+        return name in (domain.name() for domain in conn.listAllDomains(0))
     finally:
         conn.close()
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import libvirt
 
@@ -96,3 +97,13 @@ def peak_rss_kib(pid: int) -> tuple[int, int]:
     """(VmRSS, VmHWM) of a process, in KiB."""
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
     return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.25) -> float | None:
+    """Seconds until ``condition()`` held, or None if it did not within ``timeout``."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if condition():
+            return time.monotonic() - started
+        time.sleep(interval)
+    return None

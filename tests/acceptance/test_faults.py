@@ -26,7 +26,7 @@ import pytest
 
 from tests import images
 from tests.acceptance.conftest import unmount
-from tests.acceptance.helpers import mount_foreground
+from tests.acceptance.helpers import mount_foreground, wait_until
 from tests.acceptance.test_mount import defined_domain, own_mount
 from tests.conftest import START_LIBVIRTD, TCP_CONF
 from tests.tcpproxy import tcp_proxy
@@ -52,16 +52,6 @@ def appliance_ids(pid: int, uri: str = "qemu:///system") -> set[tuple[str, int]]
         return found
     finally:
         conn.close()
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.25) -> float | None:
-    """Seconds until ``condition()`` held, or None if it did not within ``timeout``."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if condition():
-            return time.monotonic() - started
-        time.sleep(interval)
-    return None
 
 
 def errno_of(action: Callable[[], object]) -> int | None:

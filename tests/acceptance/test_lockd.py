@@ -25,7 +25,8 @@ import libvirt
 import pytest
 
 from tests import images
-from tests.acceptance.test_faults import restart_libvirtd, wait_until
+from tests.acceptance.helpers import wait_until
+from tests.acceptance.test_faults import restart_libvirtd
 from tests.acceptance.test_mount import own_mount
 from tests.writing import make_scratch_guest, remove_scratch_guest
 

@@ -17,7 +17,8 @@ import pytest
 
 from tests import images
 from tests.acceptance.conftest import unmount
-from tests.acceptance.helpers import appliances_of, appliances_serving, assert_one_line_error, run_virtmount
+from tests.acceptance.helpers import (appliances_of, appliances_serving, assert_one_line_error, run_virtmount,
+                                     wait_until)
 from virtmount.virt.domainxml import APPLIANCE_NAME_PREFIX
 
 pytestmark = pytest.mark.acceptance
@@ -32,15 +33,6 @@ def _mount_pid(mountpoint: Path) -> int:
 
 def _appliances_of(pid: int, uri: str = "qemu:///system") -> list[str]:
     return appliances_of(pid, uri)
-
-
-def _wait_until(condition: object, timeout: float, interval: float = 0.5) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return True
-        time.sleep(interval)
-    return bool(condition())  # type: ignore[operator]
 
 
 @contextlib.contextmanager
@@ -142,18 +134,18 @@ def test_domains_appear_and_disappear_while_mounted(mounted: Path, nos_guest: im
     name = "virtmount-test-appearing"
     domains = mounted / "domains"
     with defined_domain(nos_guest.uri, name, nos_guest.image):
-        assert _wait_until(lambda: name in os.listdir(domains), timeout=10)
+        assert wait_until(lambda: name in os.listdir(domains), 10) is not None
         assert (domains / name / "domain.xml").read_text().count(f"<name>{name}</name>") == 1
-    assert _wait_until(lambda: name not in os.listdir(domains), timeout=10)
+    assert wait_until(lambda: name not in os.listdir(domains), 10) is not None
     # the kernel may keep the entry for its cache time (1 s for the virtual tree)
-    assert _wait_until(lambda: _errno_of(lambda: os.stat(domains / name)) == errno.ENOENT, timeout=3)
+    assert wait_until(lambda: _errno_of(lambda: os.stat(domains / name)) == errno.ENOENT, 3) is not None
 
 
 def test_broken_guest_gives_eio_and_the_rest_keeps_working(mounted: Path, test_guest: images.Guest) -> None:
     name = "virtmount-test-broken"
     with defined_domain(test_guest.uri, name, images.IMAGE_DIR / "no-such-image.qcow2"):
         domain_dir = mounted / "domains" / name
-        assert _wait_until(lambda: domain_dir.exists(), timeout=10)
+        assert wait_until(lambda: domain_dir.exists(), 10) is not None
         assert (domain_dir / "domain.xml").exists()
         assert _errno_of(lambda: os.listdir(domain_dir / "fs")) == errno.EIO
         assert _errno_of(lambda: os.listdir(domain_dir / "devices")) == errno.EIO
@@ -205,7 +197,7 @@ def test_fast_start_shows_what_a_cold_boot_shows_and_ends_with_its_mount(
         [restored] = _appliances_of(pid)
         assert restored.startswith(saved_prefix)
         assert sorted(os.listdir(domain_dir / "devices")) == views
-        assert _wait_until(lambda: _appliances_of(pid) == [], timeout=30)
+        assert wait_until(lambda: _appliances_of(pid) == [], 30) is not None
         target = domain_dir / "fs" / images.BOOT_TEST_FILE.lstrip("/")
         assert target.read_bytes() == test_guest.files[images.BOOT_TEST_FILE]
         assert _appliances_of(pid) == [restored]
@@ -222,7 +214,7 @@ def test_fast_start_shows_what_a_cold_boot_shows_and_ends_with_its_mount(
         os.listdir(mountpoint / "domains" / test_guest.name / "fs")
         assert _appliances_of(pid) == [restored]
         os.kill(pid, signal.SIGKILL)
-        assert _wait_until(lambda: _appliances_of(pid) == [], timeout=60)
+        assert wait_until(lambda: _appliances_of(pid) == [], 60) is not None
         subprocess.run(["fusermount3", "-u", str(mountpoint)], check=True)
 
 
@@ -265,7 +257,7 @@ def test_idle_appliance_boots_again_from_the_remembered_layout_while_it_holds(
         assert remembered["mountpoints"] == dict(test_guest.spec.inspection.mountpoints)
 
         def next_boot_remembers(doctored: dict[str, Any]) -> None:
-            assert _wait_until(lambda: _appliances_of(pid) == [], timeout=30)
+            assert wait_until(lambda: _appliances_of(pid) == [], 30) is not None
             remembered_file.write_text(json.dumps(doctored))
             # boots it again; not by listing fs/, which would refresh the kernel's entries there anyway
             assert root_file.name in os.listdir(root_file.parent)
@@ -325,7 +317,7 @@ def test_sigterm_syncs_destroys_and_unmounts(test_guest: images.Guest, tmp_path:
         os.listdir(mountpoint / "domains" / test_guest.name / "fs")
         assert len(_appliances_of(pid)) == 1
         os.kill(pid, signal.SIGTERM)
-        assert _wait_until(lambda: not os.path.exists(f"/proc/{pid}"), timeout=120)
+        assert wait_until(lambda: not os.path.exists(f"/proc/{pid}"), 120) is not None
         assert not os.path.ismount(mountpoint)
         assert _appliances_of(pid) == []
 
@@ -335,7 +327,7 @@ def test_sigkill_leaves_no_appliance_running(test_guest: images.Guest, tmp_path:
         os.listdir(mountpoint / "domains" / test_guest.name / "fs")
         assert len(_appliances_of(pid)) == 1
         os.kill(pid, signal.SIGKILL)
-        assert _wait_until(lambda: _appliances_of(pid) == [], timeout=60)
+        assert wait_until(lambda: _appliances_of(pid) == [], 60) is not None
         subprocess.run(["fusermount3", "-u", str(mountpoint)], check=True)
 
 

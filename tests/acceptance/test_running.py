@@ -22,7 +22,7 @@ import pytest
 
 from tests import images, running_guest, volumes
 from tests.acceptance.conftest import unmount
-from tests.acceptance.helpers import VIRTMOUNT, appliances_of, mount_foreground, run_virtmount
+from tests.acceptance.helpers import VIRTMOUNT, appliances_of, mount_foreground, run_virtmount, wait_until
 from tests.tcpproxy import tcp_proxy
 from virtmount.virt import backup
 
@@ -412,7 +412,7 @@ def test_a_domain_with_its_own_guestfs_daemon_is_written_with_rw(
             assert "reached its own guestfs daemon" in log_of(mountpoint)
         finally:
             unmount(mountpoint)
-        running_guest.wait_until_gone(libvirtd, running_guest.GUESTFSD_NAME, 60)
+        assert wait_until(lambda: not running_guest.exists(libvirtd, running_guest.GUESTFSD_NAME), 60) is not None
         raw = tmp_path_factory.mktemp("guestfsd-rw") / "disk.raw"
         subprocess.run(["qemu-img", "convert", "-O", "raw", str(image), str(raw)], check=True)
         on_disk = subprocess.run(["debugfs", "-R", "cat /written.txt", str(raw)], check=True,

@@ -31,8 +31,8 @@ import pytest
 
 from tests import images, load_guests
 from tests.acceptance.conftest import unmount
-from tests.acceptance.helpers import appliances_of, mount_foreground, peak_rss_kib
-from tests.acceptance.test_faults import POOL_DIR, restart_libvirtd, wait_until
+from tests.acceptance.helpers import appliances_of, mount_foreground, peak_rss_kib, wait_until
+from tests.acceptance.test_faults import POOL_DIR, restart_libvirtd
 from virtmount.virt.domainxml import APPLIANCE_NAME_PREFIX
 
 SOAK_MINUTES = float(os.environ.get("VIRTMOUNT_SOAK_MINUTES", "0"))

@@ -23,7 +23,7 @@ from typing import Iterator
 import pytest
 
 from tests import images, silent_kvm
-from tests.acceptance.helpers import VIRTMOUNT, appliances_of, assert_one_line_error, run_virtmount
+from tests.acceptance.helpers import VIRTMOUNT, appliances_of, assert_one_line_error, run_virtmount, wait_until
 from virtmount.config import option_names
 from virtmount.status import CONTROL_NAME, MountStatus
 
@@ -50,10 +50,8 @@ def virtmount_processes(mountpoint: Path) -> list[str]:
 
 
 def wait_until_gone(mountpoint: Path, timeout: float = 60) -> bool:
-    deadline = time.monotonic() + timeout
-    while virtmount_processes(mountpoint) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return not virtmount_processes(mountpoint)
+    """Whether the virtmount serving ``mountpoint`` exited within ``timeout``."""
+    return wait_until(lambda: not virtmount_processes(mountpoint), timeout, interval=0.2) is not None
 
 
 @pytest.fixture

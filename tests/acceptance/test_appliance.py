@@ -220,10 +220,21 @@ def test_appliance_that_fails_to_boot_shows_its_console(nos_guest: images.Guest)
 async def test_concurrent_provisions_upload_once_and_a_dead_uploaders_lock_is_broken(
         libvirtd: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two virtmounts provisioning one pool at once (one upload, the other waits for its marker), after
-    an uploader that died left its lock behind."""
+    an uploader that died left its lock behind. That lock counts as stale after 1 s; the live lock taken
+    next keeps the real 15 minutes (an upload here can take longer than 1 s: the other provisioner would
+    break a live lock, as it should after 15 minutes)."""
     pool_name = "virtmount-test-provision"
     volumes.start_dir_pool(libvirtd, pool_name)
-    monkeypatch.setattr(provision_module, "UPLOAD_LOCK_STALE_S", 1.0)
+    delete_if_older = provision_module._delete_if_older
+    broken: list[float] = []
+
+    def break_the_dead_lock_only(pool: libvirt.virStoragePool, name: str, seconds: float) -> float | None:
+        age = delete_if_older(pool, name, 1.0 if not broken else seconds)
+        if age is not None:
+            broken.append(age)
+        return age
+
+    monkeypatch.setattr(provision_module, "_delete_if_older", break_the_dead_lock_only)
     conn = await open_connection(libvirtd)
     try:
         local = await trio.to_thread.run_sync(provision_module.prepare_local_appliance)
@@ -240,6 +251,7 @@ async def test_concurrent_provisions_upload_once_and_a_dead_uploaders_lock_is_br
             both.start_soon(provision_into_pool)
             both.start_soon(provision_into_pool)
         assert len(results) == 2 and results[0] == results[1]
+        assert len(broken) == 1, broken
         with open(results[0].root_path, "rb") as host_root:
             assert host_root.read() == local.root_qcow2.read_bytes()
         assert names["uploading"] not in pool.listVolumes()

@@ -417,11 +417,16 @@ def _delete_if_older(pool: libvirt.virStoragePool, name: str, seconds: float) ->
     volume = lookup_volume(pool, name)
     if volume is None:
         return None
-    ctime = ET.fromstring(volume.XMLDesc(0)).findtext("./target/timestamps/ctime")
-    age = None if not ctime else time.time() - float(ctime)
-    if age is None or age <= seconds:
-        return None
-    volume.delete(0)
+    try:
+        ctime = ET.fromstring(volume.XMLDesc(0)).findtext("./target/timestamps/ctime")
+        age = None if not ctime else time.time() - float(ctime)
+        if age is None or age <= seconds:
+            return None
+        volume.delete(0)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_VOL:
+            return None  # another virtmount broke that lock first
+        raise
     return age
 
 

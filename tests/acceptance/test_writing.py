@@ -32,11 +32,10 @@ from tests.writing import (FileModel, RENAME_EXCHANGE, RENAME_NOREPLACE, UTIME_O
 
 GUEST = "virtmount-test-writing"
 SYNCED = b"fsynced before the kill\n" * 40_000  # ~1 MiB
-# per filesystem (~11-25 ms each); make test runs 1,500 to keep within CI's time, 5,000 gives the 10,000
-OPERATIONS = int(os.environ.get("VIRTMOUNT_RANDOM_OPERATIONS", "1500"))
-# per filesystem; ~13 daemon calls and ~60 ms a file under TCG here, so 5,000 files take 5-8 min per
-# filesystem: make test untars 1,000 to stay within its time, VIRTMOUNT_UNTAR_FILES=5000 gives the run
-UNTAR_FILES = int(os.environ.get("VIRTMOUNT_UNTAR_FILES", "1000"))
+# per filesystem, 10,000 in all (~4-5 ms each here)
+OPERATIONS = int(os.environ.get("VIRTMOUNT_RANDOM_OPERATIONS", "5000"))
+# per filesystem (~13 daemon calls and ~19 ms a file under TCG here)
+UNTAR_FILES = int(os.environ.get("VIRTMOUNT_UNTAR_FILES", "5000"))
 RELEASED = b"written, then the appliance was released\n" * 1000
 
 

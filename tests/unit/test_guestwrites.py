@@ -61,6 +61,10 @@ class WritingClient(FakeGuestClient):
     async def utimens(self, path: bytes, atime: tuple[int, int], mtime: tuple[int, int]) -> None:
         self._record("utimens", path, atime, mtime)
 
+    async def pwrite(self, path: bytes, content: bytes, offset: int) -> int:
+        self._record("pwrite", path, content, offset)
+        return len(content)
+
     def writes(self) -> list[str]:
         return [name for name, _ in self.calls if name not in ("lstatns", "readdir", "lstatnslist", "readlinklist")]
 
@@ -114,12 +118,36 @@ async def test_setattr_truncates_then_chowns_then_chmods_then_sets_times(writabl
     assert isinstance(client, WritingClient)
     hostname = await guest(writable, b"fs", b"etc", b"hostname")
     client.calls.clear()
-    await writable.tree.setattr(hostname.inode, AttributeChanges(size=1, mode=0o600, uid=7, atime_ns=None,
-                                                                 mtime_ns=1_600_000_000_000_000_005))
+    reply = await writable.tree.setattr(hostname.inode, AttributeChanges(size=1, mode=0o600, uid=7, atime_ns=None,
+                                                                         mtime_ns=1_600_000_000_000_000_005))
     assert client.writes() == ["truncate_size", "lchown", "chmod", "utimens"]
     assert client.args_of("lchown")[-1] == (b"/fs/etc/hostname", 7, -1)  # -1: the group stays
     assert client.args_of("utimens")[-1] == (b"/fs/etc/hostname", (0, -2), (1_600_000_000, 5))  # -2: UTIME_OMIT
-    assert client.calls[-1][0] == "lstatns"  # what the reply shows is read back
+    # the reply is an estimate, not read back; the kernel gets it with no cache time
+    assert [name for name, _ in client.calls if name == "lstatns"] == []
+    assert (reply.size, stat.S_IMODE(reply.mode), reply.uid, reply.mtime_ns) == (1, 0o600, 7, 1_600_000_000_000_000_005)
+    assert hostname.stale
+    # read back when next shown, once
+    client.calls.clear()
+    await writable.tree.getattr(hostname.inode)
+    await writable.tree.getattr(hostname.inode)
+    assert [name for name, _ in client.calls] == ["lstatns"] and not hostname.stale
+
+
+async def test_a_write_estimates_the_size_and_the_next_stat_reads_it_back(writable: World) -> None:
+    client = writable.client
+    assert isinstance(client, WritingClient)
+    hostname = await guest(writable, b"fs", b"etc", b"hostname")
+    assert hostname.stat is not None
+    size = hostname.stat.st_size
+    handle = await writable.tree.open(hostname.inode, os.O_WRONLY)
+    client.calls.clear()
+    assert await writable.tree.write(handle, size + 10, b"abc") == 3
+    assert [name for name, _ in client.calls] == ["pwrite"]
+    assert hostname.stale and hostname.stat.st_size == size + 13
+    await writable.tree.getattr(hostname.inode)
+    assert [name for name, _ in client.calls] == ["pwrite", "lstatns"] and not hostname.stale
+    writable.tree.release(handle)
 
 
 async def test_renames_the_daemon_cannot_do_atomically_are_refused_before_any_call(writable: World) -> None:

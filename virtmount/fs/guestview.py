@@ -205,7 +205,7 @@ class GuestView:
         if view != OS_VIEW_NAME and view not in layout.devices:
             raise FsError(errno.ENOENT)
         path = self._view_path(layout, view)
-        root.stat = await self._guest_call(source, lambda: layout.client.lstatns(path))
+        root.stat, root.stale = await self._guest_call(source, lambda: layout.client.lstatns(path)), False
         root.path = path
         root.generation = layout.generation
         return root
@@ -222,7 +222,7 @@ class GuestView:
                 node.xattrs = node.link_target = node.siblings = None
         else:
             node = GuestNode(inode, source=source, view=view, path=path)
-        node.stat = st
+        node.stat, node.stale = st, False
         node.generation = layout.generation
         return node
 

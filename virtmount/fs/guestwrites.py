@@ -8,7 +8,11 @@ each, what the mount keeps is brought up to date before the reply:
 
 - attributes: the nodes written (and their directories: mtime, ctime, link
   counts) are stat'ed again, so hard links, which share one node, all show
-  the new link count;
+  the new link count; after a write or a setattr (which change no link count),
+  the file's attributes are estimated instead and marked stale: the reply's
+  estimate gets no cache time in the kernel, and the file is stat'ed again
+  when its attributes are next shown (an untar makes four such calls a file
+  and shows none of them);
 - listings: a directory whose entries changed is dropped from the listing
   cache, and every write counts on its source (``ServedSource.writes``), so
   listings, xattrs and file contents fetched ahead before a write are not kept;
@@ -38,6 +42,7 @@ import errno
 import logging
 import os
 import stat
+import time
 from dataclasses import dataclass, replace
 from typing import Awaitable, Callable, Iterable
 
@@ -54,6 +59,7 @@ RENAME_NOREPLACE = 1  # linux/fs.h
 RENAME_EXCHANGE = 2
 UTIME_OMIT_NSEC = -2  # the daemon's utimens: leave this time alone
 HIDDEN_PREFIX = b".virtmount-hidden-"
+NS = 1_000_000_000
 
 
 @dataclass(frozen=True)
@@ -106,8 +112,36 @@ class GuestWrites:
     async def _restat(self, node: GuestNode, layout: GuestLayout) -> Statns:
         assert node.source is not None
         st = await self._view.guest_call(node.source, lambda: layout.client.lstatns(node.path))
-        node.stat, node.generation = st, layout.generation
+        node.stat, node.generation, node.stale = st, layout.generation, False
         return st
+
+    async def refresh(self, node: GuestNode) -> None:
+        """The true attributes of a node whose attributes were estimated after a write; the estimate
+        stays if the file has no name left to stat (removed while open)."""
+        if not node.path:
+            return
+        try:
+            await self._restat(node, await self._view.layout_for(node))
+        except FsError as exc:
+            log.debug("%r: attributes not read again after a write: %s", node.path, exc)
+
+    @staticmethod
+    def _estimate(node: GuestNode, size: int | None = None, mode: int | None = None, uid: int = -1, gid: int = -1,
+                  atime_ns: int | None = None, mtime_ns: int | None = None) -> None:
+        """Attributes after a call that changed only these (and ctime), without asking the daemon:
+        marked stale, so they are never shown as they are (see the module's docstring)."""
+        st = node.stat
+        assert st is not None
+        now_s, now_ns = divmod(time.time_ns(), NS)
+        atime_s, atime_rest = (st.st_atime_sec, st.st_atime_nsec) if atime_ns is None else divmod(atime_ns, NS)
+        mtime_s, mtime_rest = (st.st_mtime_sec, st.st_mtime_nsec) if mtime_ns is None else divmod(mtime_ns, NS)
+        node.stat = replace(
+            st, st_size=st.st_size if size is None else size,
+            st_mode=st.st_mode if mode is None else stat.S_IFMT(st.st_mode) | stat.S_IMODE(mode),
+            st_uid=st.st_uid if uid == -1 else uid, st_gid=st.st_gid if gid == -1 else gid,
+            st_atime_sec=atime_s, st_atime_nsec=atime_rest, st_mtime_sec=mtime_s, st_mtime_nsec=mtime_rest,
+            st_ctime_sec=now_s, st_ctime_nsec=now_ns)
+        node.stale = True
 
     def _written(self, node: GuestNode) -> None:
         """Something of ``node``'s source changed: what was fetched ahead before is not kept."""
@@ -340,24 +374,31 @@ class GuestWrites:
     # --- attributes and contents -----------------------------------------------------------
 
     async def setattr(self, node: GuestNode, changes: AttributeChanges) -> None:
-        """Size first, then owner (which clears set-ID bits), then mode, then times (a truncate sets mtime)."""
+        """Size first, then owner (which clears set-ID bits), then mode, then times (a truncate sets mtime).
+        The attributes are then estimated (stale): an owner change that clears set-ID bits is stat'ed."""
         layout = await self.writable_layout(node)
         client, path = layout.client, node.path
         self._written(node)
+        now_ns = time.time_ns()
         if changes.size is not None:
             size = changes.size
             await self._call(node, lambda: client.truncate_size(path, size))
             self._restart_readers(node)
+            self._estimate(node, size=size, mtime_ns=now_ns)
         if changes.uid is not None or changes.gid is not None:
             uid, gid = _or_unchanged(changes.uid), _or_unchanged(changes.gid)
             await self._call(node, lambda: client.lchown(uid, gid, path))
+            self._estimate(node, uid=uid, gid=gid)
+            if node.stat is not None and node.stat.st_mode & (stat.S_ISUID | stat.S_ISGID):
+                await self._restat(node, layout)
         if changes.mode is not None:
             mode = stat.S_IMODE(changes.mode)
             await self._call(node, lambda: client.chmod(mode, path))
+            self._estimate(node, mode=mode)
         if changes.atime_ns is not None or changes.mtime_ns is not None:
             atime, mtime = _timespec(changes.atime_ns), _timespec(changes.mtime_ns)
             await self._call(node, lambda: client.utimens(path, atime, mtime))
-        await self._restat(node, layout)
+            self._estimate(node, atime_ns=changes.atime_ns, mtime_ns=changes.mtime_ns)
 
     async def open_for_writing(self, node: GuestNode, handle: FileHandle, truncate: bool) -> None:
         """Make ``handle`` a writing handle of ``node`` (truncated first with O_TRUNC)."""
@@ -389,7 +430,8 @@ class GuestWrites:
         finally:
             self._restart_readers(node)
             if done:
-                await self._restat(node, layout)
+                assert node.stat is not None
+                self._estimate(node, size=max(node.stat.st_size, offset + done), mtime_ns=time.time_ns())
         return done
 
     async def fsync(self, node: GuestNode) -> None:
@@ -421,7 +463,7 @@ def _or_unchanged(value: int | None) -> int:
 def _timespec(ns: int | None) -> tuple[int, int]:
     if ns is None:
         return (0, UTIME_OMIT_NSEC)
-    return divmod(ns, 1_000_000_000)
+    return divmod(ns, NS)
 
 
 def _join(directory: bytes, name: bytes) -> bytes:

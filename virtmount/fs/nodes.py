@@ -107,6 +107,7 @@ class GuestNode(Node):
     path: bytes = b""  # inside the appliance, e.g. b"/fs/etc/passwd"
     stat: Statns | None = None  # None for a view root before its appliance booted
     generation: int = 0  # the appliance boot that produced ``stat``
+    stale: bool = False  # ``stat`` estimated after a write: stat'ed again before it is shown (guestwrites.py)
     link_target: bytes | None = None
     xattrs: dict[bytes, bytes] | None = None
     siblings: Siblings | None = None  # the listing this node was last seen in

@@ -83,6 +83,8 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     def _timeout(self, node: Node) -> float:
+        if isinstance(node, GuestNode) and node.stale:
+            return 0  # estimated attributes (after a write): the kernel asks again when it needs them
         if isinstance(node, GuestNode) and node.stat is not None:
             return GUEST_CACHE_TIMEOUT_S
         return VIRTUAL_CACHE_TIMEOUT_S

@@ -349,6 +349,8 @@ class ConnectionTree:
     async def attributes(self, node: Node) -> Attributes:
         """A node's attributes as known now; a view root not booted yet shows as an empty directory."""
         if isinstance(node, GuestNode):
+            if node.stale:
+                await self.writes.refresh(node)
             if node.stat is None:
                 return self._virtual_attributes(node.inode, stat.S_IFDIR | 0o555)
             return guest_attributes(node.inode, node.stat)
@@ -482,7 +484,8 @@ class ConnectionTree:
     async def setattr(self, inode: int, changes: AttributeChanges) -> Attributes:
         node = self._guest_node(inode)
         await self.writes.setattr(node, changes)
-        return await self.attributes(node)
+        assert node.stat is not None
+        return guest_attributes(node.inode, node.stat)  # an estimate, given no cache time (operations.py)
 
     async def write(self, handle_number: int, offset: int, data: bytes) -> int:
         handle = self._handle(handle_number)

@@ -136,5 +136,7 @@ def test_gc_deletes_only_what_virtmount_left_and_nothing_uses(libvirtd: str, tcp
     finally:
         for name in (USER_DOMAIN, APPLIANCE_DOMAIN):
             virsh(libvirtd, "undefine", name, check=False)
+        for name in pool_volumes(libvirtd):  # nothing of the test's stays on the host
+            virsh(libvirtd, "vol-delete", "--pool", GC_POOL, name, check=False)
         stop_pool(libvirtd, GC_POOL)
         shutil.rmtree(LOOSE_DIR, ignore_errors=True)

@@ -34,7 +34,7 @@ GUEST = "virtmount-test-writing"
 SYNCED = b"fsynced before the kill\n" * 40_000  # ~1 MiB
 # per filesystem, 10,000 in all (~4-5 ms each here)
 OPERATIONS = int(os.environ.get("VIRTMOUNT_RANDOM_OPERATIONS", "5000"))
-# per filesystem (~13 daemon calls and ~19 ms a file under TCG here)
+# per filesystem (~10.6 daemon calls and ~19-22 ms a file under TCG here)
 UNTAR_FILES = int(os.environ.get("VIRTMOUNT_UNTAR_FILES", "5000"))
 RELEASED = b"written, then the appliance was released\n" * 1000
 

@@ -39,7 +39,7 @@ import libvirt
 from .appliance import ApplianceSettings
 from .faststart import SLOTS, SavedAppliance
 from .virt.backup import end_leftover_jobs, owner_is_gone
-from .virt.connection import libvirt_message, run_blocking, uses_embedded_driver
+from .virt.connection import domain_exists, libvirt_message, pool_directory, run_blocking, uses_embedded_driver
 from .virt.domainxml import APPLIANCE_NAME_PREFIX, appliance_client, appliance_owner
 from .virt.overlays import dir_pool_xml
 from .virt.provision import UPLOAD_LOCK_STALE_S, HostAppliance, prepare_local_appliance, volume_names
@@ -196,7 +196,7 @@ def _candidates(conn: libvirt.virConnect, appliance_pool: str, domain_files: fro
     candidates = Candidates()
     pooled = set()
     for pool in conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE):
-        pooled.add(ET.fromstring(pool.XMLDesc(0)).findtext("./target/path", "").rstrip("/"))
+        pooled.add(pool_directory(pool))
         candidates.add(pool.name(), pool, appliance_pool)
     loose = sorted({os.path.dirname(path) for path in domain_files if path.startswith("/")} - pooled)
     try:
@@ -283,12 +283,5 @@ def _still_collectable(conn: libvirt.virConnect, volume: FoundVolume, handle: li
         handle.info()  # stats the file
     except libvirt.libvirtError:
         return False
-    if not (domain := _overlay_domain(volume.name)):
-        return True
-    try:
-        conn.lookupByName(domain)
-        return False
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
-            raise
-        return True
+    domain = _overlay_domain(volume.name)
+    return not domain or not domain_exists(conn, domain)

@@ -379,12 +379,11 @@ class GuestWrites:
         layout = await self.writable_layout(node)
         client, path = layout.client, node.path
         self._written(node)
-        now_ns = time.time_ns()
         if changes.size is not None:
             size = changes.size
             await self._call(node, lambda: client.truncate_size(path, size))
             self._restart_readers(node)
-            self._estimate(node, size=size, mtime_ns=now_ns)
+            self._estimate(node, size=size, mtime_ns=time.time_ns())
         if changes.uid is not None or changes.gid is not None:
             uid, gid = _or_unchanged(changes.uid), _or_unchanged(changes.gid)
             await self._call(node, lambda: client.lchown(uid, gid, path))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import urllib.parse
+import xml.etree.ElementTree as ET
 from typing import Any, Callable, TypeVar
 
 import libvirt
@@ -33,6 +34,22 @@ def libvirt_message(exc: libvirt.libvirtError) -> str:
     """libvirt's own message for an error, on one line."""
     message = exc.get_error_message() or str(exc)
     return " ".join(message.split())
+
+
+def domain_exists(conn: libvirt.virConnect, name: str) -> bool:
+    """Whether a domain called ``name`` is defined or running (blocking); other libvirt errors are raised."""
+    try:
+        conn.lookupByName(name)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+            raise
+        return False
+    return True
+
+
+def pool_directory(pool: libvirt.virStoragePool) -> str:
+    """The directory a dir or fs pool keeps its volumes in, without a trailing slash ("" for other pools)."""
+    return (ET.fromstring(pool.XMLDesc(0)).findtext("./target/path") or "").rstrip("/")
 
 
 def check_uri(uri: str) -> None:

@@ -18,7 +18,7 @@ import xml.etree.ElementTree as ET
 
 import libvirt
 
-from .connection import libvirt_message
+from .connection import domain_exists, libvirt_message, pool_directory
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +46,8 @@ def disk_overlays(domain_name: str, disks: list[ET.Element]) -> list[str]:
 def delete_leftover_overlays(conn: libvirt.virConnect, domain_name: str, paths: list[str]) -> list[str]:
     """Delete those of ``paths`` that still exist once no domain called ``domain_name`` runs (blocking);
     the paths deleted."""
-    try:
-        conn.lookupByName(domain_name)
+    if domain_exists(conn, domain_name):
         return []  # started again meanwhile (e.g. a saved appliance restored by another virtmount): its overlays now
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
-            raise
     deleted = []
     for path in paths:
         try:
@@ -86,7 +82,7 @@ def _delete_file(conn: libvirt.virConnect, path: str) -> bool:
 def _pool_of(conn: libvirt.virConnect, directory: str) -> libvirt.virStoragePool | None:
     """The active dir or fs pool whose directory is ``directory``."""
     for pool in conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE):
-        if ET.fromstring(pool.XMLDesc(0)).findtext("./target/path", "").rstrip("/") == directory.rstrip("/"):
+        if pool_directory(pool) == directory.rstrip("/"):
             return pool
     return None
 

@@ -30,7 +30,7 @@ import trio
 
 from ..cachedir import cache_dir
 from ..failures import ErrnoError, errno_of
-from .connection import libvirt_message, run_blocking
+from .connection import libvirt_message, pool_directory, run_blocking
 from .stream import LibvirtByteStream, StreamClosed
 
 log = logging.getLogger(__name__)
@@ -279,9 +279,9 @@ def _default_pool_directory(conn: libvirt.virConnect, name: str) -> str:
     /var/lib/libvirt/virtmount), else in /var/lib/libvirt; each pool gets a directory of its own."""
     try:
         default = conn.storagePoolLookupByName("default")
-        path = ET.fromstring(default.XMLDesc(0)).findtext("./target/path")
+        path = pool_directory(default)
         if path:
-            return os.path.join(os.path.dirname(path.rstrip("/")), name)
+            return os.path.join(os.path.dirname(path), name)
     except libvirt.libvirtError:
         pass
     return os.path.join("/var/lib/libvirt", name)

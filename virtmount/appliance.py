@@ -27,7 +27,7 @@ from .guestfs.errors import ConnectionLost, GuestfsClientError, GuestfsError, Gu
 from .faststart import SLOTS, FastStartUnavailable, SavedAppliance, SlotInUse, overlay_volume_xml, restore_xml
 from .inspection_cache import disks_identity
 from .sources import Attach, Source
-from .virt.connection import libvirt_message, run_blocking, uses_embedded_driver
+from .virt.connection import domain_exists, libvirt_message, run_blocking, uses_embedded_driver
 from .virt.console import ConsoleLog
 from .virt.domainxml import (
     APPLIANCE_NAME_PREFIX,
@@ -37,7 +37,7 @@ from .virt.domainxml import (
     appliance_disk,
     build_appliance_xml,
 )
-from .virt.overlays import disk_overlays, transient_overlays
+from .virt.overlays import delete_leftover_overlays, disk_overlays, transient_overlays
 from .virt.provision import HostAppliance, delete_volume
 from .virt.stream import LibvirtByteStream
 from .watchdog import Watchdog
@@ -303,12 +303,12 @@ async def _fast_boot(
     try:
         await _plug_in_guest_disks(appliance, definition, settings)
     except (libvirt.libvirtError, GuestfsClientError, FastStartUnavailable) as exc:
-        await appliance.shutdown()
+        await _end_half_plugged(conn, appliance)
         reason = libvirt_message(exc) if isinstance(exc, libvirt.libvirtError) else str(exc)
         raise FastStartUnavailable(f"cannot plug the guest's disks in: {reason}") from None
     except BaseException:
         with trio.CancelScope(shield=True):
-            await appliance.shutdown()
+            await _end_half_plugged(conn, appliance)
         raise
     appliance.boot_seconds = time.monotonic() - started
     log.info("%s ready in %.1f s as %s", what, appliance.boot_seconds, saved.name)
@@ -387,11 +387,12 @@ async def _saved_domain_xml(conn: libvirt.virConnect, state_path: str) -> str | 
 
 
 async def _domain_exists(conn: libvirt.virConnect, name: str) -> bool:
+    """Whether a saved appliance's domain runs; when libvirt cannot say, it is taken to (another slot
+    or a cold boot is tried, and nothing of the saved appliance is forgotten)."""
     try:
-        await run_blocking(conn.lookupByName, name)
+        return await run_blocking(domain_exists, conn, name)
     except libvirt.libvirtError:
-        return False
-    return True
+        return True
 
 
 async def _save_appliance(
@@ -464,6 +465,22 @@ async def _delete_volumes(conn: libvirt.virConnect, pool_name: str, names: list[
             await run_blocking(delete_volume, pool, name)
     except libvirt.libvirtError as exc:
         log.warning("cannot delete %s from pool %s: %s", ", ".join(names), pool_name, libvirt_message(exc))
+
+
+async def _end_half_plugged(conn: libvirt.virConnect, appliance: Appliance) -> None:
+    """Destroy a restored appliance whose disks were being plugged in, then delete the overlays of theirs
+    still there. libvirt deletes the overlays of the disks in the domain's definition only, and a cancelled
+    boot abandons an attach in its thread: the destroy cuts it short after libvirt made the disk's overlay
+    and before the disk joined the definition (the destroy waits for the attach, so whatever it made is
+    there by then)."""
+    await appliance.shutdown()
+    try:
+        deleted = await run_blocking(delete_leftover_overlays, conn, appliance.domain_name, appliance.overlays)
+    except libvirt.libvirtError as exc:
+        log.warning("%s: cannot look for overlays left by its disks: %s", appliance.domain_name, libvirt_message(exc))
+        return
+    for path in deleted:
+        log.info("%s: deleted the overlay %s that an interrupted hot-plug left", appliance.domain_name, path)
 
 
 async def _plug_in_guest_disks(appliance: Appliance, definition: GuestDefinition, settings: ApplianceSettings) -> None:

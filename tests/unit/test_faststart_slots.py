@@ -130,3 +130,48 @@ async def test_with_every_saved_appliance_in_use_the_boot_is_cold(conn: FakeConn
 def test_slot_0_keeps_the_name_saved_appliances_had() -> None:
     assert slot(0) == SavedAppliance.for_boot(HOST, "qemu", 1024, 1, "", False)
     assert len({slot(index).name for index in range(SLOTS)}) == SLOTS
+
+
+class HalfPluggedAppliance(FakeAppliance):
+    """A restored appliance whose hot-plug fails after libvirt made its first disk's overlay."""
+
+    domain_name = slot(0).name
+
+    def __init__(self, conn: FakeConnection) -> None:
+        self.conn = conn
+        self.overlays: list[str] = []
+
+    async def shutdown(self) -> None:
+        self.conn.running.discard(self.domain_name)
+
+
+@pytest.mark.parametrize("failure", ["libvirt refused", "boot cancelled"])
+async def test_overlays_of_an_interrupted_hot_plug_are_deleted_once_the_appliance_is_gone(
+        conn: FakeConnection, monkeypatch: pytest.MonkeyPatch, failure: str) -> None:
+    conn.states = {slot(0).name}
+    half_plugged = HalfPluggedAppliance(conn)
+    overlay = f"/images/guest.qcow2.TRANSIENT-{slot(0).name}"
+    deleted: list[tuple[str, list[str], bool]] = []
+
+    async def restored(*args: Any, **kwargs: Any) -> HalfPluggedAppliance:
+        return half_plugged
+
+    async def plug(appliance_: HalfPluggedAppliance, *args: Any) -> None:
+        appliance_.overlays = [overlay]
+        if failure == "libvirt refused":
+            raise FakeLibvirtError(libvirt.VIR_ERR_OPERATION_FAILED, "monitor closed")
+        await trio.sleep_forever()
+
+    def delete(conn_: FakeConnection, name: str, paths: list[str]) -> list[str]:
+        deleted.append((name, paths, name in conn_.running))
+        return paths
+
+    monkeypatch.setattr(appliance, "_attach_and_resume", restored)
+    monkeypatch.setattr(appliance, "_plug_in_guest_disks", plug)
+    monkeypatch.setattr(appliance, "delete_leftover_overlays", delete)
+    if failure == "libvirt refused":
+        assert "cannot plug the guest's disks in: monitor closed" in str(await fast_boot(conn))
+    else:
+        with trio.move_on_after(0.1):
+            await fast_boot(conn)
+    assert deleted == [(slot(0).name, [overlay], False)]  # asked for after the appliance was gone

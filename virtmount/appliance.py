@@ -24,7 +24,7 @@ from .devicenames import COLD_BOOTED, RESTORED
 from .failures import ErrnoError, errno_of
 from .guestfs.client import GuestfsClient
 from .guestfs.errors import ConnectionLost, GuestfsClientError, GuestfsError, GuestfsTimeout
-from .faststart import SLOTS, FastStartUnavailable, SavedAppliance, SlotInUse, overlay_volume_xml, restore_xml
+from .faststart import SLOTS, WARM_UP, FastStartUnavailable, SavedAppliance, SlotInUse, overlay_volume_xml, restore_xml
 from .inspection_cache import disks_identity
 from .sources import Attach, Source
 from .virt.connection import domain_exists, libvirt_message, run_blocking, uses_embedded_driver
@@ -421,6 +421,10 @@ async def _save_appliance(
         await _delete_volumes(conn, settings.pool, [saved.root_volume])
         raise FastStartUnavailable(str(exc)) from None
     failure = ""
+    try:
+        await appliance.client.debug_sh(WARM_UP)
+    except GuestfsClientError as exc:  # saved all the same (restores pay for what it did not do), or not at all
+        log.warning("%s: the warm-up before saving failed: %s", saved.name, exc)
     try:
         with trio.CancelScope(shield=True):
             await run_blocking(appliance.domain.save, state_path)

@@ -24,6 +24,9 @@ class FakeDomain:
 
 
 class FakeClient:
+    async def debug_sh(self, command: bytes) -> bytes:  # the warm-up before the save
+        return b""
+
     async def aclose(self) -> None:
         pass
 

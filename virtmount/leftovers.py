@@ -68,7 +68,9 @@ async def remove_leftover_appliances(conn: libvirt.virConnect) -> None:
             log.info("destroying leftover appliance %s", name)
             await run_blocking(domain.destroy)
         except libvirt.libvirtError as exc:
-            log.warning("cannot destroy a leftover appliance: %s", libvirt_message(exc))
+            if exc.get_error_code() not in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID):
+                log.warning("cannot destroy a leftover appliance: %s", libvirt_message(exc))
+            # else it ended meanwhile: a restored appliance powers off once its virtmount's channel closes
 
 
 async def end_leftover_backup_jobs(conn: libvirt.virConnect, pool: str, ours_too: bool = False) -> None:

@@ -8,7 +8,9 @@ import socket
 from typing import Any, cast
 
 import libvirt
+import pytest
 
+from tests.unit.test_failures import FakeLibvirtError
 from virtmount.leftovers import remove_leftover_appliances
 from virtmount.mount import _destroy_own_appliances
 from virtmount.virt.domainxml import APPLIANCE_NAME_PREFIX, METADATA_NAMESPACE
@@ -81,3 +83,23 @@ async def test_own_appliances_of_a_lost_connection_are_ended_with_their_overlays
     ended = await _destroy_own_appliances(cast(libvirt.virConnect, cast(Any, Conn(False, *domains.values()))))
     assert {key for key, domain in domains.items() if domain.destroyed} == {"ours, booting"}
     assert ended == [(booting, [f"/img/web1.qcow2.TRANSIENT-{booting}"])]
+
+
+class EndedMeanwhile(Domain):
+    """A dead virtmount's restored appliance that powered off by itself between the listing and the destroy."""
+
+    def destroy(self) -> None:
+        raise FakeLibvirtError(libvirt.VIR_ERR_NO_DOMAIN, f"no domain {self._name}")
+
+
+class Refused(Domain):
+    def destroy(self) -> None:
+        raise FakeLibvirtError(libvirt.VIR_ERR_OPERATION_FAILED, "refused")
+
+
+async def test_an_appliance_that_ended_meanwhile_is_not_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    gone = EndedMeanwhile(APPLIANCE_NAME_PREFIX + "saved-5", socket.gethostname(), DEAD_PID)
+    refused = Refused(APPLIANCE_NAME_PREFIX + "saved-6", socket.gethostname(), DEAD_PID)
+    await remove_leftover_appliances(cast(libvirt.virConnect, cast(Any, Conn(False, gone, refused))))
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert warnings == ["cannot destroy a leftover appliance: refused"]

@@ -98,6 +98,33 @@ def test_rsync_copy_matches_source(fidelity_guest: tuple[str, Path], fs_dir: Pat
 
 
 @pytest.mark.acceptance
+def test_rsync_of_a_fresh_mount_gets_the_xattrs_of_whole_subtrees(
+        fidelity_guest: tuple[str, Path], libvirtd: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """On a mount of its own, rsync -X reads every entry's xattrs as it walks: the walked subtrees' xattrs
+    come in one dump each (getfattr in the appliance, guestfs/subtree_xattrs.py), and the copy is exact.
+    fs/ is listed first: until its appliance has booted once, stat(2) of fs/ itself shows a stand-in
+    (README, "Not done yet"), and rsync would give the copy's top directory that mode and time."""
+    name, source = fidelity_guest
+    mountpoint = tmp_path_factory.mktemp("virtmount-fidelity-xattrs")
+    copy = tmp_path_factory.mktemp("virtmount-fidelity-xattrs-copy")
+    mount_foreground(libvirtd, mountpoint, "idle=600")
+    try:
+        os.listdir(mountpoint / "domains" / name / "fs")
+        result = subprocess.run([*RSYNC, f"{mountpoint}/domains/{name}/fs/", f"{copy}/"], capture_output=True,
+                                text=True, errors="backslashreplace", timeout=1200, stdin=subprocess.DEVNULL)
+    finally:
+        unmount(mountpoint)
+    try:
+        assert result.returncode == 0, f"rsync exited with {result.returncode}:\n{result.stderr[-5000:]}"
+        log = mountpoint.with_suffix(".log").read_text()
+        assert "entries have some" in log and "directory by directory" not in log, log[-3000:]
+        diffs = fidelity.compare_trees(source, copy)
+        assert diffs == [], _report(diffs)
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
+
+
+@pytest.mark.acceptance
 @pytest.mark.parametrize("path, size", [(fidelity.SPARSE_1G, fidelity.GiB),
                                         (fidelity.SPARSE_XFS, 64 * fidelity.MiB + 3)])
 def test_sparse_files_are_sparse_in_guest(fs_dir: Path, path: bytes, size: int) -> None:

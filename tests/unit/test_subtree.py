@@ -15,7 +15,7 @@ from virtmount.fs.nodes import GuestNode
 from virtmount.fs.subtreewalks import WALKER_CLAIMS
 from virtmount.guestfs.client import GuestfsClient
 from virtmount.guestfs.errors import GuestfsError, ProtocolError
-from virtmount.guestfs.subtree import list_subtree, parse_walk, walk_command
+from virtmount.guestfs.subtree import list_subtree, output_of, parse_walk, walk_command
 
 from .test_tree import (SDA1_DEV, SDA2_DEV, FakeGuestClient, FakeInode, World, dir_inode, file_inode,
                         guest_filesystems, guestfs_error, make_world, read_dir)
@@ -140,7 +140,7 @@ async def test_a_walk_across_filesystems_learns_each_blksize() -> None:
 
 async def test_a_cut_walk_gives_only_the_directories_it_finished() -> None:
     whole = grown_client()
-    await whole.debug_sh(walk_command(b"/fs/usr", 1 << 20))
+    await whole.debug_sh(walk_command(b"/fs/usr", 1 << 20, b"'/walk'"))
     cut_at = whole.walk_file.index(b"pkg3/sub\0") - 40  # inside the record of /fs/usr/pkg3/sub
     _, subtree = await fake_walk(b"/fs/usr", cut_at)
     assert not subtree.complete
@@ -177,3 +177,34 @@ async def test_times_before_1970_and_odd_names_survive() -> None:
     assert (st.st_atime_sec, st.st_atime_nsec) == (-1, 500_000_000)
     assert (st.st_mtime_sec, st.st_mtime_nsec) == (-(2**31 - 1), 123)
     assert (st.st_ctime_sec, st.st_ctime_nsec) == (1_700_000_000, 999_999_999)
+
+
+async def test_runs_at_once_write_files_of_their_own_and_delete_them() -> None:
+    """Two walks at once once shared one output file: the second read the first's walk as its own."""
+    files: dict[bytes, bytes] = {}
+    deleted: list[bytes] = []
+
+    class Client:
+        async def debug_sh(self, command: bytes) -> bytes:
+            word = command.rsplit(b" ", 1)[1]
+            path = word.removeprefix(b'"$root"').strip(b"'")
+            if command.startswith(b"rm -f "):
+                deleted.append(path)
+            else:
+                files[path] = command.split(b" ", 1)[0]
+                await trio.sleep(0.01)
+            return b""
+
+        async def download(self, path: bytes) -> bytes:
+            return files[path]
+
+    outputs: list[bytes] = []
+
+    async def run(program: bytes) -> None:
+        outputs.append(await output_of(cast(GuestfsClient, Client()), lambda file: program + b" > " + file, b"test"))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run, b"first")
+        nursery.start_soon(run, b"second")
+    assert sorted(outputs) == [b"first", b"second"]
+    assert len(set(files)) == 2 and sorted(deleted) == sorted(files)

@@ -27,6 +27,7 @@ from ..failures import errno_of, reason_of
 from ..guestfs.errors import GuestfsClientError, GuestfsError
 from ..guestfs.procs import PREAD_MAX, Statns, Statvfs, Xattr
 from ..guestfs.subtree import list_subtree
+from ..guestfs.subtree_xattrs import subtree_xattrs
 from ..guestlayout import OS_VIEW, GuestLayout
 from ..lifecycle import GuestUnavailableError, SourceAppliance
 from ..status import iso_time
@@ -292,10 +293,16 @@ class GuestView:
             if cached is None:
                 fetch = functools.partial(self._listing_ahead, source, view, layout, child.path, child.inode)
                 wishes.append((key, fetch, 1))
-            elif xattrs_wanted and any(member.xattrs is None for _, member in cached.members):
+            elif xattrs_wanted and any(member.xattrs is None for _, member in cached.members) \
+                    and not self._walk_brings_xattrs(source, layout, cached):
                 wishes.append((_xattrs_key(cached),
                                functools.partial(self._xattrs_ahead, source, layout, cached), 1))
         self._listings_ahead.want(wishes)
+
+    def _walk_brings_xattrs(self, source: ServedSource, layout: GuestLayout, siblings: Siblings) -> bool:
+        """Whether a subtree walk that gave this listing is still to dump its xattrs."""
+        walk = self._walks.covering((source.identity, layout.generation), siblings.directory)
+        return walk is not None and not walk.xattrs_done.is_set()
 
     def _xattrs_in_demand(self) -> bool:
         return time.monotonic() - self._xattrs_wanted_at < XATTR_DEMAND_S
@@ -337,41 +344,73 @@ class GuestView:
 
     async def _walk_subtree(self, source: ServedSource, view: str, layout: GuestLayout, walk: SubtreeWalk,
                             start: Siblings) -> None:
-        """List every directory below ``walk.start`` in one walk and keep the listings not kept yet;
-        a walk that fails turns walks off for this appliance."""
+        """List every directory below ``walk.start`` in one walk and keep the listings not kept yet, then,
+        while a walker reads xattrs, their entries' xattrs in one dump; a walk that fails turns walks off
+        for this appliance."""
+        walked: list[Siblings] = []
         try:
-            writes = source.writes
             try:
-                _still_running(layout)
-                subtree = await list_subtree(layout.client, walk.start, self._walks.blksizes(walk.appliance),
-                                             SUBTREE_BYTES)
-            except (GuestfsClientError, FsError) as exc:
-                log.info("%s: cannot list %r as a whole (%s); listing it directory by directory", source.name,
-                         walk.start, exc)
-                self._walks.turn_off(walk.appliance)
-                return
-            if source.writes != writes:  # what it listed may have changed meanwhile
-                log.debug("%s: written to during the walk of %r; its listings are not kept", source.name, walk.start)
-                return
-            directories = {child.path: child for _, child in start.members
-                           if child.stat is not None and stat.S_ISDIR(child.stat.st_mode)}
-            for path, entries in subtree.listings.items():
-                node = directories.pop(path, None)
-                if node is None:
-                    continue  # the start itself (listed already), or below a directory not listed
-                key = (node.inode, layout.generation)
-                siblings = self._listings.get(key)
-                if siblings is None:
-                    siblings = self._siblings_of(source, view, layout, path,
-                                                 [(e.name, e.st, e.link_target) for e in entries])
-                    self._listings.put(key, siblings)
-                walk.listed.add(path)
-                directories.update((child.path, child) for _, child in siblings.members
-                                   if child.stat is not None and stat.S_ISDIR(child.stat.st_mode))
-            log.info("%s: listed %r as a whole: %d directories, %d entries%s", source.name, walk.start,
-                     len(walk.listed), subtree.entries, "" if subtree.complete else " (cut)")
+                writes = source.writes
+                try:
+                    _still_running(layout)
+                    subtree = await list_subtree(layout.client, walk.start, self._walks.blksizes(walk.appliance),
+                                                 SUBTREE_BYTES)
+                except (GuestfsClientError, FsError) as exc:
+                    log.info("%s: cannot list %r as a whole (%s); listing it directory by directory", source.name,
+                             walk.start, exc)
+                    self._walks.turn_off(walk.appliance)
+                    return
+                if source.writes != writes:  # what it listed may have changed meanwhile
+                    log.debug("%s: written to during the walk of %r; its listings are not kept", source.name,
+                              walk.start)
+                    return
+                directories = {child.path: child for _, child in start.members
+                               if child.stat is not None and stat.S_ISDIR(child.stat.st_mode)}
+                for path, entries in subtree.listings.items():
+                    node = directories.pop(path, None)
+                    if node is None:
+                        continue  # the start itself (listed already), or below a directory not listed
+                    key = (node.inode, layout.generation)
+                    siblings = self._listings.get(key)
+                    if siblings is None:
+                        siblings = self._siblings_of(source, view, layout, path,
+                                                     [(e.name, e.st, e.link_target) for e in entries])
+                        self._listings.put(key, siblings)
+                    walk.listed.add(path)
+                    walked.append(siblings)
+                    directories.update((child.path, child) for _, child in siblings.members
+                                       if child.stat is not None and stat.S_ISDIR(child.stat.st_mode))
+                log.info("%s: listed %r as a whole: %d directories, %d entries%s", source.name, walk.start,
+                         len(walk.listed), subtree.entries, "" if subtree.complete else " (cut)")
+            finally:
+                walk.done.set()
+            if self._xattrs_in_demand():
+                await self._walk_xattrs(source, layout, walk, walked)
         finally:
-            walk.done.set()
+            walk.xattrs_done.set()
+
+    async def _walk_xattrs(self, source: ServedSource, layout: GuestLayout, walk: SubtreeWalk,
+                           walked: list[Siblings]) -> None:
+        """The xattrs of every entry of the listings a walk gave, from one dump of its subtree; left to
+        each directory if the dump fails or is cut."""
+        writes = source.writes
+        try:
+            _still_running(layout)
+            dump = await subtree_xattrs(layout.client, walk.start, SUBTREE_BYTES)
+        except (GuestfsClientError, FsError) as exc:
+            log.info("%s: cannot read the xattrs of %r as a whole (%s)", source.name, walk.start, exc)
+            return
+        if dump is None or source.writes != writes:
+            log.info("%s: the xattrs of %r come directory by directory (%s)", source.name, walk.start,
+                     "written to meanwhile" if dump is not None else "the dump failed or was cut")
+            return
+        below = len(walk.start.rstrip(b"/")) + 1
+        for siblings in walked:
+            directory = siblings.directory[below:] + b"/"
+            for name, member in siblings.members:
+                if member.xattrs is None:
+                    member.xattrs = _shown_xattrs(dump.get(directory + name, ()))
+        log.info("%s: read the xattrs of %r as a whole: %d entries have some", source.name, walk.start, len(dump))
 
     async def _fetch_listing(self, source: ServedSource, view: str, layout: GuestLayout, path: bytes) -> Siblings:
         """Entries of the guest directory ``path`` with attributes and link targets: three daemon
@@ -546,7 +585,10 @@ class GuestView:
                 found = await self._guest_call(node.source, lambda: layout.client.lgetxattrs(node.path))
                 node.xattrs = _shown_xattrs(found)
             else:
-                if self._listings_ahead is not None:  # fetched ahead, or on its way
+                walk = self._walks.covering((node.source.identity, layout.generation), siblings.directory)
+                if walk is not None:  # its dump of xattrs may bring this listing's
+                    await walk.xattrs_done.wait()
+                if self._listings_ahead is not None and node.xattrs is None:  # fetched ahead, or on its way
                     await self._listings_ahead.claim(_xattrs_key(siblings))
                 if node.xattrs is None:
                     await self._fetch_sibling_xattrs(node.source, layout, siblings)

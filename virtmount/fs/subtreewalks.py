@@ -34,6 +34,7 @@ class SubtreeWalk:
     start: bytes
     done: trio.Event = field(default_factory=trio.Event)
     listed: set[bytes] = field(default_factory=set)  # directories whose listings it gave
+    xattrs_done: trio.Event = field(default_factory=trio.Event)  # its listings' xattrs are in, or will not come
 
     def covers(self, path: bytes) -> bool:
         """Whether ``path``'s listing comes (or came) from this walk."""

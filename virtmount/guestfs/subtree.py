@@ -19,18 +19,22 @@ each; guests rarely have any outside /dev) and each filesystem's st_blksize
 
 from __future__ import annotations
 
+import itertools
+import logging
 import stat
 from dataclasses import dataclass, field
+from typing import Callable
 
 from .client import GuestfsClient
-from .errors import ProtocolError
+from .errors import GuestfsClientError, ProtocolError
 from .procs import Statns
 
 # find -printf fields: type, inode, device, permission bits (octal), links, uid, gid, size, 512-byte
 # blocks, atime, mtime, ctime; then NUL-terminated the path below the start and the link target.
 FIND_FORMAT = rb"%y %i %D %m %n %U %G %s %b %A@ %T@ %C@\0%P\0%l\0"
-WALK_FILE = b"/.virtmount-subtree"  # below the appliance's sysroot, outside every guest filesystem
 DEFAULT_LIMIT = 16 * 1024 * 1024  # bytes of find output, ~120,000 entries
+
+log = logging.getLogger(__name__)
 
 _TYPES = {b"f": stat.S_IFREG, b"d": stat.S_IFDIR, b"l": stat.S_IFLNK, b"b": stat.S_IFBLK, b"c": stat.S_IFCHR,
           b"p": stat.S_IFIFO, b"s": stat.S_IFSOCK}
@@ -57,16 +61,34 @@ class Subtree:
         return sum(len(entries) for entries in self.listings.values())
 
 
-def _quoted(path: bytes) -> bytes:
+def shell_word(path: bytes) -> bytes:
     """``path`` as one shell word (single quotes; any byte but NUL)."""
     return b"'" + path.replace(b"'", b"'\\''") + b"'"
 
 
-def walk_command(start: bytes, limit: int) -> bytes:
-    """The shell command that writes the walk of ``start`` (a daemon path) to WALK_FILE."""
-    output = b'"$root"' + _quoted(WALK_FILE)
-    return (b'find "$root"' + _quoted(start) + b" -mindepth 1 -printf " + _quoted(FIND_FORMAT)
+def walk_command(start: bytes, limit: int, output: bytes) -> bytes:
+    """The shell command that writes the walk of ``start`` (a daemon path) to ``output`` (a shell word)."""
+    return (b'find "$root"' + shell_word(start) + b" -mindepth 1 -printf " + shell_word(FIND_FORMAT)
             + b" | head -c " + str(limit).encode() + b" > " + output)
+
+
+_output_numbers = itertools.count()
+
+
+async def output_of(client: GuestfsClient, command: Callable[[bytes], bytes], kind: bytes) -> bytes:
+    """Run ``command(output)`` in the appliance, where ``output`` names a file of this run's own below
+    the sysroot (outside every guest filesystem: runs at once must not share one), and bring the file
+    back; it is deleted afterwards."""
+    path = b"/.virtmount-%s-%d" % (kind, next(_output_numbers))
+    output = b'"$root"' + shell_word(path)
+    try:
+        await client.debug_sh(command(output))
+        return await client.download(path)
+    finally:
+        try:
+            await client.debug_sh(b"rm -f " + output)
+        except GuestfsClientError as exc:
+            log.debug("cannot delete %r in the appliance: %s", path, exc)
 
 
 async def list_subtree(client: GuestfsClient, start: bytes, blksizes: dict[int, int],
@@ -74,8 +96,7 @@ async def list_subtree(client: GuestfsClient, start: bytes, blksizes: dict[int, 
     """The listings of every directory below ``start`` (a directory of the daemon's sysroot);
     ``blksizes`` (device -> st_blksize) is filled in as filesystems are met.
     GuestfsError if the daemon cannot run it (e.g. a guest's own daemon without ``debug``)."""
-    await client.debug_sh(walk_command(start, limit))
-    output = await client.download(WALK_FILE)
+    output = await output_of(client, lambda file: walk_command(start, limit, file), b"walk")
     records, complete = parse_walk(output, limit)
     for dev, path in _first_path_per_device(records).items():
         if dev not in blksizes:

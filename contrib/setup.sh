@@ -64,13 +64,11 @@ STAMP=$VENV/.virtmount-installed
 check_imports() {
     "$VENV/bin/python" -c 'import guestfs, libvirt, pyfuse3, trio' 2>/dev/null
 }
-if [[ ! -x $VENV/bin/python ]]; then
+make_venv() {
     step "creating .venv"
     /usr/bin/python3 -m venv --system-site-packages "$VENV" || die "venv creation failed"
-fi
-# Reinstall when pyproject.toml changed since the last install, or when the
-# venv is broken (e.g. after a Python upgrade).
-if [[ ! -e $STAMP || pyproject.toml -nt $STAMP ]] || ! check_imports; then
+}
+pip_install() {
     step "pip install -e '.[test]'"
     # pip is noisy on these machines (warnings about the local indexes):
     # keep its output in a log and point at it only on failure.
@@ -78,7 +76,20 @@ if [[ ! -e $STAMP || pyproject.toml -nt $STAMP ]] || ! check_imports; then
     "$VENV/bin/python" -m pip install -e '.[test]' </dev/null >"$log" 2>&1 \
         || die "pip install failed; see $log"
     rm -f "$log"
-    check_imports || die ".venv cannot import guestfs, libvirt, pyfuse3 and trio"
+}
+[[ -x $VENV/bin/python ]] || make_venv
+# Reinstall when pyproject.toml changed since the last install, or when the
+# venv is broken (e.g. after a Python upgrade). A venv that an interrupted
+# set-up left half made may stay broken after that: it is made again.
+if [[ ! -e $STAMP || pyproject.toml -nt $STAMP ]] || ! check_imports; then
+    pip_install
+    if ! check_imports; then
+        step ".venv still cannot import guestfs, libvirt, pyfuse3 and trio: making it again"
+        rm -rf "$VENV"
+        make_venv
+        pip_install
+        check_imports || die ".venv cannot import guestfs, libvirt, pyfuse3 and trio"
+    fi
     touch "$STAMP"
 fi
 

@@ -50,6 +50,18 @@ _SHUTDOWN_SYNC_TIMEOUT_S = 60.0
 # domain name, until the appliance is up and has noted them (Appliance.overlays). If the connection is lost
 # meanwhile and libvirtd restarted, libvirt forgets them: mount.py deletes them once connected again.
 overlays_being_made: dict[str, list[str]] = {}
+# The throw-away overlays of appliances that this process ended but libvirt did not confirm ending (its
+# connection was down, e.g. libvirtd restarting): such an appliance powers off by itself once its daemon
+# channel closed, and a libvirtd restarted meanwhile no longer knows the overlays. mount.py deletes them
+# once connected again (take_unconfirmed_ends).
+_unconfirmed_ends: dict[str, list[str]] = {}
+
+
+def take_unconfirmed_ends() -> list[tuple[str, list[str]]]:
+    """The appliances (name, throw-away overlays) whose end libvirt did not confirm, forgotten here."""
+    ends = list(_unconfirmed_ends.items())
+    _unconfirmed_ends.clear()
+    return ends
 
 
 @dataclass(frozen=True)
@@ -116,18 +128,22 @@ class Appliance:
                 except GuestfsClientError as exc:
                     log.warning("appliance for %s: final sync failed: %s", self.guest_name, exc)
             await self.client.aclose()
-            if self.owns_domain:
-                await _destroy_quietly(self.domain)
+            if self.owns_domain and not await _destroy_quietly(self.domain) and self.overlays:
+                _unconfirmed_ends[self.domain_name] = self.overlays
             if self.watchdog is not None:
                 self.watchdog.unwatch(await run_blocking(self.domain.name))
 
 
-async def _destroy_quietly(domain: libvirt.virDomain) -> None:
+async def _destroy_quietly(domain: libvirt.virDomain) -> bool:
+    """Destroy an appliance's domain; whether libvirt said it is gone (destroyed, or ended already)."""
     try:
         await run_blocking(domain.destroy)
     except libvirt.libvirtError as exc:
-        if exc.get_error_code() not in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID):
-            log.warning("could not destroy appliance domain: %s", libvirt_message(exc))
+        if exc.get_error_code() in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID):
+            return True
+        log.warning("could not destroy appliance domain: %s", libvirt_message(exc))
+        return False
+    return True
 
 
 def _spec(name: str, guest: GuestDefinition, host: HostAppliance, settings: ApplianceSettings, domain_type: str,

@@ -20,7 +20,7 @@ import libvirt
 import pyfuse3
 import trio
 
-from .appliance import ApplianceSettings, overlays_being_made
+from .appliance import ApplianceSettings, overlays_being_made, take_unconfirmed_ends
 from .config import Config
 from .domainevents import Change, domain_changes
 from .errors import UsageError, VirtmountError
@@ -262,6 +262,7 @@ async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[]
 
                 async def reopened(conn: libvirt.virConnect) -> None:
                     lost_overlays.extend(await _destroy_own_appliances(conn))
+                    lost_overlays.extend(take_unconfirmed_ends())  # ended while the connection was down
                     await _delete_leftover_overlays(conn, lost_overlays)
                     lost_overlays.clear()
                     await end_leftover_backup_jobs(conn, config.appliance.scratch_pool_name, ours_too=True)

@@ -345,9 +345,12 @@ class GuestView:
     async def _walk_subtree(self, source: ServedSource, view: str, layout: GuestLayout, walk: SubtreeWalk,
                             start: Siblings) -> None:
         """List every directory below ``walk.start`` in one walk and keep the listings not kept yet, then,
-        while a walker reads xattrs, their entries' xattrs in one dump; a walk that fails turns walks off
-        for this appliance."""
+        if a walker was reading xattrs when it began, their entries' xattrs in one dump; a walk that fails
+        turns walks off for this appliance."""
         walked: list[Siblings] = []
+        # Only a walk that a reader of xattrs started dumps them: one that began without (find) would make a
+        # reader who came meanwhile (ls -lR after find) wait for the whole dump instead of a directory's call.
+        xattrs_wanted = self._xattrs_in_demand()
         try:
             try:
                 writes = source.writes
@@ -384,7 +387,7 @@ class GuestView:
                          len(walk.listed), subtree.entries, "" if subtree.complete else " (cut)")
             finally:
                 walk.done.set()
-            if self._xattrs_in_demand():
+            if xattrs_wanted:
                 await self._walk_xattrs(source, layout, walk, walked)
         finally:
             walk.xattrs_done.set()

@@ -344,53 +344,58 @@ class GuestView:
 
     async def _walk_subtree(self, source: ServedSource, view: str, layout: GuestLayout, walk: SubtreeWalk,
                             start: Siblings) -> None:
-        """List every directory below ``walk.start`` in one walk and keep the listings not kept yet, then,
-        if a walker was reading xattrs when it began, their entries' xattrs in one dump; a walk that fails
-        turns walks off for this appliance."""
-        walked: list[Siblings] = []
-        # Only a walk that a reader of xattrs started dumps them: one that began without (find) would make a
-        # reader who came meanwhile (ls -lR after find) wait for the whole dump instead of a directory's call.
+        """List every directory below ``walk.start`` in one walk, then, if a walker was reading xattrs when
+        it began, their entries' xattrs in one dump. Only a walk that a reader of xattrs started dumps them:
+        one that began without (find) would make a reader who came meanwhile (ls -lR after find) wait for
+        the whole dump instead of a directory's call."""
         xattrs_wanted = self._xattrs_in_demand()
         try:
             try:
-                writes = source.writes
-                try:
-                    _still_running(layout)
-                    subtree = await list_subtree(layout.client, walk.start, self._walks.blksizes(walk.appliance),
-                                                 SUBTREE_BYTES)
-                except (GuestfsClientError, FsError) as exc:
-                    log.info("%s: cannot list %r as a whole (%s); listing it directory by directory", source.name,
-                             walk.start, exc)
-                    self._walks.turn_off(walk.appliance)
-                    return
-                if source.writes != writes:  # what it listed may have changed meanwhile
-                    log.debug("%s: written to during the walk of %r; its listings are not kept", source.name,
-                              walk.start)
-                    return
-                directories = {child.path: child for _, child in start.members
-                               if child.stat is not None and stat.S_ISDIR(child.stat.st_mode)}
-                for path, entries in subtree.listings.items():
-                    node = directories.pop(path, None)
-                    if node is None:
-                        continue  # the start itself (listed already), or below a directory not listed
-                    key = (node.inode, layout.generation)
-                    siblings = self._listings.get(key)
-                    if siblings is None:
-                        siblings = self._siblings_of(source, view, layout, path,
-                                                     [(e.name, e.st, e.link_target) for e in entries])
-                        self._listings.put(key, siblings)
-                    walk.listed.add(path)
-                    walked.append(siblings)
-                    directories.update((child.path, child) for _, child in siblings.members
-                                       if child.stat is not None and stat.S_ISDIR(child.stat.st_mode))
-                log.info("%s: listed %r as a whole: %d directories, %d entries%s", source.name, walk.start,
-                         len(walk.listed), subtree.entries, "" if subtree.complete else " (cut)")
+                walked = await self._keep_walk_listings(source, view, layout, walk, start)
             finally:
                 walk.done.set()
-            if xattrs_wanted:
+            if walked is not None and xattrs_wanted:
                 await self._walk_xattrs(source, layout, walk, walked)
         finally:
             walk.xattrs_done.set()
+
+    async def _keep_walk_listings(self, source: ServedSource, view: str, layout: GuestLayout, walk: SubtreeWalk,
+                                  start: Siblings) -> list[Siblings] | None:
+        """The listings of a walk, kept where none was kept yet; None if the walk failed (walks are then
+        turned off for this appliance) or the source was written to meanwhile."""
+        writes = source.writes
+        try:
+            _still_running(layout)
+            subtree = await list_subtree(layout.client, walk.start, self._walks.blksizes(walk.appliance),
+                                         SUBTREE_BYTES)
+        except (GuestfsClientError, FsError) as exc:
+            log.info("%s: cannot list %r as a whole (%s); listing it directory by directory", source.name,
+                     walk.start, exc)
+            self._walks.turn_off(walk.appliance)
+            return None
+        if source.writes != writes:  # what it listed may have changed meanwhile
+            log.debug("%s: written to during the walk of %r; its listings are not kept", source.name, walk.start)
+            return None
+        walked: list[Siblings] = []
+        directories = {child.path: child for _, child in start.members
+                       if child.stat is not None and stat.S_ISDIR(child.stat.st_mode)}
+        for path, entries in subtree.listings.items():
+            node = directories.pop(path, None)
+            if node is None:
+                continue  # the start itself (listed already), or below a directory not listed
+            key = (node.inode, layout.generation)
+            siblings = self._listings.get(key)
+            if siblings is None:
+                siblings = self._siblings_of(source, view, layout, path,
+                                             [(e.name, e.st, e.link_target) for e in entries])
+                self._listings.put(key, siblings)
+            walk.listed.add(path)
+            walked.append(siblings)
+            directories.update((child.path, child) for _, child in siblings.members
+                               if child.stat is not None and stat.S_ISDIR(child.stat.st_mode))
+        log.info("%s: listed %r as a whole: %d directories, %d entries%s", source.name, walk.start,
+                 len(walk.listed), subtree.entries, "" if subtree.complete else " (cut)")
+        return walked
 
     async def _walk_xattrs(self, source: ServedSource, layout: GuestLayout, walk: SubtreeWalk,
                            walked: list[Siblings]) -> None:

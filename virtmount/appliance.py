@@ -24,7 +24,17 @@ from .devicenames import COLD_BOOTED, RESTORED
 from .failures import ErrnoError, errno_of
 from .guestfs.client import GuestfsClient
 from .guestfs.errors import ConnectionLost, GuestfsClientError, GuestfsError, GuestfsTimeout
-from .faststart import SLOTS, WARM_UP, FastStartUnavailable, SavedAppliance, SlotInUse, overlay_volume_xml, restore_xml
+from .faststart import (
+    SLOTS,
+    WARM_UP,
+    FastStartUnavailable,
+    SavedAppliance,
+    SlotInUse,
+    overlay_volume_xml,
+    parse_taken_disks,
+    restore_xml,
+    take_disks_command,
+)
 from .inspection_cache import disks_identity
 from .sources import Attach, Source
 from .virt.connection import domain_exists, libvirt_message, run_blocking, uses_embedded_driver
@@ -504,8 +514,8 @@ async def _end_half_plugged(conn: libvirt.virConnect, appliance: Appliance) -> N
 
 
 async def _plug_in_guest_disks(appliance: Appliance, definition: GuestDefinition, settings: ApplianceSettings) -> None:
-    """Attach the guest's disks behind the root (sdb, sdc, … as in a cold boot), wait until the
-    appliance sees them all, and activate their LVM volumes as the appliance's init does at boot."""
+    """Attach the guest's disks behind the root (sdb, sdc, … as in a cold boot), set the appliance's
+    clock, wait until it sees the disks and activate their LVM volumes as its init does at boot."""
     disks = [appliance_disk(disk, index + 1, settings.writable) for index, disk in enumerate(definition.disks)]
     overlays_being_made[appliance.domain_name] = disk_overlays(appliance.domain_name, disks)
     try:
@@ -514,14 +524,19 @@ async def _plug_in_guest_disks(appliance: Appliance, definition: GuestDefinition
             await run_blocking(appliance.domain.attachDeviceFlags, xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
     finally:
         appliance.overlays = overlays_being_made.pop(appliance.domain_name)
+    what = f"appliance for {definition.name} (restored)"
     if not definition.disks:
+        await _set_clock(appliance.client, what)
         return
-    with trio.move_on_after(_DEVICES_PLUGGED_TIMEOUT_S):
-        while len(await appliance.client.list_devices()) < len(definition.disks):
-            await trio.sleep(0.2)
-        await appliance.client.lvm_scan(True)
-        return
-    raise FastStartUnavailable(f"the appliance did not see the guest's disks within {_DEVICES_PLUGGED_TIMEOUT_S:.0f} s")
+    command = take_disks_command(len(disks), time.time(), _DEVICES_PLUGGED_TIMEOUT_S)
+    taken = parse_taken_disks(await appliance.client.debug_sh(command, timeout=_DEVICES_PLUGGED_TIMEOUT_S + 60))
+    if not taken.clock_set:
+        log.warning("%s: could not set its clock; files it writes get times in the past", what)
+    if taken.disks_seen < len(disks):
+        raise FastStartUnavailable(f"the appliance saw {max(taken.disks_seen, 0)} of the guest's {len(disks)} disk(s) "
+                                   f"within {_DEVICES_PLUGGED_TIMEOUT_S:.0f} s")
+    if taken.lvm_error is not None:
+        raise FastStartUnavailable(f"cannot activate the guest's LVM volumes: {taken.lvm_error}")
 
 
 class _SilentConsole(Exception):
@@ -623,7 +638,6 @@ async def _attach_and_resume(
         await run_blocking(domain.resume)
         if restored:
             await client.ping_daemon(timeout=min(settings.boot_timeout, _RESTORED_ANSWER_TIMEOUT_S))
-            await _set_clock(client, what)
         else:
             if first_output_window is not None:
                 log.info("%s: waiting up to %.0f s for its first console output", what, first_output_window)

@@ -15,9 +15,12 @@ content are not filesystems and are not shown.
 from __future__ import annotations
 
 import logging
+import re
+import stat
 from dataclasses import dataclass, field
 
-from .devicenames import COLD_BOOTED, DiskNaming
+from . import fstab_layout
+from .devicenames import COLD_BOOTED, RESTORED, DiskNaming
 from .guestfs.client import GuestfsClient
 from .guestfs.errors import GuestfsError
 from .inspection_cache import FstabFingerprint, RememberedLayout
@@ -124,6 +127,11 @@ async def lay_out_os(
             log.info("%s: disks unchanged since their last inspection; mounted as remembered", guest_name)
             return layout
         log.info("%s: the disks changed since the last inspection; inspecting again", guest_name)
+    if naming == RESTORED and not writable:
+        layout = await _lay_out_from_fstab(client, guest_name, generation, naming)
+        if layout is not None:
+            log.info("%s: laid out as its own /etc/fstab says", guest_name)
+            return layout
     try:
         roots = await client.inspect_os()
     except GuestfsError as exc:
@@ -173,6 +181,67 @@ async def _lay_out_remembered(
     layout.os_mountpoints[layout.view_name(root_device)] = "/"
     await _mount_below_root(client, guest_name, layout, mountpoints)
     return layout
+
+
+async def _lay_out_from_fstab(
+    client: GuestfsClient, guest_name: str, generation: int, naming: DiskNaming
+) -> GuestLayout | None:
+    """The OS view as the guest's own /etc/fstab says, where that is sure to be what inspect_os would
+    find (fstab_layout.py); else None, with nothing left mounted. Only for a restored appliance, whose
+    kernel names the guest's disks as its daemon does (sdb, sdc, … behind its own root, sda); only
+    read-only: the root candidates are mounted to be looked at."""
+    try:
+        devices = fstab_layout.parse_blkid(await client.debug_sh(fstab_layout.LIST_COMMAND), "/dev/sda")
+    except GuestfsError as exc:
+        log.info("%s: cannot list the filesystems with blkid (%s)", guest_name, exc)
+        return None
+    found = fstab_layout.filesystems(devices) if devices is not None else None
+    if not found:
+        return None
+    partitions = (re.fullmatch(r"(/dev/sd[a-z]+)\d*", device.name) for device in devices or [])
+    disks = {match.group(1) for match in partitions if match is not None}
+    first_disk = next(iter(disks)) if len(disks) == 1 else None
+    await client.mkmountpoint(OS_VIEW)
+    for candidate in fstab_layout.root_candidates(found):
+        layout = GuestLayout(client=client, has_os=True, generation=generation, naming=naming)
+        try:
+            await _mount_read_only(client, candidate.name, candidate.fstype, OS_VIEW)
+        except GuestfsError:
+            continue
+        planned = await _fstab_mountpoints(client, found, candidate, first_disk)
+        if planned is None:
+            await client.umount(OS_VIEW)
+            continue
+        layout.fs_by_dev[(await client.lstatns(OS_VIEW)).st_dev] = layout.view_name(candidate.name)
+        layout.os_mountpoints[layout.view_name(candidate.name)] = "/"
+        fstab = await _fstab_fingerprint(client)
+        await _mount_below_root(client, guest_name, layout, planned)
+        if fstab is not None:
+            in_guest_order = {mountpoint: naming.to_guest(device) for mountpoint, device in planned.items()}
+            layout.remembered = RememberedLayout(mountpoints=in_guest_order, fstab=fstab)
+        return layout
+    await client.rmmountpoint(OS_VIEW)
+    return None
+
+
+_FSTAB_MAX_BYTES = 1 << 20
+
+
+async def _fstab_mountpoints(
+    client: GuestfsClient, found: list[fstab_layout.BlockDevice], root: fstab_layout.BlockDevice,
+    first_disk: str | None,
+) -> dict[str, str] | None:
+    """The mountpoints the fstab of the filesystem mounted at the OS view gives, if it is the root
+    (fstab_layout.mountpoints); None if it has no fstab (a regular file) or is not the root."""
+    path = OS_VIEW + b"/etc/fstab"
+    try:
+        st = await client.lstatns(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > _FSTAB_MAX_BYTES:
+            return None
+        text = (await client.download(path)).decode("utf-8", "surrogateescape")
+    except GuestfsError:
+        return None
+    return fstab_layout.mountpoints(fstab_layout.parse_fstab(text), found, root, first_disk)
 
 
 async def _mount_below_root(

@@ -775,6 +775,37 @@ class Bench:
             _, problems = unmount(mnt, fuse_pid(mnt), tool.appliance_pid)
             result.notes += [f"second unmount: {p}" for p in problems]
 
+    def prepare_fast_start(self, tool: Tool) -> str:
+        """Mount virtmount once, untimed, with the column's settings but a layout cache of its own, so
+        that the saved appliance for the current libguestfs appliance build exists before the timed
+        mounts: it is made once per host, build and settings, and guestmount's run before may have had
+        supermin rebuild the appliance (a new build). The timed never-seen guest stays never seen."""
+        mnt = self.workdir / "mnt-prepare"
+        mnt.mkdir()
+        prepared = replace(tool, layouts=self.workdir / "layouts-prepare")
+        argv, env = prepared.mount_argv(mnt)
+        before = set(saved_appliances(SYSTEM_URI))
+        self.mounted.append((mnt, prepared))
+        started = time.monotonic()
+        proc = run_cmd(argv, env=env, capture_output=True, text=True, timeout=MOUNT_TIMEOUT_S)
+        if proc.returncode != 0:
+            self.mounted.remove((mnt, prepared))
+            mnt.rmdir()
+            return f"preparing the fast start failed ({proc.returncode}): {proc.stderr.strip()[-300:]}"
+        try:
+            os.listdir(prepared.root(mnt))
+        except OSError as exc:
+            return f"preparing the fast start: listing failed: {exc}"
+        finally:
+            seconds = time.monotonic() - started
+            unmount(mnt, fuse_pid(mnt), prepared.appliance_pid)
+            self.mounted.remove((mnt, prepared))
+            with _ignore_errors():
+                mnt.rmdir()
+        made = sorted(set(saved_appliances(SYSTEM_URI)) - before)
+        what = f"made {', '.join(made)}" if made else "the saved appliance was there already"
+        return f"fast start prepared before the timed virtmount column (untimed mount, {seconds:.1f} s): {what}"
+
     def _rsync_onto_copy(self, tool: Tool, mnt: Path, result: Result, calls: int | None) -> None:
         """rsync -aHAXS of the freshly mounted guest onto its complete copy: only metadata to compare."""
         self.drop()
@@ -1246,6 +1277,9 @@ def main(argv: list[str]) -> int:
                 extra.append(f"proxy: 127.0.0.1:{proxy.port} → 127.0.0.1:{LIBVIRTD_TCP_PORT}, "
                              f"{args.tcp_delay_ms:g} ms each way; libvirt RPC round trip "
                              f"{direct:.2f} ms direct over TCP, {delayed:.2f} ms through the proxy")
+                say(extra[-1])
+            if tool.key == "virtmount":
+                extra.append(bench.prepare_fast_start(tool))
                 say(extra[-1])
             results[tool.key] = bench.run(tool)
             if tool.key == "proxy" and proxy is not None:

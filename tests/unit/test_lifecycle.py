@@ -282,7 +282,28 @@ class FakeAppliance:
 
 
 class RestoredDaemon(FakeDaemon):
-    """A restored appliance: its own root is sda, so the guest's first disk is sdb."""
+    """A restored appliance: its own root is sda, so the guest's first disk is sdb. ``blkid``: whether
+    its shell lists the filesystems (else the layout comes from inspect_os)."""
+
+    def __init__(self, *, roots: list[str], blkid: bool = False) -> None:
+        super().__init__(roots=roots)
+        self.blkid = blkid
+
+    async def debug_sh(self, command: bytes) -> bytes:
+        self.calls.append(("debug_sh", (command,)))
+        if not self.blkid:
+            raise GuestfsError(None, "", "debug commands are disabled", "debug")
+        listed = [("/dev/sda", "ext2", "appliance"), ("/dev/sdb1", "ext4", "b00t"), ("/dev/sdb2", "swap", "5wap"),
+                  ("/dev/sdb3", "LVM2_member", "1vm"), ("/dev/mapper/vg0-root", "ext4", "r00t"),
+                  ("/dev/mapper/vg0-data", "xfs", "da7a")]
+        return "".join(f"DEVNAME={name}\nUUID={uuid}\nTYPE={fstype}\n\n"
+                       for name, fstype, uuid in listed).encode() + b"virtmount-blkid-status 0\n"
+
+    async def download(self, path: bytes) -> bytes:
+        self.calls.append(("download", (path,)))
+        assert path == b"/fs/etc/fstab" and self.mounted.get(b"/fs") == "/dev/vg0/root"
+        return b"UUID=r00t / ext4 defaults 0 1\nUUID=b00t /boot ext4 defaults 0 2\n" \
+               b"/dev/mapper/vg0-data /srv/data xfs defaults 0 2\nUUID=5wap none swap sw 0 0\n"
 
     async def inspect_get_mountpoints(self, root: str) -> dict[str, str]:
         return {**MOUNTPOINTS, "/boot": "/dev/sdb1"}
@@ -304,6 +325,16 @@ async def test_layouts_are_remembered_in_the_guest_disk_order_whichever_way_the_
     cold = FakeDaemon(roots=["/dev/vg0/root"])
     await lay_out_os(cast(GuestfsClient, cold), "guest", 3, layout.remembered)
     assert "inspect_os" not in cold.names() and cold.mounted[b"/fs/boot"] == "/dev/sda1"
+
+
+async def test_a_restored_appliance_lays_a_plain_linux_guest_out_from_its_fstab_as_inspection_would() -> None:
+    inspected = await lay_out_os(cast(GuestfsClient, RestoredDaemon(roots=["/dev/vg0/root"])), "guest", 1,
+                                 naming=RESTORED)
+    daemon = RestoredDaemon(roots=["/dev/vg0/root"], blkid=True)
+    layout = await lay_out_os(cast(GuestfsClient, daemon), "guest", 1, naming=RESTORED)
+    assert "inspect_os" not in daemon.names()
+    assert layout.remembered == inspected.remembered and layout.fs_by_dev == inspected.fs_by_dev
+    assert daemon.mounted == {b"/fs": "/dev/vg0/root", b"/fs/boot": "/dev/sdb1", b"/fs/srv/data": "/dev/vg0/data"}
 
 
 async def test_the_appliance_stores_and_forgets_remembered_layouts(tmp_path: Path) -> None:

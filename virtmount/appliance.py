@@ -47,7 +47,7 @@ from .virt.domainxml import (
     appliance_disk,
     build_appliance_xml,
 )
-from .virt.overlays import delete_leftover_overlays, disk_overlays, transient_overlays
+from .virt.overlays import delete_leftover_overlays_logged, disk_overlays, transient_overlays
 from .virt.provision import HostAppliance, delete_volume
 from .virt.stream import LibvirtByteStream
 from .watchdog import Watchdog
@@ -504,13 +504,7 @@ async def _end_half_plugged(conn: libvirt.virConnect, appliance: Appliance) -> N
     and before the disk joined the definition (the destroy waits for the attach, so whatever it made is
     there by then)."""
     await appliance.shutdown()
-    try:
-        deleted = await run_blocking(delete_leftover_overlays, conn, appliance.domain_name, appliance.overlays)
-    except libvirt.libvirtError as exc:
-        log.warning("%s: cannot look for overlays left by its disks: %s", appliance.domain_name, libvirt_message(exc))
-        return
-    for path in deleted:
-        log.info("%s: deleted the overlay %s that an interrupted hot-plug left", appliance.domain_name, path)
+    await delete_leftover_overlays_logged(conn, appliance.domain_name, appliance.overlays, "an interrupted hot-plug")
 
 
 async def _plug_in_guest_disks(appliance: Appliance, definition: GuestDefinition, settings: ApplianceSettings) -> None:

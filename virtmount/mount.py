@@ -38,7 +38,7 @@ from .watchdog import WatchdogSource
 from .virt.connection import close_connection, libvirt_message, open_connection, run_blocking, uses_embedded_driver
 from .virt.domainxml import APPLIANCE_NAME_PREFIX, appliance_client, appliance_owner
 from .virt.link import LibvirtDown, LibvirtLink
-from .virt.overlays import delete_leftover_overlays, transient_overlays
+from .virt.overlays import delete_leftover_overlays_logged, transient_overlays
 
 log = logging.getLogger(__name__)
 
@@ -136,16 +136,6 @@ async def _shut_down_idle_appliances(tree: ConnectionTree, idle_seconds: float) 
             if source.appliance.running and source.appliance.idle_for() >= idle_seconds:
                 log.info("%s: idle for %.0f s", source.name, idle_seconds)
                 await source.appliance.release("idle")
-
-
-async def _delete_leftover_overlays(conn: libvirt.virConnect, appliances: list[tuple[str, list[str]]]) -> None:
-    """The throw-away overlays of the appliances of the lost connection, if libvirt forgot them (virt/overlays.py)."""
-    for name, paths in appliances:
-        try:
-            for path in await run_blocking(delete_leftover_overlays, conn, name, paths):
-                log.info("deleted %s, left behind by libvirt after a restart", path)
-        except libvirt.libvirtError as exc:
-            log.warning("cannot look for the overlays of %s: %s", name, libvirt_message(exc))
 
 
 def _mountinfo_path(path: str) -> str:
@@ -263,7 +253,8 @@ async def serve(uri: str, mountpoint: str, config: Config, on_ready: Callable[[]
                 async def reopened(conn: libvirt.virConnect) -> None:
                     lost_overlays.extend(await _destroy_own_appliances(conn))
                     lost_overlays.extend(take_unconfirmed_ends())  # ended while the connection was down
-                    await _delete_leftover_overlays(conn, lost_overlays)
+                    for name, paths in lost_overlays:
+                        await delete_leftover_overlays_logged(conn, name, paths, "libvirt after a restart")
                     lost_overlays.clear()
                     await end_leftover_backup_jobs(conn, config.appliance.scratch_pool_name, ours_too=True)
 

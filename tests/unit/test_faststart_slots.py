@@ -15,6 +15,7 @@ from tests.unit.test_faststart import HOST, saved_domain_xml
 from virtmount import appliance
 from virtmount.appliance import ApplianceSettings
 from virtmount.faststart import SLOTS, FastStartUnavailable, SavedAppliance
+from virtmount.virt import overlays
 from virtmount.virt.domainxml import GuestDefinition
 
 
@@ -168,7 +169,7 @@ async def test_overlays_of_an_interrupted_hot_plug_are_deleted_once_the_applianc
 
     monkeypatch.setattr(appliance, "_attach_and_resume", restored)
     monkeypatch.setattr(appliance, "_plug_in_guest_disks", plug)
-    monkeypatch.setattr(appliance, "delete_leftover_overlays", delete)
+    monkeypatch.setattr(overlays, "delete_leftover_overlays", delete)
     if failure == "libvirt refused":
         assert "cannot plug the guest's disks in: monitor closed" in str(await fast_boot(conn))
     else:

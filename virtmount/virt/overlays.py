@@ -18,7 +18,7 @@ import xml.etree.ElementTree as ET
 
 import libvirt
 
-from .connection import domain_exists, libvirt_message, pool_directory
+from .connection import domain_exists, libvirt_message, pool_directory, run_blocking
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,19 @@ def delete_leftover_overlays(conn: libvirt.virConnect, domain_name: str, paths: 
         except libvirt.libvirtError as exc:
             log.warning("cannot delete the leftover overlay %s: %s", path, libvirt_message(exc))
     return deleted
+
+
+async def delete_leftover_overlays_logged(conn: libvirt.virConnect, domain_name: str, paths: list[str],
+                                         left_by: str) -> None:
+    """delete_leftover_overlays in a thread, each deletion logged as left by ``left_by``; a libvirt
+    error is logged, not raised (the overlays stay for ``virtmount gc``)."""
+    try:
+        deleted = await run_blocking(delete_leftover_overlays, conn, domain_name, paths)
+    except libvirt.libvirtError as exc:
+        log.warning("%s: cannot look for its leftover overlays: %s", domain_name, libvirt_message(exc))
+        return
+    for path in deleted:
+        log.info("%s: deleted the overlay %s, left behind by %s", domain_name, path, left_by)
 
 
 def _delete_file(conn: libvirt.virConnect, path: str) -> bool:

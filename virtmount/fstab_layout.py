@@ -19,12 +19,17 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 # Filesystems this path handles; any other content on the disks means inspect_os.
 ROOT_TYPES = ("ext4", "xfs", "ext3", "ext2")
 _FILESYSTEM_TYPES = {*ROOT_TYPES, "vfat"}
 _NOT_FILESYSTEMS = {"swap", "LVM2_member"}
 _MAX_ROOT_TRIES = 3
+
+# The /dev/disk links naming a filesystem by a field blkid reports (see _BY_FIELD).
+_BY_LINK = {"/dev/disk/by-uuid/": "UUID", "/dev/disk/by-label/": "LABEL", "/dev/disk/by-partuuid/": "PARTUUID",
+            "/dev/disk/by-partlabel/": "PARTLABEL"}
 
 # One shell run: every block device's blkid fields (appliance root included; the caller drops it).
 LIST_COMMAND = b"blkid -c /dev/null -o export; echo virtmount-blkid-status $?"
@@ -40,6 +45,13 @@ class BlockDevice:
     label: str = ""
     partuuid: str = ""
     partlabel: str = ""
+
+
+# fstab's ways of naming a filesystem by a field blkid reports.
+_BY_FIELD: dict[str, Callable[[BlockDevice], str]] = {
+    "UUID": lambda device: device.uuid, "LABEL": lambda device: device.label,
+    "PARTUUID": lambda device: device.partuuid, "PARTLABEL": lambda device: device.partlabel,
+}
 
 
 @dataclass(frozen=True)
@@ -103,6 +115,12 @@ def filesystems(devices: list[BlockDevice]) -> list[BlockDevice] | None:
     return found
 
 
+def only_disk(devices: list[BlockDevice]) -> str | None:
+    """The guest's disk (/dev/sdb) when it has exactly one, else None."""
+    disks = {match.group(1) for device in devices if (match := re.fullmatch(r"(/dev/sd[a-z]+)\d*", device.name))}
+    return next(iter(disks)) if len(disks) == 1 else None
+
+
 def root_candidates(found: list[BlockDevice]) -> list[BlockDevice]:
     """The filesystems that may be the root, likeliest first (a name or label saying root), at most
     a few: a guest whose root is not among them is inspected."""
@@ -134,21 +152,15 @@ def resolve(spec: str, found: list[BlockDevice], first_disk: str | None) -> Bloc
     """The filesystem an fstab device field names, or None. Kernel names (/dev/vda1, /dev/sda1)
     are resolved only where ``first_disk`` (the appliance's name of the guest's only disk) is given:
     with several disks their order depends on the buses."""
-    by_key = {
-        "UUID": lambda device: device.uuid, "LABEL": lambda device: device.label,
-        "PARTUUID": lambda device: device.partuuid, "PARTLABEL": lambda device: device.partlabel,
-    }
-    links = {"/dev/disk/by-uuid/": "UUID", "/dev/disk/by-label/": "LABEL", "/dev/disk/by-partuuid/": "PARTUUID",
-             "/dev/disk/by-partlabel/": "PARTLABEL"}
     key, value = None, ""
-    if "=" in spec and spec.split("=", 1)[0] in by_key:
+    if "=" in spec and spec.split("=", 1)[0] in _BY_FIELD:
         key, value = spec.split("=", 1)
         value = value.strip('"')
-    for prefix, link_key in links.items():
+    for prefix, link_key in _BY_LINK.items():
         if spec.startswith(prefix):
             key, value = link_key, spec.removeprefix(prefix)
     if key is not None:
-        get = by_key[key]
+        get = _BY_FIELD[key]
         matches = [device for device in found if value and get(device).lower() == value.lower()]
         return matches[0] if len(matches) == 1 else None
     if spec.startswith("/dev/mapper/"):
@@ -173,8 +185,7 @@ def mountpoints(entries: list[FstabEntry], found: list[BlockDevice], root: Block
     for entry in entries:
         if not entry.mountpoint.startswith("/") or entry.fstype in ("swap", "none"):
             continue
-        if not (entry.spec.startswith("/dev/") or entry.spec.split("=", 1)[0] in ("UUID", "LABEL", "PARTUUID",
-                                                                                  "PARTLABEL")):
+        if not (entry.spec.startswith("/dev/") or entry.spec.split("=", 1)[0] in _BY_FIELD):
             continue
         device = resolve(entry.spec, found, first_disk)
         if device is None:

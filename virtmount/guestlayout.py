@@ -15,7 +15,6 @@ content are not filesystems and are not shown.
 from __future__ import annotations
 
 import logging
-import re
 import stat
 from dataclasses import dataclass, field
 
@@ -23,6 +22,7 @@ from . import fstab_layout
 from .devicenames import COLD_BOOTED, RESTORED, DiskNaming
 from .guestfs.client import GuestfsClient
 from .guestfs.errors import GuestfsError
+from .guestfs.procs import Statns
 from .inspection_cache import FstabFingerprint, RememberedLayout
 
 log = logging.getLogger(__name__)
@@ -150,11 +150,22 @@ async def lay_out_os(
         layout.has_os = False
         return layout
     await _mount_below_root(client, guest_name, layout, mountpoints)
-    fstab = await _fstab_fingerprint(client)
-    if fstab is not None:
-        in_guest_order = {mountpoint: naming.to_guest(device) for mountpoint, device in mountpoints.items()}
-        layout.remembered = RememberedLayout(mountpoints=in_guest_order, fstab=fstab)
+    _remember(layout, mountpoints, await _fstab_fingerprint(client))
     return layout
+
+
+def _remember(layout: GuestLayout, mountpoints: dict[str, str], fstab: FstabFingerprint | None) -> None:
+    """What the next boot may reuse of a layout found now: its mountpoints in the guest's disk order;
+    nothing for an OS without /etc/fstab."""
+    if fstab is not None:
+        in_guest_order = {mountpoint: layout.naming.to_guest(device) for mountpoint, device in mountpoints.items()}
+        layout.remembered = RememberedLayout(mountpoints=in_guest_order, fstab=fstab)
+
+
+async def _note_root(layout: GuestLayout, device: str) -> None:
+    """Record ``device``, mounted at the OS view, as the OS's root filesystem."""
+    layout.fs_by_dev[(await layout.client.lstatns(OS_VIEW)).st_dev] = layout.view_name(device)
+    layout.os_mountpoints[layout.view_name(device)] = "/"
 
 
 async def _lay_out_remembered(
@@ -177,8 +188,7 @@ async def _lay_out_remembered(
         await client.umount(OS_VIEW)
         await client.rmmountpoint(OS_VIEW)
         return None
-    layout.fs_by_dev[(await client.lstatns(OS_VIEW)).st_dev] = layout.view_name(root_device)
-    layout.os_mountpoints[layout.view_name(root_device)] = "/"
+    await _note_root(layout, root_device)
     await _mount_below_root(client, guest_name, layout, mountpoints)
     return layout
 
@@ -195,30 +205,27 @@ async def _lay_out_from_fstab(
     except GuestfsError as exc:
         log.info("%s: cannot list the filesystems with blkid (%s)", guest_name, exc)
         return None
-    found = fstab_layout.filesystems(devices) if devices is not None else None
+    if devices is None:
+        return None
+    found = fstab_layout.filesystems(devices)
     if not found:
         return None
-    partitions = (re.fullmatch(r"(/dev/sd[a-z]+)\d*", device.name) for device in devices or [])
-    disks = {match.group(1) for match in partitions if match is not None}
-    first_disk = next(iter(disks)) if len(disks) == 1 else None
+    first_disk = fstab_layout.only_disk(devices)
     await client.mkmountpoint(OS_VIEW)
     for candidate in fstab_layout.root_candidates(found):
-        layout = GuestLayout(client=client, has_os=True, generation=generation, naming=naming)
         try:
             await _mount_read_only(client, candidate.name, candidate.fstype, OS_VIEW)
         except GuestfsError:
             continue
-        planned = await _fstab_mountpoints(client, found, candidate, first_disk)
-        if planned is None:
+        fstab = await _fstab_stat(client)
+        planned = await _fstab_mountpoints(client, fstab, found, candidate, first_disk) if fstab else None
+        if fstab is None or planned is None:
             await client.umount(OS_VIEW)
             continue
-        layout.fs_by_dev[(await client.lstatns(OS_VIEW)).st_dev] = layout.view_name(candidate.name)
-        layout.os_mountpoints[layout.view_name(candidate.name)] = "/"
-        fstab = await _fstab_fingerprint(client)
+        layout = GuestLayout(client=client, has_os=True, generation=generation, naming=naming)
+        await _note_root(layout, candidate.name)
         await _mount_below_root(client, guest_name, layout, planned)
-        if fstab is not None:
-            in_guest_order = {mountpoint: naming.to_guest(device) for mountpoint, device in planned.items()}
-            layout.remembered = RememberedLayout(mountpoints=in_guest_order, fstab=fstab)
+        _remember(layout, planned, _fingerprint(fstab))
         return layout
     await client.rmmountpoint(OS_VIEW)
     return None
@@ -228,17 +235,16 @@ _FSTAB_MAX_BYTES = 1 << 20
 
 
 async def _fstab_mountpoints(
-    client: GuestfsClient, found: list[fstab_layout.BlockDevice], root: fstab_layout.BlockDevice,
+    client: GuestfsClient, fstab: Statns, found: list[fstab_layout.BlockDevice], root: fstab_layout.BlockDevice,
     first_disk: str | None,
 ) -> dict[str, str] | None:
-    """The mountpoints the fstab of the filesystem mounted at the OS view gives, if it is the root
-    (fstab_layout.mountpoints); None if it has no fstab (a regular file) or is not the root."""
-    path = OS_VIEW + b"/etc/fstab"
+    """The mountpoints that the fstab (``fstab``: its lstat) of the filesystem mounted at the OS view
+    gives, if that is the root (fstab_layout.mountpoints); None if it is not a regular file or not
+    the root's."""
+    if not stat.S_ISREG(fstab.st_mode) or fstab.st_size > _FSTAB_MAX_BYTES:
+        return None
     try:
-        st = await client.lstatns(path)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > _FSTAB_MAX_BYTES:
-            return None
-        text = (await client.download(path)).decode("utf-8", "surrogateescape")
+        text = (await client.download(OS_VIEW + b"/etc/fstab")).decode("utf-8", "surrogateescape")
     except GuestfsError:
         return None
     return fstab_layout.mountpoints(fstab_layout.parse_fstab(text), found, root, first_disk)
@@ -267,18 +273,27 @@ async def _mount_in_os_view(
     return True
 
 
-async def _fstab_fingerprint(client: GuestfsClient) -> FstabFingerprint | None:
-    """The identity of the mounted OS's /etc/fstab, or None if it has none."""
+async def _fstab_stat(client: GuestfsClient) -> Statns | None:
+    """The lstat of the mounted OS's /etc/fstab, or None if it has none."""
     try:
-        st = await client.lstatns(OS_VIEW + b"/etc/fstab")
+        return await client.lstatns(OS_VIEW + b"/etc/fstab")
     except GuestfsError:
         return None
+
+
+def _fingerprint(fstab: Statns) -> FstabFingerprint:
     return FstabFingerprint(
-        inode=st.st_ino,
-        size=st.st_size,
-        mtime_ns=st.st_mtime_sec * 1_000_000_000 + st.st_mtime_nsec,
-        ctime_ns=st.st_ctime_sec * 1_000_000_000 + st.st_ctime_nsec,
+        inode=fstab.st_ino,
+        size=fstab.st_size,
+        mtime_ns=fstab.st_mtime_sec * 1_000_000_000 + fstab.st_mtime_nsec,
+        ctime_ns=fstab.st_ctime_sec * 1_000_000_000 + fstab.st_ctime_nsec,
     )
+
+
+async def _fstab_fingerprint(client: GuestfsClient) -> FstabFingerprint | None:
+    """The identity of the mounted OS's /etc/fstab, or None if it has none."""
+    fstab = await _fstab_stat(client)
+    return None if fstab is None else _fingerprint(fstab)
 
 
 async def mount_devices(layout: GuestLayout, guest_name: str) -> None:

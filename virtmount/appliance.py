@@ -201,9 +201,9 @@ async def boot_appliance(
     disks_key = disks_identity(uri, source.identity, [ET.tostring(disk, encoding="unicode") for disk in source.disks])
     plan = await plan_accelerators(conn, settings.accelerator, settings.emulator)
     # A guest's own security labels apply to the whole appliance domain, which a restore cannot change.
-    # Many disks boot cold: a restored appliance takes them one hot-plug (a libvirt call and a SCSI scan
-    # in the appliance) at a time, a cold boot all at once.
-    if watchdog is not None and not definition.seclabels and len(definition.disks) <= FAST_START_MAX_DISKS:
+    # Many disks are restored too: 100 disks plugged into a restored appliance were ready in 38 s here,
+    # a cold boot with them took 85 s.
+    if watchdog is not None and not definition.seclabels:
         try:
             appliance = await _fast_boot(conn, definition, host_appliance, settings, plan, nursery, watchdog)
         except FastStartUnavailable as exc:
@@ -282,8 +282,9 @@ _saved_appliances_busy: set[tuple[str, int]] = set()
 # Saves that failed, by state path: (when, why); not tried again for SAVE_RETRY_S.
 _failed_saves: dict[str, tuple[float, str]] = {}
 SAVE_RETRY_S = 600.0
+# The wait for plugged-in disks to show: udev took 0.3 s a disk here for 100 disks.
 _DEVICES_PLUGGED_TIMEOUT_S = 60.0
-FAST_START_MAX_DISKS = 16
+_DEVICES_PLUGGED_TIMEOUT_PER_DISK_S = 1.0
 _RESTORED_ANSWER_TIMEOUT_S = 60.0  # a restored daemon answers within a second; a cold boot may take minutes
 
 
@@ -522,13 +523,14 @@ async def _plug_in_guest_disks(appliance: Appliance, definition: GuestDefinition
     if not definition.disks:
         await _set_clock(appliance.client, what)
         return
-    command = take_disks_command(len(disks), time.time(), _DEVICES_PLUGGED_TIMEOUT_S)
-    taken = parse_taken_disks(await appliance.client.debug_sh(command, timeout=_DEVICES_PLUGGED_TIMEOUT_S + 60))
+    wait = _DEVICES_PLUGGED_TIMEOUT_S + _DEVICES_PLUGGED_TIMEOUT_PER_DISK_S * len(disks)
+    command = take_disks_command(len(disks), time.time(), wait)
+    taken = parse_taken_disks(await appliance.client.debug_sh(command, timeout=wait + 60))
     if not taken.clock_set:
         log.warning("%s: could not set its clock; files it writes get times in the past", what)
     if taken.disks_seen < len(disks):
         raise FastStartUnavailable(f"the appliance saw {max(taken.disks_seen, 0)} of the guest's {len(disks)} disk(s) "
-                                   f"within {_DEVICES_PLUGGED_TIMEOUT_S:.0f} s")
+                                   f"within {wait:.0f} s")
     if taken.lvm_error is not None:
         raise FastStartUnavailable(f"cannot activate the guest's LVM volumes: {taken.lvm_error}")
 

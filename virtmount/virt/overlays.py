@@ -18,7 +18,7 @@ import xml.etree.ElementTree as ET
 
 import libvirt
 
-from .connection import domain_exists, libvirt_message, pool_directory, run_blocking
+from .connection import libvirt_message, pool_directory, run_blocking
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +44,18 @@ def disk_overlays(domain_name: str, disks: list[ET.Element]) -> list[str]:
 
 
 def delete_leftover_overlays(conn: libvirt.virConnect, domain_name: str, paths: list[str]) -> list[str]:
-    """Delete those of ``paths`` that still exist once no domain called ``domain_name`` runs (blocking);
-    the paths deleted."""
-    if domain_exists(conn, domain_name):
-        return []  # started again meanwhile (e.g. a saved appliance restored by another virtmount): its overlays now
+    """Delete those of ``paths`` that still exist and that no running domain called ``domain_name``
+    has as a disk (blocking); the paths deleted.
+
+    A saved appliance is restored under its saved name, so a domain of that name may run again
+    meanwhile, for another process and other disks: only the overlays it uses stay. (Before, any
+    domain of that name kept them all; the likeliest cause of the one overlay a make test run left
+    behind, after a libvirtd restart followed at once by the next test's restore.)"""
+    in_use = _disk_sources(conn, domain_name)
     deleted = []
     for path in paths:
+        if path in in_use:
+            continue  # the disk of a domain of that name started since
         try:
             if _delete_file(conn, path):
                 deleted.append(path)
@@ -69,6 +75,19 @@ async def delete_leftover_overlays_logged(conn: libvirt.virConnect, domain_name:
         return
     for path in deleted:
         log.info("%s: deleted the overlay %s, left behind by %s", domain_name, path, left_by)
+
+
+def _disk_sources(conn: libvirt.virConnect, domain_name: str) -> set[str]:
+    """The files the domain called ``domain_name`` has as disks now (its overlays, while it runs);
+    empty if there is no such domain."""
+    try:
+        domain = conn.lookupByName(domain_name)
+        xml = domain.XMLDesc(0)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+            raise
+        return set()
+    return {source.get("file", "") for source in ET.fromstring(xml).findall("./devices/disk/source")} - {""}
 
 
 def _delete_file(conn: libvirt.virConnect, path: str) -> bool:

@@ -65,6 +65,10 @@ class WritingClient(FakeGuestClient):
         self._record("pwrite", path, content, offset)
         return len(content)
 
+    async def lsetxattr(self, xattr: bytes, value: bytes, path: bytes) -> None:
+        self._record("lsetxattr", path, xattr, value)
+        self._resolve(path, "lsetxattr")[1].xattrs[xattr] = value
+
     def writes(self) -> list[str]:
         return [name for name, _ in self.calls if name not in ("lstatns", "readdir", "lstatnslist", "readlinklist")]
 
@@ -148,6 +152,26 @@ async def test_a_write_estimates_the_size_and_the_next_stat_reads_it_back(writab
     await writable.tree.getattr(hostname.inode)
     assert [name for name, _ in client.calls] == ["pwrite", "lstatns"] and not hostname.stale
     writable.tree.release(handle)
+
+
+async def test_a_new_file_s_capability_asked_before_each_write_is_answered_without_a_call(writable: World) -> None:
+    client = writable.client
+    assert isinstance(client, WritingClient)
+    tree = writable.tree
+    etc = await guest(writable, b"fs", b"etc")
+    hostname = await guest(writable, b"fs", b"etc", b"hostname")
+    handle, new = await tree.create(etc.inode, b"new", 0o644, os.O_WRONLY, ROOT)
+    client.calls.clear()
+    assert await fs_error(tree.getxattr(new.inode, b"security.capability")) == errno.ENODATA
+    assert client.calls == []
+    # an existing file's is asked for; so is a new file's once an xattr was set on it here
+    assert await fs_error(tree.getxattr(hostname.inode, b"security.capability")) == errno.ENODATA
+    assert [name for name, _ in client.calls] == ["lgetxattrs"]
+    await tree.setxattr(new.inode, b"security.capability", b"\x01\x00\x00\x02")
+    client.calls.clear()
+    assert await tree.getxattr(new.inode, b"security.capability") == b"\x01\x00\x00\x02"
+    assert [name for name, _ in client.calls] == ["lgetxattrs"]
+    tree.release(handle)
 
 
 async def test_renames_the_daemon_cannot_do_atomically_are_refused_before_any_call(writable: World) -> None:

@@ -13,6 +13,9 @@ each, what the mount keeps is brought up to date before the reply:
   estimate gets no cache time in the kernel, and the file is stat'ed again
   when its attributes are next shown (an untar makes four such calls a file
   and shows none of them);
+- xattrs: the kernel asks for a file's ``security.capability`` before each
+  write (pyfuse3 cannot take FUSE_HANDLE_KILLPRIV off it); a file made here
+  has none until an xattr is set on it here, so that is answered without a call;
 - listings: a directory whose entries changed is dropped from the listing
   cache, and every write counts on its source (``ServedSource.writes``), so
   listings, xattrs and file contents fetched ahead before a write are not kept;
@@ -168,6 +171,7 @@ class GuestWrites:
         st = await self._view.guest_call(parent.source, lambda: layout.client.lstatns(path))
         node = self._view.guest_node(parent.source, parent.view, layout, path, st)
         node.xattrs = node.link_target = None  # its inode number may be a removed file's, reused
+        node.without_capability = False
         return node
 
     def _restart_readers(self, node: GuestNode) -> None:
@@ -242,7 +246,9 @@ class GuestWrites:
         await self._call(parent, lambda: layout.client.mknod(kind | stat.S_IMODE(mode), os.major(rdev),
                                                              os.minor(rdev), path))
         await self._own(parent, layout, path, caller, mode)
-        return await self._entries_added(parent, layout, name)
+        node = await self._entries_added(parent, layout, name)
+        node.without_capability = True
+        return node
 
     async def mkdir(self, parent: GuestNode, name: bytes, mode: int, caller: Caller) -> GuestNode:
         layout = await self._parent_layout(parent, name)
@@ -444,7 +450,7 @@ class GuestWrites:
         layout = await self.writable_layout(node)
         self._written(node)
         await self._call(node, lambda: layout.client.lsetxattr(name, value, node.path))
-        node.xattrs = None
+        node.xattrs, node.without_capability = None, False
         await self._restat(node, layout)  # an ACL changes the mode too
 
     async def removexattr(self, node: GuestNode, name: bytes) -> None:

@@ -110,6 +110,9 @@ class GuestNode(Node):
     stale: bool = False  # ``stat`` estimated after a write: stat'ed again before it is shown (guestwrites.py)
     link_target: bytes | None = None
     xattrs: dict[bytes, bytes] | None = None
+    # made by this mount's mknod or create, with no xattr set here since: it has no security.capability
+    # (the kernel asks for it before every write, see guestwrites.py)
+    without_capability: bool = False
     siblings: Siblings | None = None  # the listing this node was last seen in
 
 

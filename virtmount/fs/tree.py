@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RELEASE_XATTR = b"user.virtmount.release"
+CAPABILITY_XATTR = b"security.capability"
 LIST_TTL_S = 1.0
 
 
@@ -535,6 +536,8 @@ class ConnectionTree:
             return b"released"
         if not isinstance(node, GuestNode) or self.guests.is_resting_view_root(node):
             raise FsError(errno.ENODATA)
+        if name == CAPABILITY_XATTR and node.without_capability:
+            raise FsError(errno.ENODATA)  # asked before each write to a new file: answered without a call
         value = (await self.guests.xattrs(node)).get(name)
         if value is None:
             raise FsError(errno.ENODATA)

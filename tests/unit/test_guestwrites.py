@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.unit.test_tree import (SDA1_DEV, FakeGuestClient, FakeInode, GuestLayout, World, fs_error, guest,
-                                  guest_filesystems, make_world, read_dir)
+                                  guest_filesystems, make_layout, make_world, read_dir)
 from virtmount.fs.guestwrites import RENAME_EXCHANGE, RENAME_NOREPLACE, AttributeChanges, Caller
 
 ROOT = Caller(0, 0)
@@ -172,6 +172,20 @@ async def test_a_new_file_s_capability_asked_before_each_write_is_answered_witho
     assert await tree.getxattr(new.inode, b"security.capability") == b"\x01\x00\x00\x02"
     assert [name for name, _ in client.calls] == ["lgetxattrs"]
     tree.release(handle)
+
+
+async def test_a_new_file_s_capability_is_asked_for_after_a_new_boot(writable: World) -> None:
+    """The guest may have run between two appliances and given the file a capability."""
+    client = writable.client
+    assert isinstance(client, WritingClient)
+    etc = await guest(writable, b"fs", b"etc")
+    handle, new = await writable.tree.create(etc.inode, b"new", 0o644, os.O_WRONLY, ROOT)
+    writable.tree.release(handle)
+    _, inode = client._resolve(b"/fs/etc/new", "test")
+    inode.xattrs[b"security.capability"] = b"\x01\x00\x00\x02"
+    writable.appliance("alpha").result = make_layout(client, generation=2)
+    assert await guest(writable, b"fs", b"etc", b"new") is new
+    assert await writable.tree.getxattr(new.inode, b"security.capability") == b"\x01\x00\x00\x02"
 
 
 async def test_renames_the_daemon_cannot_do_atomically_are_refused_before_any_call(writable: World) -> None:

@@ -220,7 +220,8 @@ class GuestView:
         if isinstance(node, GuestNode):
             node.path = path if stat.S_ISDIR(st.st_mode) or node.path == b"" else node.path
             if node.generation != layout.generation:  # a new boot: the guest may have run since
-                node.xattrs = node.link_target = node.siblings = None
+                node.forget_what_was_read_of_the_file()
+                node.siblings = None
         else:
             node = GuestNode(inode, source=source, view=view, path=path)
         node.stat, node.stale = st, False

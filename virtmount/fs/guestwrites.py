@@ -170,8 +170,7 @@ class GuestWrites:
         path = _join(parent.path, name)
         st = await self._view.guest_call(parent.source, lambda: layout.client.lstatns(path))
         node = self._view.guest_node(parent.source, parent.view, layout, path, st)
-        node.xattrs = node.link_target = None  # its inode number may be a removed file's, reused
-        node.without_capability = False
+        node.forget_what_was_read_of_the_file()  # its inode number may be a removed file's, reused
         return node
 
     def _restart_readers(self, node: GuestNode) -> None:

@@ -115,6 +115,11 @@ class GuestNode(Node):
     without_capability: bool = False
     siblings: Siblings | None = None  # the listing this node was last seen in
 
+    def forget_what_was_read_of_the_file(self) -> None:
+        """Drop the xattrs and link target kept for this inode (after a new boot, or a reused inode number)."""
+        self.xattrs = self.link_target = None
+        self.without_capability = False
+
 
 @dataclass(eq=False)
 class ServedSource:

@@ -8,9 +8,10 @@ setup:
 	contrib/setup.sh
 
 # Type checks (the package, and the tests whose fakes must match the classes they stand for),
-# then unit and acceptance tests (acceptance tests build cached test images the first time,
-# which takes a few minutes).
+# then the slow cached test images, two at a time (minutes on a fresh machine, seconds when they exist;
+# a failure is left to the fixtures that need the image, which try again), then unit and acceptance tests.
 test: setup check
+	-$(PYTHON) -m tests.prebuild
 	$(PYTHON) -m pytest -v --durations=30 tests
 
 # On demand, not part of make test: 30 minutes of random reads over four guests with appliances killed

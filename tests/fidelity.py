@@ -874,7 +874,7 @@ def ensure_source(*, log: Callable[[str], None] | None = None) -> Path:
     source = source_path()
     if source.exists():
         return source
-    with images.locked():
+    with images.locked(RECIPE):
         if not source.exists():
             _build_source(source, log or (lambda _msg: None))
     return source
@@ -886,7 +886,7 @@ def build(*, log: Callable[[str], None] | None = None) -> tuple[Path, Path]:
     image, source = image_path(), source_path()
     if image.exists() and source.exists():
         return image, source
-    with images.locked():
+    with images.locked(RECIPE):
         if not source.exists():
             _build_source(source, say)
         if not image.exists():

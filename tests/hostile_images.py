@@ -165,7 +165,7 @@ def corrupt_images() -> list[CorruptImage]:
     directory = images.IMAGE_DIR / f"hostile-corrupt-{_digest(CORRUPT_SEED, CORRUPT_COUNT, DAMAGE_KINDS, recipe)}"
     plan_file = directory / "plan.txt"
     if not plan_file.exists():
-        with images.locked():
+        with images.locked("hostile-corrupt"):
             if not plan_file.exists():
                 _make_corrupt_images(directory, plan_file)
     made = []
@@ -204,7 +204,7 @@ def _make_corrupt_images(directory: Path, plan_file: Path) -> None:
 
 def _cached(target: Path, fill: Callable[[Path], None]) -> Path:
     if not target.exists():
-        with images.locked():
+        with images.locked(target.name.rsplit("-", 1)[0]):
             if not target.exists():
                 for old in images.IMAGE_DIR.glob(target.name.rsplit("-", 1)[0] + "-*"):
                     old.unlink()

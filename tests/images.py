@@ -11,7 +11,7 @@ where <hash> covers this file's source, so any change to a recipe or to the
 builder makes a new image (stale images of the same recipe are deleted).  An
 image is built into a temporary file and renamed into place only after
 libguestfs inspection confirmed it, so an interrupted build never leaves a
-corrupt cached image.  A lock file serialises concurrent builders.
+corrupt cached image.  A lock file per image serialises concurrent builders of it.
 
 Recipes:
 
@@ -41,6 +41,7 @@ import fcntl
 import hashlib
 import os
 import sys
+import tarfile
 import tempfile
 import time
 import uuid
@@ -277,10 +278,11 @@ def new_handle():  # -> guestfs.GuestFS
 
 
 @contextlib.contextmanager
-def locked() -> Iterator[None]:
-    """Serialise image builds between processes."""
+def locked(name: str) -> Iterator[None]:
+    """Serialise the builds of one cached image (or set of images) ``name`` between processes; other
+    images build at the same time (tests/prebuild.py builds two at once)."""
     IMAGE_DIR.mkdir(parents=True, exist_ok=True)
-    with open(IMAGE_DIR / ".lock", "w") as lock:
+    with open(IMAGE_DIR / f".lock-{name}", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 
@@ -290,7 +292,7 @@ def build(spec: ImageSpec, *, log=None) -> Path:
     path = image_path(spec)
     if path.exists():
         return path
-    with locked():
+    with locked(spec.name):
         if path.exists():  # built by a concurrent process meanwhile
             return path
         start = time.monotonic()
@@ -300,7 +302,7 @@ def build(spec: ImageSpec, *, log=None) -> Path:
         for old in IMAGE_DIR.glob(f"{spec.name}-*.qcow2"):
             if old != path:
                 old.unlink(missing_ok=True)
-        for old in IMAGE_DIR.glob(f".{spec.name}-*.qcow2.tmp"):
+        for old in IMAGE_DIR.glob(f".{spec.name}-????????.qcow2.tmp"):  # write_atomically's, not another image's
             old.unlink(missing_ok=True)
         if log:
             log(f"built {path} in {time.monotonic() - start:.1f}s")
@@ -309,7 +311,7 @@ def build(spec: ImageSpec, *, log=None) -> Path:
 
 def write_atomically(name: str, target: Path, fill: Callable[[Path], None]) -> None:
     """Make an image with ``fill(tmp)`` in a temporary file, then rename it to ``target``,
-    so that an interrupted build never leaves a corrupt cached image (hold ``locked()``)."""
+    so that an interrupted build never leaves a corrupt cached image (hold ``locked(name)``)."""
     fd, tmp_name = tempfile.mkstemp(dir=IMAGE_DIR, prefix=f".{name}-", suffix=".qcow2.tmp")
     os.close(fd)
     tmp = Path(tmp_name)
@@ -337,6 +339,7 @@ def build_into(spec: ImageSpec, target: Path) -> None:
         else:
             raise ImageBuildError(f"unknown layout {spec.layout!r}")
         _populate(g, spec)
+        _check_contents(g, spec)
         g.umount_all()
         g.sync()
         _check_inspection(g, spec)
@@ -392,7 +395,6 @@ def _populate(g, spec: ImageSpec) -> None:
 def make_tar(spec: ImageSpec) -> bytes:
     """spec's directories, files, links and metadata as a pax tar archive."""
     import io
-    import tarfile
 
     def info(path: str, kind: bytes, mode: int) -> tarfile.TarInfo:
         ti = tarfile.TarInfo("." + path if path != "/" else ".")
@@ -433,6 +435,61 @@ def make_tar(spec: ImageSpec) -> bytes:
             ti.linkname = "." + existing
             tar.addfile(ti)
     return buf.getvalue()
+
+
+def _check_contents(g, spec: ImageSpec) -> None:
+    """Fail loudly unless the mounted image reads back as the spec says: each filesystem's type, label
+    and UUID, and every listed file, directory and link with its content, mode, owner, mtime and xattrs
+    (read back in one ``tar_out`` of the whole tree, not a call per file)."""
+    for fs in spec.filesystems:
+        got = (g.vfs_type(fs.device), g.vfs_label(fs.device), g.vfs_uuid(fs.device))
+        if got != (fs.fstype, fs.label, fs.uuid):
+            raise ImageBuildError(f"{spec.name}: {fs.device} is {got}, want {(fs.fstype, fs.label, fs.uuid)}")
+    with tempfile.NamedTemporaryFile(suffix=".tar") as archive:
+        g.tar_out("/", archive.name, numericowner=True, xattrs=True)
+        problems = _tree_differences(spec, tarfile.open(archive.name))
+    if problems:
+        raise ImageBuildError(f"{spec.name}: read back differs: {'; '.join(problems[:5])}")
+
+
+def _tree_differences(spec: ImageSpec, archive: tarfile.TarFile) -> list[str]:
+    """How the archive of the image's tree differs from what ``spec`` lists (nothing: [])."""
+    members = {"/" + member.name.removeprefix("./"): member for member in archive.getmembers()}
+    problems = []
+
+    def check(path: str, what: str, got: object, want: object) -> None:
+        if got != want:
+            problems.append(f"{path}: {what} {got!r}, want {want!r}")
+
+    for path, content in spec.files.items():
+        member = members.get(path)
+        if member is None or not member.isfile():
+            problems.append(f"{path}: not a regular file")
+            continue
+        data = archive.extractfile(member)
+        check(path, "content of", data.read() if data else None, content)
+        check(path, "mode", member.mode & 0o7777, spec.modes.get(path, 0o644))
+        check(path, "owner", (member.uid, member.gid), spec.owners.get(path, (0, 0)))
+        check(path, "mtime", int(member.mtime), FILE_MTIME)
+    for path in spec.dirs:
+        member = members.get(path)
+        check(path, "directory with mode", member.mode & 0o7777 if member and member.isdir() else None,
+              spec.modes.get(path, 0o755))
+    for path, target in spec.symlinks.items():
+        member = members.get(path)
+        check(path, "symlink to", member.linkname if member and member.issym() else None, target)
+    for path, existing in spec.hardlinks.items():
+        # tar stores the second name of an inode as a link to the first, whichever it met first
+        pair = (members.get(path), members.get(existing))
+        linked = {m.linkname for m in pair if m is not None and m.islnk()}
+        check(path, "hard link to", bool(linked & {path[1:], existing[1:], "." + path, "." + existing}), True)
+    for path, attributes in spec.xattrs.items():
+        member = members.get(path)
+        headers = member.pax_headers if member else {}
+        got = {name: headers.get(f"SCHILY.xattr.{name}", "").encode("utf-8", "surrogateescape")
+               for name in attributes}
+        check(path, "xattrs", got, dict(attributes))
+    return problems
 
 
 def _check_inspection(g, spec: ImageSpec) -> None:

@@ -108,7 +108,7 @@ def build(recipe: Recipe) -> list[Path]:
     targets = paths(recipe)
     if all(path.exists() for path in targets):
         return targets
-    with images.locked():
+    with images.locked(recipe.name):
         if all(path.exists() for path in targets):
             return targets
         temporaries = [path.with_suffix(".qcow2.tmp") for path in targets]

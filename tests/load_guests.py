@@ -45,7 +45,7 @@ def image(guest: int) -> Path:
     digest = hashlib.sha256(f"{recipe}{FILES}{IMAGE_SIZE}".encode()).hexdigest()[:12]
     target = images.IMAGE_DIR / f"load{guest}-{digest}.img"
     if not target.exists():
-        with images.locked():
+        with images.locked(f"load{guest}"):
             if not target.exists():
                 for old in images.IMAGE_DIR.glob(f"load{guest}-*.img"):
                     old.unlink()

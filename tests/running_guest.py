@@ -136,7 +136,7 @@ def _libraries(executable: str) -> list[Path]:
 def build() -> Path:
     """The cached directory with kernel, initramfs and data disk (built on first use)."""
     target = _cache_dir()
-    with locked():
+    with locked("running"):
         if (target / "data-empty.qcow2").exists():
             return target
         for stale in IMAGE_DIR.glob("running-*"):

@@ -3,8 +3,8 @@
 Test pools are dir pools named ``virtmount-test-vol-*`` in directories under
 /var/lib/libvirt/images, and a disk pool and an fs pool on loop devices;
 volumes are uploaded with ``virsh vol-upload`` from the cached test images
-(tests/images.py) or from conversions of them, which are cached beside them
-under the same lock.
+(tests/images.py) or from conversions of them, which are cached beside them,
+each under a lock of its own.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def random_bytes_image(size: int) -> Path:
 
 def _cached(target: Path, fill: Callable[[Path], None]) -> Path:
     if not target.exists():
-        with images.locked():
+        with images.locked(target.name):
             if not target.exists():
                 images.write_atomically(target.name, target, fill)
     return target

@@ -141,7 +141,7 @@ def build(*, log: Callable[[str], None] | None = None) -> Path:
     path = image_path()
     if path.exists():
         return path
-    with images.locked():
+    with images.locked(RECIPE):
         if path.exists():
             return path
         start = time.monotonic()

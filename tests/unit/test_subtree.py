@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import errno
+import re
 import stat
+import subprocess
+from pathlib import Path
 from typing import Any, AsyncIterator, cast
 
 import pytest
@@ -15,7 +18,7 @@ from virtmount.fs.nodes import GuestNode
 from virtmount.fs.subtreewalks import WALKER_CLAIMS
 from virtmount.guestfs.client import GuestfsClient
 from virtmount.guestfs.errors import GuestfsError, ProtocolError
-from virtmount.guestfs.subtree import list_subtree, output_of, parse_walk, walk_command
+from virtmount.guestfs.subtree import end_mark, list_subtree, output_of, parse_walk, shell_word, walk_command
 
 from .test_tree import (SDA1_DEV, SDA2_DEV, FakeGuestClient, FakeInode, World, dir_inode, file_inode,
                         guest_filesystems, guestfs_error, make_world, read_dir)
@@ -138,34 +141,74 @@ async def test_a_walk_across_filesystems_learns_each_blksize() -> None:
     assert devices == {SDA1_DEV, SDA2_DEV} and client.count("lstatns") == 2
 
 
-async def test_a_cut_walk_gives_only_the_directories_it_finished() -> None:
-    whole = grown_client()
-    await whole.debug_sh(walk_command(b"/fs/usr", 1 << 20, b"'/walk'"))
-    cut_at = whole.walk_file.index(b"pkg3/sub\0") - 40  # inside the record of /fs/usr/pkg3/sub
-    _, subtree = await fake_walk(b"/fs/usr", cut_at)
-    assert not subtree.complete
-    assert sorted(subtree.listings) == sorted(
-        p for n in range(3) for p in (f"/fs/usr/pkg{n}".encode(), f"/fs/usr/pkg{n}/sub".encode()))
+async def test_a_cut_walk_keeps_only_whole_listings_of_the_directories_it_finished() -> None:
+    """Cut wherever the file size limit falls (whole 512-byte blocks): each listing kept is the whole walk's
+    listing of its directory; the start, cut inside, is not kept."""
+    whole_client, whole = await fake_walk(b"/fs/usr", 1 << 20)
+    assert whole.complete
+    cuts = range(512, len(whole_client.walk_file) - 64, 512)
+    assert len(cuts) >= 3
+    kept_at = []
+    for cut in cuts:
+        client, subtree = await fake_walk(b"/fs/usr", cut)
+        assert len(client.walk_file) == cut and not subtree.complete
+        assert b"/fs/usr" not in subtree.listings
+        for path, entries in subtree.listings.items():
+            assert entries == whole.listings[path], (cut, path)
+        kept_at.append(len(subtree.listings))
+    assert kept_at == sorted(kept_at) and kept_at[-1] > kept_at[0]  # more is kept as the cut moves on
+
+
+def test_output_without_its_end_mark_is_a_cut_walk() -> None:
+    record = b"f 1 2 644 1 0 0 5 8 1.0000000000 1.0000000000 1.0000000000\0name\0\0"
+    assert parse_walk(record + b"mark", b"mark") == ([(b"name", record.split(b"\0")[0].split(b" "), b"")], True)
+    assert parse_walk(record, b"mark")[1] is False
+    assert parse_walk(record + b"mar", b"mark")[1] is False
+    assert parse_walk(record + b"xmark", b"mark")[1] is False  # not right after a record: a name's bytes
+
+
+@pytest.mark.parametrize("limit", [1 << 20, 1500])
+def test_the_walk_command_run_by_dash_marks_only_a_whole_walk(tmp_path: Path, limit: int) -> None:
+    """The real command in the appliance's shell (dash, as here) over a real tree: exit status 0 both ways;
+    a whole walk ends with its mark; one cut by the file size limit stops at whole 512-byte blocks."""
+    for n in range(60):
+        (tmp_path / "tree" / f"d{n % 3}").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "tree" / f"d{n % 3}" / f"file-with-a-long-name-{n:03d}").write_bytes(b"x" * n)
+    end = end_mark()
+    command = walk_command(b"/tree", limit, b'"$root"' + shell_word(b"/out"), end)
+    ran = subprocess.run(["dash", "-c", command], env={"root": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert ran.returncode == 0
+    output = (tmp_path / "out").read_bytes()
+    records, complete = parse_walk(output, end)
+    if limit > 100_000:
+        assert complete and len(records) == 63 and output.endswith(end)
+    else:
+        assert not complete and len(output) == 1536 and end not in output and 0 < len(records) < 63
 
 
 def test_malformed_output_is_a_protocol_error() -> None:
     with pytest.raises(ProtocolError):
-        parse_walk(b"f 1 2 644 1 0 0 5 8 1.0000000000 1.0000000000 1.0000000000\0name\0", 1 << 20)  # not a whole record
+        parse_walk(b"f 1 2 644 1 0 0 5 8 1.0000000000 1.0000000000 1.0000000000\0name\0end", b"end")  # not whole
     with pytest.raises(ProtocolError):
-        parse_walk(b"x 1 2 644 1 0 0 5 8 1.0000000000 1.0000000000 1.0000000000\0name\0\0", 1 << 20)  # unknown type
+        parse_walk(b"x 1 2 644 1 0 0 5 8 1.0000000000 1.0000000000 1.0000000000\0name\0\0", b"end")  # unknown type
     with pytest.raises(ProtocolError):
-        parse_walk(b"f 1 2\0name\0\0", 1 << 20)
+        parse_walk(b"f 1 2\0name\0\0", b"end")
 
 
 async def test_times_before_1970_and_odd_names_survive() -> None:
     class Client:
+        end = b""
+
         async def debug_sh(self, command: bytes) -> bytes:
+            if mark := re.search(rb"printf %s '([^']*)'", command):
+                self.end = mark[1]
             return b""
 
         async def download(self, path: bytes) -> bytes:
             # As findutils 4.9 prints them (measured): tv_sec, a dot, tv_nsec and a 0, even below zero;
             # -1.5000000000 is half a second before the epoch, -2147483647.0000001230 is 123 ns after 1901-12-13.
-            return b"f 12 2049 4755 1 0 0 3 8 -1.5000000000 -2147483647.0000001230 1700000000.9999999990\0a\nb\xff\0\0"
+            return (b"f 12 2049 4755 1 0 0 3 8 -1.5000000000 -2147483647.0000001230 1700000000.9999999990\0a\nb\xff\0\0"
+                    + self.end)
 
         async def lstatns(self, path: bytes) -> Any:
             raise GuestfsError(errno.EIO, "EIO", "no", "lstatns")

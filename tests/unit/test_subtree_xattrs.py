@@ -4,6 +4,11 @@ that must not be trusted (cut, failed, malformed)."""
 from __future__ import annotations
 
 import base64
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
 
 from virtmount.guestfs.procs import Xattr
 from virtmount.guestfs.subtree_xattrs import dump_command, parse_dump
@@ -49,4 +54,23 @@ def test_a_dump_that_is_not_whole_or_not_clean_is_not_trusted() -> None:
 
 def test_the_command_quotes_the_start_for_the_shell() -> None:
     command = dump_command(b"/fs/it's here", 1000, b"'/out'")
-    assert b"cd \"$root\"'/fs/it'\\''s here'" in command and command.endswith(b"head -c 1000 > '/out'")
+    assert b"cd \"$root\"'/fs/it'\\''s here'" in command and b"(ulimit -f 2; " in command and b" > '/out')" in command
+
+
+@pytest.mark.parametrize("limit", [1 << 20, 1024])
+def test_the_dump_command_run_by_dash_is_whole_or_refused(tmp_path: Path, limit: int) -> None:
+    """The real command in the appliance's shell (dash, as here) with the real getfattr: exit status 0 both
+    ways; a whole dump parses, one cut at the file size limit does not."""
+    (tmp_path / "tree").mkdir()
+    for n in range(40):
+        file = tmp_path / "tree" / f"f{n}"
+        file.write_bytes(b"")
+        os.setxattr(file, "user.virtmount", b"v" * 40)
+    ran = subprocess.run(["dash", "-c", dump_command(b"/tree", limit, b"\"$root\"'/out'")],
+                         env={"root": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert ran.returncode == 0
+    dump = parse_dump((tmp_path / "out").read_bytes())
+    if limit > 100_000:
+        assert dump is not None and len(dump) == 40 and dump[b"f7"] == [Xattr(b"user.virtmount", b"v" * 40)]
+    else:
+        assert dump is None and (tmp_path / "out").stat().st_size == 1024

@@ -250,10 +250,12 @@ class FakeGuestClient:
         self._record("debug_sh", command)
         if self.failures.get(("debug_sh", b"")) is not None:
             raise self.failures[("debug_sh", b"")]
-        match = re.fullmatch(rb"find \"\$root\"'(?P<start>[^']*)' -mindepth 1 -printf '.*' "
-                             rb"\| head -c (?P<limit>\d+) > .*", command, re.S)
+        match = re.fullmatch(rb"\{ \(ulimit -f (?P<blocks>\d+); find \"\$root\"'(?P<start>[^']*)' -mindepth 1 "
+                             rb"-printf '.*' > (?P<output>[^)]*)\); \[ \$\? -lt 128 \] && printf %s '(?P<end>[^']*)' "
+                             rb">> (?P=output); \} 2>/dev/null; true", command, re.S)
         assert match is not None, command
-        self.walk_file = b"".join(self._find(match["start"], b""))[:int(match["limit"])]
+        walk, cap = b"".join(self._find(match["start"], b"")), int(match["blocks"]) * 512
+        self.walk_file = walk[:cap] if len(walk) > cap else walk + match["end"]  # find killed at the cap: no mark
         return b""
 
     def _find(self, directory: bytes, relative: bytes) -> Iterator[bytes]:

@@ -461,16 +461,19 @@ def _tree_differences(spec: ImageSpec, archive: tarfile.TarFile) -> list[str]:
         if got != want:
             problems.append(f"{path}: {what} {got!r}, want {want!r}")
 
+    linked = {*spec.hardlinks, *spec.hardlinks.values()}
     for path, content in spec.files.items():
         member = members.get(path)
-        if member is None or not member.isfile():
+        # the names of a hard-linked file: tar stores the one it meets first, the others as links to it
+        stored = members.get("/" + member.linkname.removeprefix("./")) if member and member.islnk() else member
+        if member is None or stored is None or not stored.isfile() or member.islnk() and path not in linked:
             problems.append(f"{path}: not a regular file")
             continue
-        data = archive.extractfile(member)
+        data = archive.extractfile(stored)
         check(path, "content of", data.read() if data else None, content)
-        check(path, "mode", member.mode & 0o7777, spec.modes.get(path, 0o644))
-        check(path, "owner", (member.uid, member.gid), spec.owners.get(path, (0, 0)))
-        check(path, "mtime", int(member.mtime), FILE_MTIME)
+        check(path, "mode", stored.mode & 0o7777, spec.modes.get(path, 0o644))
+        check(path, "owner", (stored.uid, stored.gid), spec.owners.get(path, (0, 0)))
+        check(path, "mtime", int(stored.mtime), FILE_MTIME)
     for path in spec.dirs:
         member = members.get(path)
         check(path, "directory with mode", member.mode & 0o7777 if member and member.isdir() else None,

@@ -39,3 +39,13 @@ def test_each_kind_of_difference_is_named() -> None:
     assert any(xattr_path in p and "xattrs" in p for p in _differences(SPEC, other_xattr))
     assert any("/nowhere" in p for p in _differences(SPEC, missing_file))
     assert any(twin in p and "hard link" in p for p in _differences(no_twin, SPEC))
+
+
+def test_a_hard_link_stored_before_its_twin_is_read_through_it() -> None:
+    """tar_out stores whichever name of a hard-linked file it meets first as the file (directory order)."""
+    [(twin, existing)] = SPEC.hardlinks.items()
+    swapped = dataclasses.replace(SPEC, files={twin if path == existing else path: content
+                                               for path, content in SPEC.files.items()},
+                                  hardlinks={existing: twin})
+    assert _differences(swapped, SPEC) == []
+    assert _differences(swapped, dataclasses.replace(SPEC, hardlinks={})) != []  # a link where a file was promised

@@ -17,6 +17,7 @@ import stat
 import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -266,25 +267,36 @@ def tree_archive(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[s
 
 def test_untars_into_ext4_and_xfs_read_back_identical(
         rw: RwMount, tree_archive: tuple[Path, dict[str, tuple[object, ...]]]) -> None:
-    """A 5,000-file tree (UNTAR_FILES) untarred into the ext4 root and into the XFS srv/data is, read back
-    from the disks through a fresh appliance (one release for both), the same tree in both: names, types,
-    modes, owners, nanosecond mtimes, link counts, contents, link targets."""
+    """A 5,000-file tree (UNTAR_FILES) untarred into the ext4 root and into the XFS srv/data, both at once,
+    is, read back from the disks through a fresh appliance (one release for both), the same tree in both:
+    names, types, modes, owners, nanosecond mtimes, link counts, contents, link targets. (Both at once, and
+    read back both at once: under TCG here two 1,000-file untars took 32 s together against 72 s one after
+    the other.)"""
     archive, expected = tree_archive
     took = []
-    for destination in (rw.fs / "untar-ext4", rw.fs / "srv/data/untar-xfs"):
-        destination.mkdir()
-        started = time.monotonic()
-        subprocess.run(["tar", "-C", str(destination), "-xf", str(archive)], check=True)
-        took.append(f"{destination.name} {time.monotonic() - started:.1f} s")
+    started = time.monotonic()
+    destinations = (rw.fs / "untar-ext4", rw.fs / "srv/data/untar-xfs")
+    untars = []
+    try:
+        for destination in destinations:
+            destination.mkdir()
+            untars.append(subprocess.Popen(["tar", "-C", str(destination), "-xf", str(archive)]))
+        for destination, untar in zip(destinations, untars):
+            assert untar.wait(timeout=1800) == 0, destination
+            took.append(f"{destination.name} {time.monotonic() - started:.1f} s")
+    finally:
+        for untar in untars:
+            untar.kill()
     release = _release(rw)
     started = time.monotonic()
     os.listdir(rw.fs)  # boots the fresh appliance
     boot = time.monotonic() - started
-    for destination in (rw.fs / "untar-ext4", rw.fs / "srv/data/untar-xfs"):
-        started = time.monotonic()
-        found = tree_manifest(destination / "tree")
+    started = time.monotonic()
+    with ThreadPoolExecutor(len(destinations)) as readers:  # both at once too
+        manifests = list(readers.map(lambda destination: tree_manifest(destination / "tree"), destinations))
+    for destination, found in zip(destinations, manifests):
         assert found == expected, (destination, sorted(set(found.items()) ^ set(expected.items()))[:10])
-        took.append(f"{destination.name} read back and compared in {time.monotonic() - started:.1f} s")
+    took.append(f"both read back and compared in {time.monotonic() - started:.1f} s")
     print(f"untars of {UNTAR_FILES} files ({len(expected)} entries): {', '.join(took[:2])}; release {release:.1f} s, "
           f"fresh appliance {boot:.1f} s; {', '.join(took[2:])}")
 

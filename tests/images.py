@@ -9,9 +9,10 @@ on the CI machines).  Each image is cached as::
 
 where <hash> covers this file's source, so any change to a recipe or to the
 builder makes a new image (stale images of the same recipe are deleted).  An
-image is built into a temporary file and renamed into place only after
-libguestfs inspection confirmed it, so an interrupted build never leaves a
-corrupt cached image.  A lock file per image serialises concurrent builders of it.
+image is built into a temporary file and renamed into place only after it was
+read back in the building appliance (its tree, filesystems and libguestfs
+inspection checked against the recipe), so an interrupted or wrong build never
+leaves a cached image.  A lock file per image serialises concurrent builders of it.
 
 Recipes:
 
@@ -454,19 +455,22 @@ def _check_contents(g, spec: ImageSpec) -> None:
 
 def _tree_differences(spec: ImageSpec, archive: tarfile.TarFile) -> list[str]:
     """How the archive of the image's tree differs from what ``spec`` lists (nothing: [])."""
-    members = {"/" + member.name.removeprefix("./"): member for member in archive.getmembers()}
+    def guest_path(name: str) -> str:  # tar's "./etc/x" (or "etc/x") as the spec's "/etc/x"
+        return "/" + name.removeprefix("./")
+
+    members = {guest_path(member.name): member for member in archive.getmembers()}
     problems = []
 
     def check(path: str, what: str, got: object, want: object) -> None:
         if got != want:
             problems.append(f"{path}: {what} {got!r}, want {want!r}")
 
-    linked = {*spec.hardlinks, *spec.hardlinks.values()}
+    hard_linked = {*spec.hardlinks, *spec.hardlinks.values()}
     for path, content in spec.files.items():
         member = members.get(path)
         # the names of a hard-linked file: tar stores the one it meets first, the others as links to it
-        stored = members.get("/" + member.linkname.removeprefix("./")) if member and member.islnk() else member
-        if member is None or stored is None or not stored.isfile() or member.islnk() and path not in linked:
+        stored = members.get(guest_path(member.linkname)) if member and member.islnk() else member
+        if member is None or stored is None or not stored.isfile() or member.islnk() and path not in hard_linked:
             problems.append(f"{path}: not a regular file")
             continue
         data = archive.extractfile(stored)
@@ -482,10 +486,9 @@ def _tree_differences(spec: ImageSpec, archive: tarfile.TarFile) -> list[str]:
         member = members.get(path)
         check(path, "symlink to", member.linkname if member and member.issym() else None, target)
     for path, existing in spec.hardlinks.items():
-        # tar stores the second name of an inode as a link to the first, whichever it met first
         pair = (members.get(path), members.get(existing))
-        linked = {m.linkname for m in pair if m is not None and m.islnk()}
-        check(path, "hard link to", bool(linked & {path[1:], existing[1:], "." + path, "." + existing}), True)
+        link_targets = {guest_path(m.linkname) for m in pair if m is not None and m.islnk()}
+        check(path, "hard link to", bool(link_targets & {path, existing}), True)
     for path, attributes in spec.xattrs.items():
         member = members.get(path)
         headers = member.pax_headers if member else {}
